@@ -1,0 +1,27 @@
+"""Test setup: Triton runs under its CPU interpreter here (set before anything imports
+triton), kernel outputs are poisoned, every test gets a fresh seed."""
+import os
+import zlib
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import uresnet_ops  # noqa: E402,F401
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(request):
+    # A fresh, reproducible seed per test; printed by pytest on failure via the test id.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # Deterministic mode makes torch.empty (also at::empty inside the kernels) fill new
+    # memory with NaN, so an output element a kernel forgets to write shows up as NaN.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+    uresnet_ops.set_backend(None)

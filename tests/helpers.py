@@ -1,0 +1,60 @@
+"""Shared test helpers: backends to test per op and device, tolerances, input makers."""
+import pytest
+import torch
+
+import uresnet_ops
+
+TOLERANCES = {  # (rtol, atol) against the reference computed in float64
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ACTIVATIONS = ["none", "relu", ("leaky_relu", 0.2), "silu"]
+
+
+def activations_for(dtype):
+    """Activations whose gradients can be compared with a float64 reference at ``dtype``: in
+    half precision, a pre-activation rounded across the kink of relu/leaky_relu flips its
+    gradient, so only the smooth ones are compared there (forward covers all in float32)."""
+    return ["none", "silu"] if dtype in HALF_DTYPES else ACTIVATIONS
+
+
+def backends_for(op, device):
+    """The backends of ``op`` that run on ``device`` here (reference included)."""
+    registry = uresnet_ops.backends._registry[op]
+    return [n for n in uresnet_ops.available_backends(op) if device in registry[n].device_types]
+
+
+def backend_params(op, device="cpu"):
+    return [pytest.param(name, id=name) for name in backends_for(op, device)]
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, precision=None):
+    """Compare ``actual`` (of ``dtype``) with a reference computed in higher precision, with
+    the tolerance of ``precision`` (default: ``dtype``, the precision the inputs had)."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[precision or dtype]
+    assert actual.dtype == dtype
+    assert not actual.isnan().any(), "NaN in output (an element was never written?)"
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def layout(x, name):
+    """Return x in one of the tested layouts: contiguous, channels_last, or a non-contiguous view."""
+    if name == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if name == "strided":  # a view into a larger tensor: no layout is contiguous
+        big = torch.zeros(*x.shape[:-1], x.shape[-1] * 2 + 1, dtype=x.dtype, device=x.device)
+        view = big[..., 1::2]
+        view.copy_(x)
+        return view
+    return x.contiguous()
+
+
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def expected_format(x):
+    return torch._prims_common.suggest_memory_format(x)

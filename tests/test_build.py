@@ -1,0 +1,55 @@
+"""The compiled extension: present when it should be, and the package works without it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import uresnet_ops
+from uresnet_ops import _library
+
+
+@pytest.mark.skipif(os.environ.get("URESNET_REQUIRE_EXTENSION") != "1",
+                    reason="set URESNET_REQUIRE_EXTENSION=1 where the extension must have been built (CI)")
+def test_extension_was_built():
+    assert _library.HAS_EXTENSION, "uresnet_ops._C failed to import"
+    if torch.version.cuda is not None and os.environ.get("URESNET_CUDA") != "0":
+        assert _library.HAS_CUDA_KERNELS, "the CUDA kernels were not compiled into uresnet_ops._C"
+    assert "cpu" in uresnet_ops.available_backends("pixel_shuffle_bn")
+
+
+@pytest.mark.skipif(not _library.HAS_EXTENSION, reason="extension not built")
+def test_native_kernel_ops_are_registered():
+    op = torch.ops.uresnet_ops._pixel_shuffle_bn_native.default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
+    if _library.HAS_CUDA_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+
+
+def test_native_kernel_checks_its_arguments():
+    if not _library.HAS_EXTENSION:
+        pytest.skip("extension not built")
+    native = torch.ops.uresnet_ops._pixel_shuffle_bn_native
+    x, c = torch.randn(2, 8, 3, 3), torch.ones(2)
+    with pytest.raises(RuntimeError, match="upscale_factor"):
+        native(x, 3, c, c, c, c, False, 1e-5, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="activation"):
+        native(x, 2, c, c, c, c, False, 1e-5, "gelu", 0.0)
+    with pytest.raises(RuntimeError, match="running_var"):
+        native(x, 2, c, c, c, torch.ones(3), False, 1e-5, "relu", 0.0)
+
+
+def test_package_works_without_the_extension():
+    code = ("import sys, warnings; sys.modules['uresnet_ops._C'] = None\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); import uresnet_ops, torch\n"
+            "assert sum('compiled kernels not available' in str(m.message) for m in w) == 1, [str(m.message) for m in w]\n"
+            "assert 'cpu' not in uresnet_ops.available_backends()\n"
+            "x = torch.randn(2, 8, 3, 3); c = torch.ones(2)\n"
+            "uresnet_ops.pixel_shuffle_bn(x, 2, c, c, c, c, training=False)\n"
+            "print(uresnet_ops.backends.last_used('pixel_shuffle_bn'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference"

@@ -1,0 +1,125 @@
+"""multi_dilation_conv2d: every backend against uresnet_ops.reference (computed in float64)."""
+import random
+
+import pytest
+import torch
+
+import uresnet_ops
+from uresnet_ops import reference
+from uresnet_ops.backends import last_used
+
+from helpers import LAYOUTS, activations_for, assert_close, backend_params, expected_format, layout
+
+OP = "multi_dilation_conv2d"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def make_case(seed, dtype, device="cpu", bias=True):
+    rng = random.Random(seed)
+    c_in, n = rng.choice([1, 3, 5]), rng.choice([1, 2])
+    h, w = rng.randint(1, 9), rng.randint(2, 9)
+    branches = rng.randint(1, 4)
+    kernels = [rng.choice([1, 3, 5, 7]) for _ in range(branches)]
+    dilations = [rng.choice([1, 2, 6, 12]) for _ in range(branches)]  # often larger than the map
+    widths = [rng.randint(1, 4) for _ in range(branches)]
+    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+    weights = [(torch.randn(c, c_in, k, k, device=device) / (c_in * k * k) ** 0.5).to(dtype)
+               for c, k in zip(widths, kernels)]
+    biases = [torch.randn(c, device=device).to(dtype) for c in widths] if bias else None
+    return x, weights, dilations, biases
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_forward_backward_matches_reference(backend, dtype, layout_name, bias):
+    for seed, activation in enumerate(activations_for(dtype)):
+        x, weights, dilations, biases = make_case(seed + 100 * bias, dtype, bias=bias)
+        x = layout(x, layout_name).requires_grad_()
+        weights = [w.requires_grad_() for w in weights]
+        biases = biases and [b.requires_grad_() for b in biases]
+        with uresnet_ops.use_backend(backend, OP):
+            out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, activation)
+        assert last_used(OP) == backend
+        x64 = x.detach().double().requires_grad_()
+        w64 = [w.detach().double().requires_grad_() for w in weights]
+        b64 = biases and [b.detach().double().requires_grad_() for b in biases]
+        expected = reference.multi_dilation_conv2d(x64, w64, dilations, b64, activation)
+        assert out.shape == expected.shape and out.is_contiguous(memory_format=expected_format(x))
+        assert_close(out, expected, dtype, scale=5)
+        grad_out = torch.randn_like(expected)
+        out.backward(grad_out.to(dtype))
+        expected.backward(grad_out)
+        assert_close(x.grad, x64.grad, dtype, scale=10)
+        for got, want in zip(weights + (biases or []), w64 + (b64 or [])):
+            assert_close(got.grad, want.grad, dtype, scale=50)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_empty_batch_and_none_biases(backend):
+    x, weights, dilations, _ = make_case(3, torch.float32)
+    biases = [None] * len(weights)
+    biases[0] = torch.randn(weights[0].shape[0])
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases)
+        assert uresnet_ops.multi_dilation_conv2d(x[:0], weights, dilations).shape[0] == 0
+    assert_close(out, reference.multi_dilation_conv2d(x.double(), [w.double() for w in weights], dilations,
+                                                      [None if b is None else b.double() for b in biases]),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_opcheck(backend):
+    x, weights, dilations, biases = make_case(4, torch.float32)
+    with uresnet_ops.use_backend(backend, OP):
+        args = (x.requires_grad_(), [w.requires_grad_() for w in weights], dilations, biases, "relu", 0.01)
+        torch.library.opcheck(torch.ops.uresnet_ops.multi_dilation_conv2d.default, args)
+        out = torch.ops.uresnet_ops.multi_dilation_conv2d(*args)
+        torch.library.opcheck(torch.ops.uresnet_ops.multi_dilation_conv2d_backward.default,
+                              (torch.randn_like(out), x.detach(), [w.detach() for w in weights], dilations,
+                               biases, "relu", 0.01))
+
+
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_gradcheck_float64(activation):
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(2, 2, k, k, dtype=torch.float64, requires_grad=True) for k in (1, 3, 3)]
+    biases = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in weights]
+    torch.autograd.gradcheck(lambda x, *p: uresnet_ops.multi_dilation_conv2d(x, p[:3], [1, 2, 6], p[3:], activation),
+                             (x, *weights, *biases))
+
+
+def test_autocast_casts_operands():
+    x, weights, dilations, biases = make_case(6, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, "relu")
+        expected = reference.multi_dilation_conv2d(x, weights, dilations, biases, "relu")
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected.float(), torch.bfloat16)
+
+
+def _bad_calls():
+    w3 = torch.randn(2, 4, 3, 3)
+    yield "x", dict(x=torch.randn(4, 5, 5))
+    yield "x", dict(x=torch.ones(1, 4, 5, 5, dtype=torch.int64))
+    yield "weights", dict(weights=[])                                        # no branches
+    yield "dilations", dict(dilations=[1])                                  # lengths differ
+    yield "weights\\[1\\]", dict(weights=[w3, torch.randn(2, 3, 3, 3)])      # wrong input channels
+    yield "odd k", dict(weights=[w3, torch.randn(2, 4, 2, 2)])              # even kernel
+    yield "weights\\[1\\]", dict(weights=[w3, w3.double()])                  # mixed dtypes
+    yield "dilations\\[0\\]", dict(dilations=[0, 2])
+    yield "biases\\[1\\]", dict(biases=[torch.randn(2), torch.randn(3)])
+    yield "biases", dict(biases=[torch.randn(2)])
+    yield "activation", dict(activation="elu")
+    if torch.cuda.is_available():
+        yield "weights\\[0\\]", dict(weights=[w3.cuda(), w3])
+
+
+@pytest.mark.parametrize("match,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_clear_error(match, override):
+    w3 = torch.randn(2, 4, 3, 3)
+    args = dict(x=torch.randn(2, 4, 5, 5), weights=[w3, w3], dilations=[1, 2], biases=None)
+    args.update(override)
+    with pytest.raises((ValueError, TypeError), match=match):
+        uresnet_ops.multi_dilation_conv2d(**args)

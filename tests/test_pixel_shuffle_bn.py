@@ -1,0 +1,189 @@
+"""pixel_shuffle_bn: every backend against uresnet_ops.reference (computed in float64)."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import uresnet_ops
+from uresnet_ops import reference
+from uresnet_ops.backends import last_used
+
+from helpers import LAYOUTS, activations_for, assert_close, backend_params, expected_format, layout
+
+OP = "pixel_shuffle_bn"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def declines(backend, training, dtype):
+    """Configurations a backend hands to the next one (its kernels are not written yet)."""
+    if backend in ("cpu", "triton") and training:
+        return True  # training-mode kernels: the fused PixelShuffle+BN issue
+    return backend == "triton" and dtype == torch.float64
+
+
+def make_case(seed, dtype, param_dtype, training, device="cpu"):
+    rng = random.Random(seed)
+    n, c, r, h, w = rng.choice([1, 2, 3]), rng.choice([1, 3, 4]), rng.choice([1, 2, 3]), rng.randint(1, 7), rng.randint(2, 7)
+    x = torch.randn(n, c * r * r, h, w, device=device).to(dtype) * 2 + 0.5
+    p = dict(weight=torch.randn(c, device=device).to(param_dtype),
+             bias=torch.randn(c, device=device).to(param_dtype),
+             running_mean=torch.randn(c, device=device).to(param_dtype),
+             running_var=torch.rand(c, device=device).to(param_dtype) + 0.5)
+    return x, r, p
+
+
+def run_reference(x, r, p, **kw):
+    p64 = {k: v.double().clone() for k, v in p.items()}
+    out = reference.pixel_shuffle_bn(x.double(), r, **p64, **kw)
+    return out, p64
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,param_dtype", [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32),
+                                                                          (torch.float16, torch.float32)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_forward_backward_matches_reference(backend, training, dtype, param_dtype, layout_name):
+    for seed, activation in zip(range(2), random.Random(str((backend, dtype))).sample(activations_for(dtype), 2)):
+        x, r, p = make_case(seed, dtype, param_dtype, training)
+        x = layout(x, layout_name).requires_grad_()
+        params = {k: v.clone().requires_grad_(k in ("weight", "bias")) for k, v in p.items()}
+        with uresnet_ops.use_backend(backend, OP):
+            out = uresnet_ops.pixel_shuffle_bn(x, r, **params, training=training, momentum=0.3, activation=activation)
+        assert (last_used(OP) == backend) != declines(backend, training, dtype)
+        expected, p64 = run_reference(x.detach(), r, p, training=training, momentum=0.3, activation=activation)
+        assert out.shape == expected.shape and out.is_contiguous(memory_format=expected_format(x))
+        assert_close(out, expected, dtype)
+        for name in ("running_mean", "running_var"):  # updated in place, as F.batch_norm does
+            assert params[name].dtype == param_dtype
+            assert_close(params[name], p64[name], param_dtype, precision=dtype)
+
+        grad_out = torch.randn_like(expected)
+        out.backward(grad_out.to(dtype))
+        x64 = x.detach().double().requires_grad_()
+        w64, b64 = (p[k].double().requires_grad_() for k in ("weight", "bias"))
+        reference.pixel_shuffle_bn(x64, r, w64, b64, p["running_mean"].double(), p["running_var"].double(),
+                                   training=training, activation=activation).backward(grad_out)
+        grad_scale = 10.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
+        assert_close(x.grad, x64.grad, dtype, scale=grad_scale)
+        assert_close(params["weight"].grad, w64.grad, param_dtype, scale=grad_scale * 10, precision=dtype)
+        assert_close(params["bias"].grad, b64.grad, param_dtype, scale=grad_scale * 10, precision=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_no_affine_no_running_stats(backend, affine, track):
+    x, r, p = make_case(7, torch.float32, torch.float32, True)
+    w, b = (p["weight"], p["bias"]) if affine else (None, None)
+    rm, rv = (p["running_mean"].clone(), p["running_var"].clone()) if track else (None, None)
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, r, w, b, rm, rv, training=True)
+        w64, b64 = (None, None) if w is None else (w.double(), b.double())
+        assert_close(out, reference.pixel_shuffle_bn(x.double(), r, w64, b64, training=True), torch.float32)
+        if track:
+            out = uresnet_ops.pixel_shuffle_bn(x, r, w, b, rm, rv, training=False)
+            assert_close(out, reference.pixel_shuffle_bn(x, r, w, b, rm, rv, training=False))
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(backend, training):
+    x = torch.randn(0, 8, 3, 5)
+    rm, rv = torch.randn(2), torch.rand(2) + 0.5
+    before = rm.clone(), rv.clone()
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, 2, torch.ones(2), torch.zeros(2), rm, rv, training=training)
+    assert out.shape == (0, 2, 6, 10)
+    torch.testing.assert_close((rm, rv), before)  # F.batch_norm leaves them untouched too
+
+
+def test_stable_variance_large_mean():
+    x = torch.randn(4, 8, 16, 16) + 1e4  # mean 1e4, std 1: one-pass E[x^2]-E[x]^2 fails here
+    rm, rv = torch.zeros(2), torch.ones(2)
+    out = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, rm, rv, training=True, activation="none")
+    expected = reference.pixel_shuffle_bn(x.double(), 2, None, None, training=True, activation="none")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * F.pixel_shuffle(x.double(), 2).var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(backend, training):
+    x, r, p = make_case(3, torch.float32, torch.float32, training)
+    args = (x.requires_grad_(), r, p["weight"].requires_grad_(), p["bias"], p["running_mean"], p["running_var"],
+            training, 1e-5, "relu", 0.01)
+    with uresnet_ops.use_backend(backend, OP):
+        torch.library.opcheck(torch.ops.uresnet_ops.pixel_shuffle_bn.default, args)
+        grad_out = torch.randn(x.shape[0], x.shape[1] // r ** 2, x.shape[2] * r, x.shape[3] * r)
+        mean, var = p["running_mean"], p["running_var"]
+        torch.library.opcheck(torch.ops.uresnet_ops.pixel_shuffle_bn_backward.default,
+                              (grad_out, x.detach(), r, p["weight"].detach(), p["bias"], mean, var, training,
+                               1e-5, "relu", 0.01))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["none", "silu", ("leaky_relu", 0.1)])
+def test_gradcheck_float64(training, activation):
+    x = torch.randn(2, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    torch.autograd.gradcheck(lambda x, w, b: uresnet_ops.pixel_shuffle_bn(
+        x, 2, w, b, rm.clone(), rv.clone(), training=training, activation=activation), (x, w, b))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_no_graph_break():
+    module = uresnet_ops.nn.PixelShuffleBN(8, 2)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    reference_module = uresnet_ops.nn.PixelShuffleBN(8, 2)
+    out = compiled(x)
+    expected = reference_module(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(module.running_var, reference_module.running_var)
+    out.sum().backward()
+    assert x.grad is not None and module.weight.grad is not None
+
+
+def test_autocast_and_float32_params_on_half_input():
+    x, r, p = make_case(5, torch.bfloat16, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = uresnet_ops.pixel_shuffle_bn(x, r, **{k: v.clone() for k, v in p.items()})
+        expected = reference.pixel_shuffle_bn(x, r, **{k: v.clone() for k, v in p.items()})
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected.float(), torch.bfloat16)
+
+
+def _bad_calls():
+    x = torch.randn(2, 8, 4, 4)
+    c = torch.ones(2)
+    yield "x", dict(x=torch.randn(8, 4, 4))                                           # wrong rank
+    yield "x", dict(x=torch.ones(2, 8, 4, 4, dtype=torch.int64))                      # integer tensor
+    yield "upscale_factor", dict(upscale_factor=0)                                    # non-positive
+    yield "upscale_factor", dict(upscale_factor=2.0)
+    yield "not divisible", dict(upscale_factor=3)                                     # 8 % 9
+    yield "weight", dict(weight=torch.ones(3))                                        # wrong size
+    yield "bias", dict(bias=torch.ones(2, dtype=torch.int32))
+    yield "running_var", dict(running_var=torch.ones(4))
+    yield "both", dict(running_var=None)
+    yield "eval mode", dict(running_mean=None, running_var=None, training=False)
+    yield "activation", dict(activation="gelu")
+    yield "activation", dict(activation=("leaky_relu", "x"))
+    yield "more than 1 value", dict(x=torch.randn(1, 4, 1, 1), upscale_factor=1, weight=torch.ones(4),
+                                    bias=None, running_mean=None, running_var=None)
+    yield "eps", dict(eps=-1.0)
+    if torch.cuda.is_available():
+        yield "device", dict(weight=c.cuda())
+    del x
+
+
+@pytest.mark.parametrize("match,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_clear_error(match, override):
+    args = dict(x=torch.randn(2, 8, 4, 4), upscale_factor=2, weight=torch.ones(2), bias=torch.zeros(2),
+                running_mean=torch.zeros(2), running_var=torch.ones(2), training=True)
+    args.update(override)
+    with pytest.raises((ValueError, TypeError), match=match):
+        uresnet_ops.pixel_shuffle_bn(**args)

@@ -1,0 +1,147 @@
+"""shuffle_upsample: every backend against uresnet_ops.reference (computed in float64)."""
+import random
+
+import pytest
+import torch
+
+import uresnet_ops
+from uresnet_ops import reference
+from uresnet_ops.backends import last_used
+
+from helpers import LAYOUTS, activations_for, assert_close, backend_params, expected_format, layout
+
+OP = "shuffle_upsample"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+PARAMS = ("dw_weight", "pw_weight", "pw_bias", "bn_weight", "bn_bias")
+
+
+def make_case(seed, dtype, param_dtype, device="cpu", pw=True):
+    rng = random.Random(seed)
+    c = rng.choice([4, 6, 8])
+    conv_groups = rng.choice([c, c // 2, 1])          # depthwise (EUCB), grouped (EUCB*), dense
+    shuffle_groups = rng.choice([1, 2, c // 2])
+    mode = rng.choice(["nearest", "bilinear"])
+    scale = rng.choice([1, 2, 3]) if mode == "nearest" else 2
+    n, h, w, c_out = rng.choice([1, 2]), rng.randint(1, 5), rng.randint(2, 6), rng.choice([3, 5])
+    x = torch.randn(n, c, h, w, device=device).to(dtype)
+    t = dict(dw_weight=torch.randn(c, c // conv_groups, 3, 3, device=device).to(dtype) / 3,
+             pw_weight=torch.randn(c_out, c, 1, 1, device=device).to(dtype) / c ** 0.5 if pw else None,
+             pw_bias=torch.randn(c_out, device=device).to(dtype) if pw else None,
+             bn_weight=torch.randn(c, device=device).to(param_dtype),
+             bn_bias=torch.randn(c, device=device).to(param_dtype),
+             running_mean=torch.randn(c, device=device).to(param_dtype),
+             running_var=torch.rand(c, device=device).to(param_dtype) + 0.5)
+    return x, t, dict(scale_factor=scale, mode=mode, shuffle_groups=shuffle_groups)
+
+
+def double(t):
+    return {k: None if v is None else v.detach().double().clone() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,param_dtype", [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("pw", [True, False], ids=["pw", "no_pw"])
+def test_forward_backward_matches_reference(backend, training, dtype, param_dtype, layout_name, pw):
+    activation = random.Random(layout_name + str(dtype)).choice(activations_for(dtype))
+    for seed in range(2):
+        x, t, cfg = make_case(seed + 10 * pw, dtype, param_dtype, pw=pw)
+        x = layout(x, layout_name).requires_grad_()
+        t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+        x64, t64 = x.detach().double().requires_grad_(), double(t)
+        with uresnet_ops.use_backend(backend, OP):
+            out = uresnet_ops.shuffle_upsample(x, **t, training=training, momentum=0.2, activation=activation, **cfg)
+        assert last_used(OP) == backend
+        for k in PARAMS:
+            if t64[k] is not None:
+                t64[k].requires_grad_()
+        expected = reference.shuffle_upsample(x64, **t64, training=training, momentum=0.2, activation=activation, **cfg)
+        assert out.shape == expected.shape and out.is_contiguous(memory_format=expected_format(x))
+        assert_close(out, expected, dtype, scale=5)
+        for k in ("running_mean", "running_var"):
+            assert_close(t[k], t64[k], param_dtype, precision=dtype)
+        grad_out = torch.randn_like(expected)
+        out.backward(grad_out.to(dtype))
+        expected.backward(grad_out)
+        assert_close(x.grad, x64.grad, dtype, scale=10)
+        for k in PARAMS:
+            if t[k] is not None:
+                assert_close(t[k].grad, t64[k].grad, t[k].dtype, scale=50, precision=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_empty_batch(backend):
+    x, t, cfg = make_case(1, torch.float32, torch.float32)
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.shuffle_upsample(x[:0], **t, **cfg)
+    assert out.shape[0] == 0 and out.shape[1] == t["pw_weight"].shape[0]
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(backend, training):
+    x, t, cfg = make_case(2, torch.float32, torch.float32)
+    config = (training, 1e-5, cfg["scale_factor"], cfg["mode"], cfg["shuffle_groups"], "relu", 0.01)
+    params = [t[k] for k in PARAMS]
+    with uresnet_ops.use_backend(backend, OP):
+        torch.library.opcheck(torch.ops.uresnet_ops.shuffle_upsample.default,
+                              (x.requires_grad_(), *params, t["running_mean"], t["running_var"], *config))
+        out, mean, var = torch.ops.uresnet_ops.shuffle_upsample(x, *params, None, None, *config) if training else \
+            torch.ops.uresnet_ops.shuffle_upsample(x, *params, t["running_mean"], t["running_var"], *config)
+        torch.library.opcheck(torch.ops.uresnet_ops.shuffle_upsample_backward.default,
+                              (torch.randn_like(out), x.detach(), *params, mean, var, *config))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_gradcheck_float64(training, mode):
+    x, t, cfg = make_case(4, torch.float64, torch.float64)
+    x = x[:2, :, :3, :3]  # keep the Jacobian small
+    cfg["mode"], cfg["scale_factor"] = mode, 2
+    params = [t[k].requires_grad_() for k in PARAMS]
+    x.requires_grad_()
+    rm, rv = t["running_mean"], t["running_var"]
+    torch.autograd.gradcheck(lambda x, *p: uresnet_ops.shuffle_upsample(
+        x, *p, rm.clone(), rv.clone(), training=training, activation="silu", **cfg), (x, *params))
+
+
+def test_autocast_casts_conv_operands_keeps_bn_float32():
+    x, t, cfg = make_case(5, torch.float32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = uresnet_ops.shuffle_upsample(x, **{k: v if v is None else v.clone() for k, v in t.items()}, **cfg)
+        expected = reference.shuffle_upsample(x, **{k: v if v is None else v.clone() for k, v in t.items()}, **cfg)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected.float(), torch.bfloat16, scale=5)
+
+
+def _bad_calls():
+    yield "x", dict(x=torch.randn(4, 5, 5))
+    yield "x", dict(x=torch.ones(1, 4, 5, 5, dtype=torch.int32))
+    yield "dw_weight", dict(dw_weight=torch.randn(4, 1, 5, 5))              # kernel not 3x3
+    yield "dw_weight", dict(dw_weight=torch.randn(4, 3, 3, 3))              # 4 % 3
+    yield "dw_weight", dict(dw_weight=torch.randn(4, 1, 3, 3, dtype=torch.float64))
+    yield "pw_weight", dict(pw_weight=torch.randn(6, 5, 1, 1))
+    yield "pw_bias", dict(pw_bias=torch.randn(5))
+    yield "pw_bias", dict(pw_weight=None)
+    yield "bn_weight", dict(bn_weight=torch.ones(3))
+    yield "scale_factor", dict(scale_factor=0)
+    yield "scale_factor", dict(scale_factor=1.5)
+    yield "mode", dict(mode="bicubic")
+    yield "bilinear", dict(mode="bilinear", scale_factor=3)
+    yield "shuffle_groups", dict(shuffle_groups=3)
+    yield "activation", dict(activation="tanh")
+    yield "more than 1 value", dict(x=torch.randn(1, 4, 1, 1), scale_factor=1)
+    if torch.cuda.is_available():
+        yield "device", dict(pw_weight=torch.randn(6, 4, 1, 1, device="cuda"))
+
+
+@pytest.mark.parametrize("match,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_clear_error(match, override):
+    args = dict(x=torch.randn(2, 4, 5, 5), dw_weight=torch.randn(4, 1, 3, 3), pw_weight=torch.randn(6, 4, 1, 1),
+                pw_bias=torch.randn(6), bn_weight=torch.ones(4), bn_bias=torch.zeros(4),
+                running_mean=torch.zeros(4), running_var=torch.ones(4))
+    args.update(override)
+    with pytest.raises((ValueError, TypeError), match=match):
+        uresnet_ops.shuffle_upsample(**args)

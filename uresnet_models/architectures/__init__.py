@@ -1,0 +1,1 @@
+"""One file per registered architecture (model-library issue)."""

@@ -1,0 +1,50 @@
+"""The ``uresnet_ops`` torch library: loads the compiled kernels and defines the public ops.
+
+The native kernel ops (``_<op>_native``) are defined in csrc/ops.cpp; the public ops are
+defined here, so they exist (running the reference and Triton backends) even where the
+extension could not be built. Each public op's CPU and CUDA kernel is
+:func:`uresnet_ops.backends.dispatch`.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import backends
+
+try:
+    from . import _C  # noqa: F401  (registers the native ops)
+    HAS_EXTENSION = True
+    HAS_CUDA_KERNELS = bool(_C.cuda_built())
+except ImportError as error:
+    HAS_EXTENSION = HAS_CUDA_KERNELS = False
+    warnings.warn(f"uresnet_ops: compiled kernels not available ({error}); the 'cpu' and 'cuda' "
+                  "backends are disabled and the reference/Triton backends run instead. "
+                  "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning)
+
+LIB = torch.library.Library("uresnet_ops", "FRAGMENT")
+
+
+def define_op(name: str, schema: str, device_arg: int = 0) -> None:
+    """Define ``uresnet_ops::<name>`` and route its CPU/CUDA calls through the backend
+    registry; ``device_arg`` is the index of the tensor argument that decides the device.
+    ``name`` is ``<op>`` (forward) or ``<op>_backward``."""
+    LIB.define(name + schema)
+    op, phase = (name[: -len("_backward")], "backward") if name.endswith("_backward") else (name, "forward")
+
+    def kernel(*args):
+        device_type = args[device_arg].device.type
+        # The front end already cast to the autocast dtype; the kernels see the final dtypes.
+        with torch.autocast(device_type, enabled=False):
+            return backends.dispatch(op, phase, device_type, args)
+
+    for key in ("CPU", "CUDA"):
+        LIB.impl(name, kernel, key)
+
+
+def native_op(name: str):
+    """``torch.ops.uresnet_ops._<name>_native``, or None when the extension lacks it."""
+    if not HAS_EXTENSION:
+        return None
+    return getattr(torch.ops.uresnet_ops, f"_{name}_native", None)

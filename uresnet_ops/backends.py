@@ -1,0 +1,170 @@
+"""Backend registry: which implementations of each op exist, and which one runs.
+
+Every public op (``torch.ops.uresnet_ops.<op>`` and its ``<op>_backward``) is one torch op
+whose CPU/CUDA kernel is :func:`dispatch`: it resolves a backend for the tensors' device and
+calls it. Resolution order for an op on a device:
+
+1. the innermost :func:`use_backend` context (for this op, then for all ops),
+2. :func:`set_backend` (for this op, then for all ops),
+3. the op's default order for the device (fastest measured first).
+
+A selected backend that does not run on the device (``"triton"`` for a CPU tensor, say) is
+passed over for that device, so ``set_backend("triton")`` does not break CPU code. A backend
+function may return ``NotImplemented`` for an argument combination it does not cover; the next
+backend in the default order then runs. A selected backend that is not available here (built
+without a compiler, Triton missing) degrades to the default order with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import warnings
+from typing import Callable, Iterator
+
+OPS = ("pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d")
+
+# The default order per device type, fastest measured first; "reference" always closes it.
+DEFAULT_ORDER: dict[str, dict[str, list[str]]] = {
+    op: {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]} for op in OPS
+}
+
+
+@dataclasses.dataclass
+class Backend:
+    name: str
+    device_types: frozenset[str]
+    forward: Callable
+    backward: Callable | None = None
+    # False when the backend is registered but cannot run here (extension or Triton missing).
+    available: bool = True
+
+
+_registry: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+_selected: dict[str | None, str] = {}  # op (None = every op) -> backend name
+_local = threading.local()  # .stack: list of (op or None, name) from use_backend
+_warned: set[tuple[str, str]] = set()
+_last_used: dict[tuple[str, str], str] = {}  # (op, phase) -> backend name, for tests and debugging
+
+
+def register_backend(op: str, name: str, device_type, forward: Callable,
+                     backward: Callable | None = None, *, available: bool = True) -> None:
+    """Plug in an implementation of ``op`` called ``name`` for ``device_type`` ("cpu", "cuda",
+    or a list of them).
+
+    ``forward`` (and ``backward``) take exactly the arguments of ``torch.ops.uresnet_ops.<op>``
+    (and ``<op>_backward``) and return what those return. Without ``backward``, the backward
+    pass uses the next backend of the default order that has one. Registering a name again
+    replaces it.
+    """
+    _check_op(op)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_backend: 'name' must be a non-empty string, got {name!r}")
+    if not callable(forward):
+        raise TypeError(f"register_backend: 'forward' must be callable, got {type(forward).__name__}")
+    if backward is not None and not callable(backward):
+        raise TypeError(f"register_backend: 'backward' must be callable or None, got {type(backward).__name__}")
+    types = (device_type,) if isinstance(device_type, str) else tuple(device_type)
+    if not types or not all(t in ("cpu", "cuda") for t in types):
+        raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, got {device_type!r}")
+    _registry[op][name] = Backend(name, frozenset(types), forward, backward, available)
+
+
+def available_backends(op: str | None = None) -> list[str]:
+    """Names of the backends built and importable here, for ``op`` or for any op."""
+    ops = OPS if op is None else (_check_op(op),)
+    names = []
+    for o in ops:
+        names += [b.name for b in _registry[o].values() if b.available and b.name not in names]
+    return names
+
+
+def set_backend(name: str | None, op: str | None = None) -> None:
+    """Make ``name`` the default backend (for ``op``, or for every op); ``None`` resets."""
+    _check_name(name, op)
+    if name is None:
+        _selected.pop(op, None)
+    else:
+        _selected[op] = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: str | None = None) -> Iterator[None]:
+    """Within the block, run ``op`` (or every op) with backend ``name``."""
+    _check_name(name, op)
+    stack = _stack()
+    stack.append((op, name))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
+    """The backend that would run ``op`` for tensors on ``device_type`` right now."""
+    return next(_candidates(_check_op(op), device_type, phase))
+
+
+def last_used(op: str, phase: str = "forward") -> str | None:
+    """The backend that ran the last ``phase`` of ``op`` (the one that did not decline)."""
+    return _last_used.get((_check_op(op), phase))
+
+
+def dispatch(op: str, phase: str, device_type: str, args: tuple):
+    """Run ``op``'s ``phase`` ("forward" or "backward") with the resolved backend."""
+    for backend in _candidates(op, device_type, phase):
+        result = getattr(backend, phase)(*args)
+        if result is not NotImplemented:
+            _last_used[(op, phase)] = backend.name
+            return result
+    raise RuntimeError(f"uresnet_ops.{op}: no backend could run this {phase} on {device_type}")
+
+
+def _candidates(op: str, device_type: str, phase: str) -> Iterator[Backend]:
+    backends = _registry[op]
+    chosen = _chosen_name(op)
+    order = DEFAULT_ORDER[op].get(device_type, ["reference"])
+    names = ([chosen] if chosen else []) + [n for n in order if n != chosen]
+    for name in names:
+        backend = backends.get(name)
+        if backend is None or device_type not in backend.device_types:
+            continue
+        if not backend.available:
+            if name == chosen and (op, name) not in _warned:
+                _warned.add((op, name))
+                warnings.warn(f"uresnet_ops: backend {name!r} is not available here for {op}; "
+                              f"falling back to {order}", RuntimeWarning, stacklevel=3)
+            continue
+        if getattr(backend, phase) is not None:
+            yield backend
+
+
+def _chosen_name(op: str) -> str | None:
+    for scope in (op, None):
+        for s, name in reversed(_stack()):
+            if s == scope:
+                return name
+    return _selected.get(op) or _selected.get(None)
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _check_op(op) -> str:
+    if op not in _registry:
+        raise ValueError(f"uresnet_ops: unknown op {op!r}; expected one of {list(OPS)}")
+    return op
+
+
+def _check_name(name, op) -> None:
+    if op is not None:
+        _check_op(op)
+    if name is None:
+        return
+    known = {n for o in ([op] if op else OPS) for n in _registry[o]}
+    if name not in known:
+        raise ValueError(f"uresnet_ops: unknown backend {name!r}"
+                         f"{' for ' + op if op else ''}; registered: {sorted(known)}")

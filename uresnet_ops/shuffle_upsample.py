@@ -1,0 +1,167 @@
+"""Channel-shuffle upsampling, the EUCB block, as one op (DESIGN.md §3.2).
+
+out = conv1x1(channel_shuffle(act(batch_norm(conv3x3_grouped(upsample(x))))), pw_weight, pw_bias).
+``pw_weight=None`` ends the block after the channel shuffle (the inner stages of EUCB*).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
+                      batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
+                      parse_activation, stat_dtype, update_running_stats)
+from ._library import define_op
+from .reference import upsample_conv3x3
+
+OP = "shuffle_upsample"
+MODES = ("nearest", "bilinear")
+_PARAMS = ("Tensor x, Tensor dw_weight, Tensor? pw_weight, Tensor? pw_bias, Tensor? bn_weight, Tensor? bn_bias")
+_CONFIG = "bool training, float eps, int scale_factor, str mode, int shuffle_groups, str activation, float negative_slope"
+# Returns (out, mean, var): the BatchNorm statistics it normalised with.
+define_op(OP, f"({_PARAMS}, Tensor? running_mean, Tensor? running_var, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
+define_op(OP + "_backward", f"(Tensor grad_out, {_PARAMS}, Tensor mean, Tensor var, {_CONFIG}) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_bias=None,
+                     running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5,
+                     scale_factor=2, mode="nearest", shuffle_groups=1, activation="relu"):
+    """``F.conv2d(F.channel_shuffle(act(F.batch_norm(F.conv2d(F.interpolate(x, scale_factor,
+    mode), dw_weight, padding=1, groups=C_in // dw_weight.shape[1]), ...)), shuffle_groups),
+    pw_weight, pw_bias)`` as one op; running statistics are updated in place."""
+    check_tensor(OP, "x", x, ndim=4)
+    cast = autocast_dtype(x)
+    if cast is not None:  # as F.conv2d under autocast: conv operands in the autocast dtype
+        x, dw_weight, pw_weight, pw_bias = (t.to(cast) if isinstance(t, torch.Tensor) else t
+                                            for t in (x, dw_weight, pw_weight, pw_bias))
+    c_in = x.shape[1]
+    check_tensor(OP, "dw_weight", dw_weight, ndim=4, like=x, same_dtype=True)
+    if dw_weight.shape[0] != c_in or dw_weight.shape[2:] != (3, 3) or c_in % dw_weight.shape[1]:
+        raise ValueError(f"{OP}: argument 'dw_weight' must have shape (C_in, C_in/groups, 3, 3) with "
+                         f"C_in = {c_in} divisible by its second dim, got {tuple(dw_weight.shape)}")
+    check_tensor(OP, "pw_weight", pw_weight, ndim=4, like=x, same_dtype=True, optional=True)
+    if pw_weight is not None and (pw_weight.shape[1] != c_in or pw_weight.shape[2:] != (1, 1)):
+        raise ValueError(f"{OP}: argument 'pw_weight' must have shape (C_out, {c_in}, 1, 1), "
+                         f"got {tuple(pw_weight.shape)}")
+    if pw_weight is None and pw_bias is not None:
+        raise ValueError(f"{OP}: argument 'pw_bias' needs 'pw_weight'")
+    if pw_bias is not None:
+        check_tensor(OP, "pw_bias", pw_bias, like=x, same_dtype=True, shape=(pw_weight.shape[0],))
+    s = scale_factor
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise ValueError(f"{OP}: argument 'scale_factor' must be a positive int, got {s!r}")
+    if mode not in MODES:
+        raise ValueError(f"{OP}: argument 'mode' must be one of {list(MODES)}, got {mode!r}")
+    if mode == "bilinear" and s != 2:
+        raise ValueError(f"{OP}: mode 'bilinear' supports scale_factor=2 only, got {s}")
+    g = shuffle_groups
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or c_in % g:
+        raise ValueError(f"{OP}: argument 'shuffle_groups' must be a positive divisor of C_in = {c_in}, got {g!r}")
+    count = x.shape[0] * x.shape[2] * x.shape[3] * s * s
+    check_batch_norm_args(OP, x, c_in, bn_weight, bn_bias, running_mean, running_var, training, count,
+                          momentum, eps, prefix="bn_")
+    act, slope = parse_activation(activation, OP)
+    out, mean, var = torch.ops.uresnet_ops.shuffle_upsample(
+        x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+        bool(training), float(eps), s, mode, g, act, slope)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return out
+
+
+@torch.library.register_fake("uresnet_ops::" + OP)
+def _fake(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+          training, eps, s, mode, groups, activation, negative_slope):
+    n, c, h, w = x.shape
+    c_out = c if pw_weight is None else pw_weight.shape[0]
+    out = x.new_empty((n, c_out, h * s, w * s)).contiguous(memory_format=memory_format(x))
+    stats = x.new_empty((c,), dtype=stat_dtype(x))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("uresnet_ops::" + OP + "_backward")
+def _fake_backward(grad_out, x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, *config):
+    return tuple(torch.empty_like(t) for t in _with_defaults(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias))
+
+
+def _with_defaults(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias):
+    """The parameters with None replaced by their neutral value (ones/zeros), so the backward
+    always returns one tensor per parameter. Without pw_weight, pw stands for an empty conv."""
+    c = x.shape[1]
+    new = lambda fill, *shape: torch.full(shape, fill, dtype=x.dtype, device=x.device)  # noqa: E731
+    pw_weight = new(0.0, 0, c, 1, 1) if pw_weight is None else pw_weight
+    pw_bias = new(0.0, pw_weight.shape[0]) if pw_bias is None else pw_bias
+    bn_weight = new(1.0, c) if bn_weight is None else bn_weight
+    bn_bias = new(0.0, c) if bn_bias is None else bn_bias
+    return x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw, pw, pw_bias, bn_weight, bn_bias, _, _, *config = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)  # statistics, not a function to differentiate
+    ctx.save_for_backward(x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var)
+    ctx.config = config
+    ctx.backend = backends.get_backend(OP, x.device.type).name
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    with backends.use_backend(ctx.backend, OP):
+        grads = torch.ops.uresnet_ops.shuffle_upsample_backward(
+            grad_out.contiguous(memory_format=memory_format(grad_out)),
+            x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var, *ctx.config)
+    given = (x, dw, pw, pw_bias, bn_weight, bn_bias)
+    return tuple(g if t is not None else None for g, t in zip(grads, given)) + (None,) * 9
+
+
+torch.library.register_autograd("uresnet_ops::" + OP, _backward, setup_context=_setup_context)
+
+
+# --- reference backend: the chain of torch.nn.functional calls and ATen's backward formulas --
+
+def _reference_forward(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                       training, eps, s, mode, groups, activation, slope):
+    y, mean, var = batch_norm_forward(upsample_conv3x3(x, dw, s, mode), bn_weight, bn_bias,
+                                      running_mean, running_var, training, eps)
+    y = F.channel_shuffle(apply_activation(y, activation, slope), groups)
+    if pw is not None:
+        y = F.conv2d(y, pw, pw_bias)
+    return y.contiguous(memory_format=memory_format(x)), mean, var
+
+
+def _conv_backward(grad, x, weight, padding, dilation, groups, bias):
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if bias else None, [1, 1], [padding] * 2, [dilation] * 2,
+        False, [0, 0], groups, [True, True, bias])
+
+
+def _reference_backward(grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var,
+                        training, eps, s, mode, groups, activation, slope):
+    _, dw, pw, pw_bias, _, _ = _with_defaults(x, dw, pw, pw_bias, bn_weight, bn_bias)
+    c, conv_groups = x.shape[1], x.shape[1] // dw.shape[1]
+    up = F.interpolate(x, scale_factor=s, mode=mode, align_corners=False if mode == "bilinear" else None)
+    conv = F.conv2d(up, dw, padding=1, groups=conv_groups)
+    pre_activation = normalize(conv, mean, var, bn_weight, bn_bias, eps)
+    if pw.shape[0]:
+        shuffled = F.channel_shuffle(apply_activation(pre_activation, activation, slope), groups)
+        grad_shuffled, grad_pw, grad_pw_bias = _conv_backward(grad_out, shuffled, pw, 0, 1, 1, True)
+    else:
+        grad_shuffled, grad_pw, grad_pw_bias = grad_out, torch.zeros_like(pw), torch.zeros_like(pw_bias)
+    grad = F.channel_shuffle(grad_shuffled, c // groups)  # the inverse permutation
+    grad = activation_backward(grad, pre_activation, activation, slope)
+    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
+    grad, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad, conv, bn_weight, mean, var, training, eps, param_dtype)
+    grad_up, grad_dw, _ = _conv_backward(grad, up, dw, 1, 1, conv_groups, False)
+    sizes = dict(output_size=list(up.shape[2:]), input_size=list(x.shape), scales_h=float(s), scales_w=float(s))
+    if mode == "nearest":
+        grad_x = torch.ops.aten.upsample_nearest2d_backward(grad_up, **sizes)
+    else:
+        grad_x = torch.ops.aten.upsample_bilinear2d_backward(grad_up, align_corners=False, **sizes)
+    return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw, grad_pw, grad_pw_bias,
+            grad_bn_weight, grad_bn_bias)
+
+
+backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
