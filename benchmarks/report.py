@@ -1,0 +1,160 @@
+"""Turn pytest-benchmark JSON (``--benchmark-json``) into a markdown report and a PNG chart.
+
+    python benchmarks/report.py results.json [--out DIR]
+
+Writes DIR/<name>.md and DIR/<name>.png (DIR defaults to the JSON's folder) and prints the
+markdown. Per group (op, shape, mode, dtype): each implementation's median time, the ratios
+eager/impl and compiled/impl (>1: faster than the eager / the torch.compile'd reference chain),
+achieved GB/s (minimal bytes: inputs read once, outputs written once) and TFLOP/s (nominal flops
+of the reference chain), and the higher of the two as % of the measured device ceiling.
+On CUDA the time is the CUDA-event median (``extra_info["device_median_s"]``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASELINES = ("eager", "compiled")
+
+
+def load(path: Path) -> tuple[dict, dict[str, list[dict]]]:
+    data = json.loads(path.read_text())
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "implementation" not in info:
+            continue
+        median = info.get("device_median_s") or bench["stats"]["median"]
+        groups[bench.get("group") or bench["name"]].append(dict(info, median_s=median))
+    return data.get("machine_info", {}), groups
+
+
+def _order(impl: str) -> tuple:
+    return (impl in BASELINES, BASELINES.index(impl) if impl in BASELINES else 0, impl)
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def rows_of(group: list[dict], ceilings: dict) -> list[dict]:
+    by_impl = {r["implementation"]: r for r in group}
+    eager, compiled = (by_impl.get(b, {}).get("median_s") for b in BASELINES)
+    rows = []
+    for impl in sorted(by_impl, key=_order):
+        r = by_impl[impl]
+        t = r["median_s"]
+        gbps = r["bytes"] / t / 1e9 if r.get("bytes") else None
+        tflops = r["flops"] / t / 1e12 if r.get("flops") else None
+        pct = [(100 * v / ceilings[k], name) for v, k, name in
+               ((gbps, "copy_GBps", "BW"), (tflops, "matmul_TFLOPs", "FLOP")) if v and ceilings.get(k)]
+        rows.append(dict(impl=impl, ran=r.get("backend_ran"), t=t, gbps=gbps, tflops=tflops,
+                         vs_eager=eager / t if eager else None, vs_compiled=compiled / t if compiled else None,
+                         pct=max(pct) if pct else None))
+    return rows
+
+
+def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
+    info = machine.get("uresnet", {})
+    ceil = info.get("ceilings", {})
+    out = ["# uresnet_ops benchmarks", ""]
+    if info:
+        out += [f"Device: **{info.get('device_name')}** ({info.get('device')}), torch {info.get('torch')}, "
+                f"triton {info.get('triton')}, size `{info.get('bench_size')}`, "
+                f"compiled kernels: {'yes' if info.get('extension_built') else 'no'}.  ",
+                f"Measured ceilings: copy {ceil.get('copy_GBps', float('nan')):.1f} GB/s, "
+                f"{ceil.get('matmul_dtype', '')} matmul {ceil.get('matmul_TFLOPs', float('nan')):.2f} TFLOP/s.  ",
+                f"Default backends: {info.get('default_backend')}.", ""]
+    out += ["Ratios are baseline time / implementation time: **>1 means faster** than the eager "
+            "(`×eager`) or torch.compile'd (`×compiled`) reference chain. `% ceil` is the higher of "
+            "GB/s vs copy bandwidth (BW) and TFLOP/s vs matmul throughput (FLOP); over 100% means the ceiling "
+            "was measured low (a busy machine) or the op is not bound by it.", ""]
+    for name, group in groups.items():
+        out += [f"### {name}", "",
+                "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows_of(group, ceil):
+            impl = r["impl"] if not r["ran"] or r["ran"] == r["impl"] else f"{r['impl']} (ran {r['ran']})"
+            out.append("| " + " | ".join([
+                impl, fmt_time(r["t"]), _num(r["vs_eager"], "×"), _num(r["vs_compiled"], "×"),
+                _num(r["gbps"]), _num(r["tflops"], digits=3),
+                f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–"]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _num(v, suffix="", digits=2):
+    return "–" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def chart(groups: dict[str, list[dict]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report.py: matplotlib is not installed, so no PNG chart "
+              "(pip install matplotlib, or the 'plot' extra)", file=sys.stderr)
+        return False
+    names = list(groups)
+    impls = sorted({r["implementation"] for g in groups.values() for r in g} - set(BASELINES), key=_order)
+    if not names or not impls:
+        return False
+    height = max(3.0, 0.22 * len(names) * max(len(impls), 1) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(14, height), sharey=True)
+    bar = 0.8 / len(impls)
+    for ax, key, label in ((axes[0], "vs_eager", "eager / implementation"),
+                           (axes[1], "vs_compiled", "compiled / implementation")):
+        for i, impl in enumerate(impls):
+            ys, xs = [], []
+            for j, name in enumerate(names):
+                row = next((r for r in rows_of(groups[name], {}) if r["impl"] == impl), None)
+                if row and row[key]:
+                    ys.append(j + (i - (len(impls) - 1) / 2) * bar)
+                    xs.append(row[key])
+            # Bars grow from 1 (no change): right is faster, left is slower.
+            ax.barh(ys, [x - 1 for x in xs], height=bar, left=1, label=impl)
+            for y, x in zip(ys, xs):
+                ax.text(x, y, f" {x:.3g} ", va="center", ha="left" if x >= 1 else "right", fontsize=6)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"speed-up ({label}; >1 is faster)")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
+    args = parser.parse_args(argv)
+    try:
+        machine, groups = load(args.results)
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"cannot read {args.results}: {error}")
+    if not groups:
+        parser.error(f"{args.results}: no uresnet benchmarks in it (was it written by benchmarks/?)")
+    out_dir = args.out or args.results.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(machine, groups)
+    md_path, png_path = out_dir / f"{args.results.stem}.md", out_dir / f"{args.results.stem}.png"
+    md_path.write_text(text + "\n")
+    print(text)
+    info = machine.get("uresnet", {})
+    wrote_png = chart(groups, png_path, f"uresnet_ops on {info.get('device_name', '?')} ({info.get('device', '?')})")
+    print(f"\nwrote {md_path}" + (f" and {png_path}" if wrote_png else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

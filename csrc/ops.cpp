@@ -1,0 +1,46 @@
+// Schemas of the native kernel ops, and the `uresnet_ops._C` Python module.
+//
+// Only the `_<op>_native` kernel ops are defined here; the public ops are defined from Python
+// (uresnet_ops/_library.py, a FRAGMENT library), so they exist even without this extension.
+// The kernels are registered per device in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+//
+// A plain PyInit (no pybind11, no <torch/extension.h>) keeps this file quick to compile.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(uresnet_ops, m) {
+  m.def(
+      "_pixel_shuffle_bn_native(Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* cuda_built(PyObject* /*self*/, PyObject* /*args*/) {
+#ifdef URESNET_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cuda_built", cuda_built, METH_NOARGS, "True when the CUDA kernels were compiled into this extension."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "uresnet_ops._C",
+    "Native kernels of uresnet_ops; importing this module registers them as torch.ops.uresnet_ops._*_native.",
+    -1,
+    methods,
+};
+
+}  // namespace
+
+#define URESNET_CONCAT_(a, b) a##b
+#define URESNET_CONCAT(a, b) URESNET_CONCAT_(a, b)
+
+PyMODINIT_FUNC URESNET_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what uresnet needs into the current Python (3.10+) and builds its C++/CUDA extension.
+# Idempotent: pinned packages that are already installed are left as they are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# The CUDA build of torch, even on a machine without a GPU: the CPU wheel has no matching
+# torchvision (timm needs it) and cannot compile the CUDA kernels. torchvision is pinned in the
+# same command, or pip swaps torch for the newest release.
+$PY -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+$PY -m pip install --quiet timm numpy tqdm safetensors matplotlib ninja pybind11 pytest pytest-benchmark
+# --no-build-isolation: compile against the torch installed above, not a fresh copy in a build env.
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-2} $PY -m pip install --quiet --no-build-isolation --no-deps -e .
+echo "uresnet: extension built and installed in $(( $(date +%s) - start )) s"

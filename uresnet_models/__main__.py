@@ -1,0 +1,6 @@
+"""``python -m uresnet_models ...`` runs the ``uresnet`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
