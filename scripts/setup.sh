@@ -11,5 +11,9 @@ $PY -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 $PY -m pip install --quiet timm numpy tqdm safetensors matplotlib ninja pybind11 pytest pytest-benchmark
 # --no-build-isolation: compile against the torch installed above, not a fresh copy in a build env.
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-2} $PY -m pip install --quiet --no-build-isolation --no-deps -e .
-echo "uresnet: extension built and installed in $(( $(date +%s) - start )) s"
+log=$(mktemp)
+MAX_JOBS=${MAX_JOBS:-2} $PY -m pip install -v --no-build-isolation --no-deps -e . > "$log" 2>&1 \
+    || { tail -60 "$log"; echo "uresnet: build failed (full log: $log)" >&2; exit 1; }
+# Show what was compiled (the nvcc line proves the CUDA kernels were built) and any warning of ours.
+grep -E "(nvcc|c\+\+) .* -c .*csrc/|uresnet setup.py WARNING" "$log" | sed -E 's/ -I[^ ]+//g' | cut -c1-220 || true
+echo "uresnet: extension built and installed in $(( $(date +%s) - start )) s (log: $log)"
