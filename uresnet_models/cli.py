@@ -129,7 +129,12 @@ def time_impls(op, impls, params, device, dtype, mode, *, min_time=0.2, out=prin
             step, ctx = make_step(op, impl, params, device, dtype, mode)
             with ctx:
                 res = measure(step, device=device, warmup=3, min_time=min_time)
-            rows.append(dict(op=op, shape=list(params["x"]), mode=mode, implementation=impl, **res))
+            label = impl
+            if impl not in BASELINES:  # a backend may hand a case to the next one: show what ran
+                from uresnet_ops.backends import last_used
+                ran = {last_used(op, "forward")} | ({last_used(op, "backward")} if mode == "train_fwdbwd" else set())
+                label = impl if ran == {impl} else f"{impl}>{'+'.join(sorted(map(str, ran)))}"
+            rows.append(dict(op=op, shape=list(params["x"]), mode=mode, implementation=label, **res))
         except Exception as error:  # noqa: BLE001  (a broken or declining implementation: report, go on)
             out(f"  {op} {impl} {mode}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
     base = {r["implementation"]: r["median_s"] for r in rows}
@@ -278,7 +283,9 @@ def demo_speed(ctx: DemoContext) -> None:
     rows = []
     for op in OPS:
         default = uresnet_ops.get_backend(op, ctx.device.type).name
-        for mode in ("train_fwd", "train_fwdbwd"):
+        for mode in MODES:
+            if op == "multi_dilation_conv2d" and mode == "train_fwd":
+                continue  # no BatchNorm: the same as eval_fwd
             try:
                 rows += time_impls(op, [default, "eager", *impls_extra], SHAPES["small"][op], ctx.device,
                                    torch.float32, mode, min_time=0.15, out=ctx.print)
