@@ -52,9 +52,11 @@ def _mdc(n, c, h, w, per_branch, kernels=(1, 3, 3, 3), dilations=(1, 6, 12, 18),
 
 
 CASES = [
-    # PixelShuffle(2)+BN+ReLU: DeResUNet decoder steps, and a latency-bound one.
-    _psbn(8, 2048, 16, 16), _psbn(8, 512, 64, 64), _psbn(1, 64, 8, 8, sizes=("full", "small")),
-    _psbn(2, 256, 16, 16, sizes=("small",)),
+    # PixelShuffle+BN+ReLU: DeResUNet decoder steps (issue 3's shapes), a latency-bound one, and
+    # the CPU target shape (8, 256, 32, 32) r=2.
+    _psbn(16, 256, 64, 64), _psbn(8, 1024, 32, 32, r=4), _psbn(8, 2048, 16, 16), _psbn(8, 512, 64, 64),
+    _psbn(2, 64, 16, 16, sizes=("full", "small")), _psbn(1, 64, 8, 8, sizes=("full", "small")),
+    _psbn(8, 256, 32, 32, sizes=("small",)),
     # EUCB: the EMCAD decoder stages, and a small one.
     _su(16, 128, 64, 64, 64), _su(8, 320, 32, 32, 128), _su(8, 512, 16, 16, 320),
     _su(1, 32, 8, 8, 16, sizes=("full", "small")), _su(1, 64, 32, 32, 32, sizes=("small",)),

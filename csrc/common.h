@@ -48,6 +48,28 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T activate(T v, T slope) {
   return activate<T>(v, A, slope);
 }
 
+// Gradient through the activation given its input y, as threshold_backward / leaky_relu_backward
+// / silu_backward compute it.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T activate_grad(T dy, T y, Activation act, T slope) {
+  switch (act) {
+    // A select of constants, then a multiply: compiles to a compare mask, not a branch (the sign
+    // of y is random, a branch mispredicts half the time).
+    case Activation::ReLU: return dy * (y > T(0) ? T(1) : T(0));
+    case Activation::LeakyReLU: return dy * (y > T(0) ? T(1) : slope);
+    case Activation::SiLU: {
+      const T s = T(1) / (T(1) + std::exp(-y));
+      return dy * s * (T(1) + y * (T(1) - s));
+    }
+    default: return dy;
+  }
+}
+
+template <Activation A, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T activate_grad(T dy, T y, T slope) {
+  return activate_grad<T>(dy, y, A, slope);
+}
+
 // ---- argument checks --------------------------------------------------------------------
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -69,12 +91,12 @@ inline void check_channel_param(const char* op, const char* name, const at::Tens
               "' must be float32, float64, float16 or bfloat16, got ", p.scalar_type());
 }
 
-// ---- pixel_shuffle + batch_norm (eval) ----------------------------------------------------
+// ---- pixel_shuffle + batch_norm -----------------------------------------------------------
 
 struct PixelShuffleBNPlan {
   at::Tensor out;    // (N, C, H*r, W*r) in x.suggest_memory_format()
-  at::Tensor mean;   // copy of running_mean, stat dtype, (C,)
-  at::Tensor var;    // copy of running_var, stat dtype, (C,)
+  at::Tensor mean;   // stat dtype, (C,): copy of running_mean (eval) or batch mean (training, set by the kernel)
+  at::Tensor var;    // stat dtype, (C,): copy of running_var (eval) or biased batch variance (training)
   at::Tensor scale;  // weight * rsqrt(var + eps), stat dtype (= opmath type of x), contiguous
   at::Tensor shift;  // bias - mean * scale
   Activation act;
@@ -82,18 +104,8 @@ struct PixelShuffleBNPlan {
   bool channels_last;  // out is laid out NHWC (else NCHW-contiguous)
 };
 
-// Checks every argument, allocates the output and computes the per-channel scale/shift with a
-// few tiny ATen ops on x's device. The kernels then only do out = act(x * scale + shift) with
-// the shuffle folded into the indexing.
-inline PixelShuffleBNPlan plan_pixel_shuffle_bn(const at::Tensor& x, int64_t r,
-                                                const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& bias,
-                                                const std::optional<at::Tensor>& running_mean,
-                                                const std::optional<at::Tensor>& running_var, bool training,
-                                                double eps, c10::string_view activation) {
-  constexpr const char* op = "uresnet_ops::_pixel_shuffle_bn_native";
-  TORCH_CHECK(!training, op, ": training=True is not supported: training-mode kernel not implemented in the "
-              "native backend yet (use the reference backend, or training=False)");
+// Checks shared by forward and backward; returns C (output channels).
+inline int64_t check_pixel_shuffle_bn_input(const char* op, const at::Tensor& x, int64_t r) {
   TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C*r*r, H, W) tensor, got ", x.dim(),
               "-D with shape ", x.sizes());
   TORCH_CHECK(is_supported_float(x.scalar_type()), op,
@@ -105,32 +117,133 @@ inline PixelShuffleBNPlan plan_pixel_shuffle_bn(const at::Tensor& x, int64_t r,
               op, ": argument 'upscale_factor' = ", r, " is too large for x of shape ", x.sizes());
   TORCH_CHECK(x.size(1) % rr == 0, op, ": x.size(1) (", x.size(1), ") must be divisible by upscale_factor**2 (",
               rr, ")");
-  const int64_t channels = x.size(1) / rr;
-  TORCH_CHECK(running_mean.has_value() && running_mean->defined(), op,
+  return x.size(1) / rr;
+}
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// scale = weight * rsqrt(var + eps), shift = bias - mean * scale (stat dtype, tiny ATen ops on x's device).
+inline std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& var,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& bias, double eps) {
+  at::Tensor scale = var.add(eps).rsqrt_();
+  if (has(weight)) scale.mul_(*weight);
+  at::Tensor shift = has(bias) ? at::addcmul(bias->to(mean.scalar_type()), mean, scale, /*value=*/-1)
+                               : mean.mul(scale).neg_();
+  return {scale.contiguous(), shift.contiguous()};
+}
+
+// Checks every argument and allocates the output. In eval it also computes mean/var (copies of
+// the running statistics) and scale/shift; in training the kernel computes the batch statistics
+// and then calls finish_plan. The write kernels only do out = act(x * scale + shift) with the
+// shuffle folded into the indexing.
+inline PixelShuffleBNPlan plan_pixel_shuffle_bn(const at::Tensor& x, int64_t r,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var, bool training,
+                                                double eps, c10::string_view activation) {
+  constexpr const char* op = "uresnet_ops::_pixel_shuffle_bn_native";
+  const int64_t channels = check_pixel_shuffle_bn_input(op, x, r);
+  TORCH_CHECK(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
+  TORCH_CHECK(has(running_mean) == has(running_var), op,
+              ": 'running_mean' and 'running_var' must both be given or both be None");
+  TORCH_CHECK(training || has(running_mean), op,
               ": argument 'running_mean' is required in eval mode (training=False), got None");
-  TORCH_CHECK(running_var.has_value() && running_var->defined(), op,
-              ": argument 'running_var' is required in eval mode (training=False), got None");
-  check_channel_param(op, "running_mean", *running_mean, x, channels);
-  check_channel_param(op, "running_var", *running_var, x, channels);
-  const bool has_weight = weight.has_value() && weight->defined();
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_weight) check_channel_param(op, "weight", *weight, x, channels);
-  if (has_bias) check_channel_param(op, "bias", *bias, x, channels);
+  if (has(running_mean)) {
+    check_channel_param(op, "running_mean", *running_mean, x, channels);
+    check_channel_param(op, "running_var", *running_var, x, channels);
+  }
+  if (has(weight)) check_channel_param(op, "weight", *weight, x, channels);
+  if (has(bias)) check_channel_param(op, "bias", *bias, x, channels);
+  const int64_t count = x.numel() / std::max<int64_t>(channels, 1);
+  TORCH_CHECK(!training || count != 1, op, ": expected more than 1 value per channel when training, got ", count);
 
   PixelShuffleBNPlan plan;
   plan.act = parse_activation(activation, op);
   plan.channels = channels;
   const auto stat_opts = x.options().dtype(stat_dtype(x));
-  plan.mean = at::empty({channels}, stat_opts).copy_(*running_mean);
-  plan.var = at::empty({channels}, stat_opts).copy_(*running_var);
-  plan.scale = plan.var.add(eps).rsqrt_();
-  if (has_weight) plan.scale.mul_(*weight);
-  // shift = bias - mean * scale
-  plan.shift = has_bias ? at::addcmul(bias->to(stat_opts.dtype()), plan.mean, plan.scale, /*value=*/-1)
-                        : plan.mean.mul(plan.scale).neg_();
-  plan.out = at::empty({x.size(0), channels, out_h, out_w}, x.options().memory_format(x.suggest_memory_format()));
+  if (!training) {
+    plan.mean = at::empty({channels}, stat_opts).copy_(*running_mean);
+    plan.var = at::empty({channels}, stat_opts).copy_(*running_var);
+    std::tie(plan.scale, plan.shift) = scale_shift(plan.mean, plan.var, weight, bias, eps);
+  }
+  plan.out = at::empty({x.size(0), channels, x.size(2) * r, x.size(3) * r},
+                       x.options().memory_format(x.suggest_memory_format()));
   plan.channels_last = !plan.out.is_contiguous();
   return plan;
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+struct PixelShuffleBNBackwardPlan {
+  at::Tensor grad_x;        // like x, in x.suggest_memory_format()
+  at::Tensor mean, invstd;  // stat dtype, (C,)
+  at::Tensor scale, shift;  // as in the forward: pre-activation = x * scale + shift
+  Activation act;
+  int64_t channels;
+  int64_t count;  // values per channel, N*H*W*r*r
+};
+
+inline PixelShuffleBNBackwardPlan plan_pixel_shuffle_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    c10::string_view activation) {
+  constexpr const char* op = "uresnet_ops::_pixel_shuffle_bn_native_backward";
+  const int64_t channels = check_pixel_shuffle_bn_input(op, x, r);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == channels &&
+                  grad_out.size(2) == x.size(2) * r && grad_out.size(3) == x.size(3) * r,
+              op, ": argument 'grad_out' must have shape (", x.size(0), ", ", channels, ", ", x.size(2) * r, ", ",
+              x.size(3) * r, "), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": argument 'grad_out' must have x's dtype (",
+              x.scalar_type(), "), got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device(), op, ": argument 'grad_out' must be on x's device (", x.device(),
+              "), got ", grad_out.device());
+  TORCH_CHECK(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
+  check_channel_param(op, "mean", mean, x, channels);
+  check_channel_param(op, "var", var, x, channels);
+  if (has(weight)) check_channel_param(op, "weight", *weight, x, channels);
+  if (has(bias)) check_channel_param(op, "bias", *bias, x, channels);
+
+  PixelShuffleBNBackwardPlan plan;
+  plan.act = parse_activation(activation, op);
+  plan.channels = channels;
+  plan.count = x.numel() / std::max<int64_t>(channels, 1);
+  const auto st = stat_dtype(x);
+  plan.mean = mean.to(st).contiguous();
+  plan.invstd = var.to(st).add(eps).rsqrt_();
+  std::tie(plan.scale, plan.shift) = scale_shift(plan.mean, var.to(st), weight, bias, eps);
+  plan.grad_x = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+  return plan;
+}
+
+struct BackwardCoefficients {
+  at::Tensor a, b, d;  // grad_x = a * dy' + b * x + d, per channel, stat dtype, contiguous
+  at::Tensor grad_weight, grad_bias;
+};
+
+// From the per-channel sums s1 = sum(dy'), s2 = sum(dy' * (x - mean)) (stat dtype):
+// grad_bias = s1, grad_weight = s2 * invstd, and in training
+// grad_x = scale * (dy' - s1/M - xhat * grad_weight/M) folded into a * dy' + b * x + d.
+inline BackwardCoefficients backward_coefficients(const PixelShuffleBNBackwardPlan& plan, const at::Tensor& s1,
+                                                  const at::Tensor& s2, bool training,
+                                                  const std::optional<at::Tensor>& weight, const at::Tensor& x) {
+  BackwardCoefficients k;
+  const at::Tensor gw = s2.mul(plan.invstd);
+  const auto param_dtype = has(weight) ? weight->scalar_type() : x.scalar_type();
+  k.grad_weight = gw.to(param_dtype);
+  k.grad_bias = s1.to(param_dtype);
+  k.a = plan.scale;
+  if (training && plan.count > 0) {
+    const double inv_m = 1.0 / static_cast<double>(plan.count);
+    const at::Tensor k2 = gw.mul(plan.invstd).mul_(inv_m);  // invstd * sum(dy' xhat) / M
+    k.b = k2.mul(plan.scale).neg_().contiguous();
+    k.d = k2.mul(plan.mean).sub_(s1.mul(inv_m)).mul_(plan.scale).contiguous();
+  } else {
+    k.b = plan.scale.mul(0);
+    k.d = plan.scale.mul(0);
+  }
+  return k;
 }
 
 }  // namespace uresnet

@@ -13,6 +13,16 @@ TORCH_LIBRARY(uresnet_ops, m) {
       "_pixel_shuffle_bn_native(Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, "
       "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation, "
       "float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_multi_dilation_conv2d_native(Tensor x, Tensor[] weights, int[] dilations, Tensor[] biases, str activation, "
+      "float negative_slope) -> Tensor");
+  m.def(
+      "_multi_dilation_conv2d_native_backward(Tensor grad_out, Tensor x, Tensor[] weights, int[] dilations, "
+      "Tensor[] biases, str activation, float negative_slope) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "_pixel_shuffle_bn_native_backward(Tensor grad_out, Tensor x, int upscale_factor, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor var, bool training, float eps, str activation, float negative_slope) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -61,3 +61,99 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.testing.assert_close(captured, uresnet_ops.pixel_shuffle_bn(x, r, **p, training=False))
     assert not torch.equal(captured, out)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["none", "relu", ("leaky_relu", 0.1), "silu"])
+def test_forward_backward_on_gpu(backend, dtype, param_dtype, layout_name, training, activation):
+    if dtype != torch.float32 and activation in ("relu", ("leaky_relu", 0.1)):
+        activation = "silu"  # half-precision rounding across the kink flips the gradient (see helpers)
+    x, r, p = case(dtype, param_dtype)
+    x = layout(x, layout_name).requires_grad_()
+    params = {k: v.clone().requires_grad_(k in ("weight", "bias")) for k, v in p.items()}
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, r, **params, training=training, momentum=0.3, activation=activation)
+        assert last_used(OP) == backend
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    x64 = x.detach().double().requires_grad_()
+    p64 = {k: v.double().clone().requires_grad_(k in ("weight", "bias")) for k, v in p.items()}
+    expected = reference.pixel_shuffle_bn(x64, r, **p64, training=training, momentum=0.3, activation=activation)
+    expected.backward(grad_out.double())
+    assert_close(out, expected.detach(), dtype)
+    for name in ("running_mean", "running_var"):
+        assert_close(params[name], p64[name].detach(), param_dtype, precision=dtype)
+    scale = 10.0 if dtype != torch.float32 else 1.0
+    assert_close(x.grad, x64.grad, dtype, scale=scale)
+    for name in ("weight", "bias"):
+        assert_close(params[name].grad, p64[name].grad, param_dtype, scale=scale * 10, precision=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
+def test_stable_variance_large_mean_on_gpu(backend):
+    x = torch.randn(4, 8, 64, 64, device="cuda") + 1e4
+    rm, rv = torch.zeros(2, device="cuda"), torch.ones(2, device="cuda")
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, rm, rv, training=True, activation="none")
+    expected = reference.pixel_shuffle_bn(x.double(), 2, None, None, training=True, activation="none")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
+def test_training_over_2_pow_31_elements(backend):
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2 ** 30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.ones(1, 4, 2 ** 15, 2 ** 14 + 8, device="cuda", dtype=torch.float16)  # > 2^31 elements
+    x[..., -1] = 3
+    p = 1.0 / x.shape[-1]  # share of the 3s: mean 1 + 2p, biased variance 4p(1-p)
+    with uresnet_ops.use_backend(backend, OP):
+        out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(x, 2, None, None, None, None, True, 0.0, "none", 0.0)
+        assert x.numel() > 2 ** 31
+        torch.testing.assert_close(mean.double().cpu(), torch.tensor([1 + 2 * p], dtype=torch.float64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(var.double().cpu(), torch.tensor([4 * p * (1 - p)], dtype=torch.float64), rtol=1e-3, atol=0)
+        std = (4 * p * (1 - p)) ** 0.5
+        assert abs(out[0, 0, -1, -1].item() - (2 - 2 * p) / std) < 0.05 * (2 - 2 * p) / std
+        assert abs(out[0, 0, 0, 0].item() + 2 * p / std) < 0.05 * 2 * p / std
+        del out
+        grad_x, grad_w, grad_b = torch.ops.uresnet_ops.pixel_shuffle_bn_backward(
+            torch.ones(1, 1, 2 ** 16, 2 ** 15 + 16, device="cuda", dtype=torch.float16), x, 2, None, None, mean, var,
+            True, 0.0, "none", 0.0)
+    assert grad_b.item() == pytest.approx(x.numel(), rel=1e-3)  # sum(dy); sum(dy xhat) = 0, so grad_x = 0
+    assert abs(grad_x[0, 0, 0, 0].item()) < 1e-2 and abs(grad_x[0, 3, -1, -1].item()) < 1e-2
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
+def test_cuda_graph_capture_training_step(backend):
+    x, r, p = case(torch.float32)
+    grad_out = torch.randn(x.shape[0], x.shape[1] // r ** 2, x.shape[2] * r, x.shape[3] * r, device="cuda")
+    w, b = p["weight"], p["bias"]
+
+    def step():
+        out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(x, r, w, b, None, None, True, 1e-5, "relu", 0.01)
+        grads = torch.ops.uresnet_ops.pixel_shuffle_bn_backward(grad_out, x, r, w, b, mean, var, True, 1e-5,
+                                                                "relu", 0.01)
+        return (out, mean, var, *grads)
+
+    with uresnet_ops.use_backend(backend, OP):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles, allocator pools) outside the graph
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        x.copy_(torch.randn_like(x) * 3 + 1)
+        grad_out.copy_(torch.randn_like(grad_out))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = step()
+    assert last_used(OP) == backend
+    for actual, want in zip(captured, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)

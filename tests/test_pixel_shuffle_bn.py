@@ -17,9 +17,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 def declines(backend, training, dtype):
     """Configurations a backend hands to the next one (its kernels are not written yet)."""
-    if backend in ("cpu", "triton") and training:
-        return True  # training-mode kernels: the fused PixelShuffle+BN issue
-    return backend == "triton" and dtype == torch.float64
+    return backend == "triton" and dtype == torch.float64  # Triton: float32/float16/bfloat16 only
 
 
 def make_case(seed, dtype, param_dtype, training, device="cpu"):
@@ -99,10 +97,45 @@ def test_empty_batch(backend, training):
     torch.testing.assert_close((rm, rv), before)  # F.batch_norm leaves them untouched too
 
 
-def test_stable_variance_large_mean():
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("layout_name", ["contiguous", "channels_last"])
+def test_empty_batch_backward(backend, layout_name):
+    x = layout(torch.randn(0, 8, 3, 5), layout_name).requires_grad_()
+    w, b = torch.ones(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with uresnet_ops.use_backend(backend, OP):
+        uresnet_ops.pixel_shuffle_bn(x, 2, w, b, training=True).sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close((w.grad, b.grad), (torch.zeros(2), torch.zeros(2)))
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("r,activation", [(2, "relu"), (3, ("leaky_relu", 0.1)), (1, "silu")])
+def test_larger_shapes(backend, layout_name, r, activation):
+    # Longer rows and more pixels than make_case: the kernels' unrolled/chunked loops run.
+    x = layout(torch.randn(3, 2 * r * r, 9, 21) * 3 - 1, layout_name).requires_grad_()
+    w, b = torch.rand(2, requires_grad=True), torch.randn(2, requires_grad=True)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, r, w, b, rm, rv, training=True, activation=activation)
+    assert last_used(OP) == backend
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    rm64, rv64 = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    expected = reference.pixel_shuffle_bn(x64, r, w64, b64, rm64, rv64, training=True, activation=activation)
+    expected.backward(grad_out.double())
+    assert_close(out, expected)
+    for actual, want in ((rm, rm64), (rv, rv64), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert_close(actual, want, torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_stable_variance_large_mean(backend):
     x = torch.randn(4, 8, 16, 16) + 1e4  # mean 1e4, std 1: one-pass E[x^2]-E[x]^2 fails here
     rm, rv = torch.zeros(2), torch.ones(2)
-    out = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, rm, rv, training=True, activation="none")
+    with uresnet_ops.use_backend(backend, OP):
+        out = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, rm, rv, training=True, activation="none")
     expected = reference.pixel_shuffle_bn(x.double(), 2, None, None, training=True, activation="none")
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=2e-3)
     torch.testing.assert_close(rv.double(), 0.9 + 0.1 * F.pixel_shuffle(x.double(), 2).var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-3)
@@ -180,10 +213,59 @@ def _bad_calls():
     del x
 
 
+@pytest.mark.parametrize("backend", backend_params(OP))
 @pytest.mark.parametrize("match,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input_raises_clear_error(match, override):
+def test_bad_input_raises_clear_error(backend, match, override):
     args = dict(x=torch.randn(2, 8, 4, 4), upscale_factor=2, weight=torch.ones(2), bias=torch.zeros(2),
                 running_mean=torch.zeros(2), running_var=torch.ones(2), training=True)
     args.update(override)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with uresnet_ops.use_backend(backend, OP), pytest.raises((ValueError, TypeError), match=match):
         uresnet_ops.pixel_shuffle_bn(**args)
+
+
+def _bad_native_calls():
+    """The native kernels' own checks (they are callable directly, past the front end)."""
+    x, c = torch.randn(2, 8, 4, 4), torch.ones(2)
+    fwd = dict(x=x, upscale_factor=2, weight=c, bias=c, running_mean=c, running_var=c, training=True,
+               eps=1e-5, activation="relu", negative_slope=0.01)
+    yield "fwd", "4-D", dict(x=torch.randn(8, 4, 4))
+    yield "fwd", "must be float32", dict(x=x.int())
+    yield "fwd", "upscale_factor' must be >= 1", dict(upscale_factor=0)
+    yield "fwd", "divisible", dict(upscale_factor=3)
+    yield "fwd", "'weight' must have shape", dict(weight=torch.ones(3))
+    yield "fwd", "'bias' must be float32", dict(bias=torch.ones(2, dtype=torch.int32))
+    yield "fwd", "both be given", dict(running_var=None)
+    yield "fwd", "required in eval mode", dict(running_mean=None, running_var=None, training=False)
+    yield "fwd", "activation", dict(activation="gelu")
+    yield "fwd", "more than 1 value", dict(x=torch.randn(1, 4, 1, 1), upscale_factor=1, weight=None, bias=None,
+                                           running_mean=torch.ones(4), running_var=torch.ones(4))
+    yield "fwd", "eps", dict(eps=-1.0)
+    bwd = dict(grad_out=torch.randn(2, 2, 8, 8), x=x, upscale_factor=2, weight=c, bias=c, mean=c, var=c,
+               training=True, eps=1e-5, activation="relu", negative_slope=0.01)
+    yield "bwd", "'grad_out' must have shape", dict(grad_out=torch.randn(2, 2, 8, 7))
+    yield "bwd", "'grad_out' must have x's dtype", dict(grad_out=torch.randn(2, 2, 8, 8, dtype=torch.float64))
+    yield "bwd", "'mean' must have shape", dict(mean=torch.ones(3))
+    yield "bwd", "'weight' must have shape", dict(weight=torch.ones(1))
+    yield "bwd", "divisible", dict(x=torch.randn(2, 6, 4, 4))
+    yield "bwd", "activation", dict(activation="tanh")
+    if torch.cuda.is_available():
+        yield "fwd", "device", dict(weight=c.cuda())
+    del fwd, bwd
+
+
+@pytest.mark.skipif(not uresnet_ops._library.HAS_EXTENSION, reason="native kernels not built")
+@pytest.mark.parametrize("phase,match,override", list(_bad_native_calls()),
+                         ids=lambda v: v if isinstance(v, str) and " " not in v else None)
+def test_native_kernel_checks(phase, match, override):
+    c = torch.ones(2)
+    if phase == "fwd":
+        args = dict(x=torch.randn(2, 8, 4, 4), upscale_factor=2, weight=c, bias=c, running_mean=c, running_var=c,
+                    training=True, eps=1e-5, activation="relu", negative_slope=0.01)
+        op = torch.ops.uresnet_ops._pixel_shuffle_bn_native
+    else:
+        args = dict(grad_out=torch.randn(2, 2, 8, 8), x=torch.randn(2, 8, 4, 4), upscale_factor=2, weight=c,
+                    bias=c, mean=c, var=c, training=True, eps=1e-5, activation="relu", negative_slope=0.01)
+        op = torch.ops.uresnet_ops._pixel_shuffle_bn_native_backward
+    args.update(override)
+    with pytest.raises(RuntimeError, match=match):
+        op(**args)

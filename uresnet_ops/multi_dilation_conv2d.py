@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from ._common import activation_backward, autocast_dtype, check_tensor, memory_format, parse_activation
-from ._library import define_op
+from ._library import define_op, native_op
 
 OP = "multi_dilation_conv2d"
 # biases: one per branch, or an empty list for none.
@@ -115,3 +115,22 @@ def _reference_backward(grad_out, x, weights, dilations, biases, activation, slo
 
 
 backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
+
+
+# --- native C++ backend (cpu): shifted GEMMs per tap over the valid region (csrc/cpu) -----------
+
+_native = native_op(OP)
+_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_native_backward", None)
+
+
+def _native_forward(x, weights, dilations, biases, activation, slope):
+    return _native(x, weights, dilations, biases, activation, slope)
+
+
+def _native_backward_fn(grad_out, x, weights, dilations, biases, activation, slope):
+    grad_x, grad_w, grad_b = _native_backward(grad_out, x, weights, dilations, biases, activation, slope)
+    return grad_x, list(grad_w), list(grad_b)
+
+
+backends.register_backend(OP, "cpu", "cpu", _native_forward, _native_backward_fn,
+                          available=_native is not None and _native_backward is not None)

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ._common import parse_activation
 from .multi_dilation_conv2d import multi_dilation_conv2d
+from .distributed import sync_active, sync_pixel_shuffle_bn
 from .pixel_shuffle_bn import pixel_shuffle_bn
 from .shuffle_upsample import shuffle_upsample
 
@@ -66,11 +67,15 @@ def _fold_batch_norm(weight, bias, bn):
 class PixelShuffleBN(_NormBase):
     """``PixelShuffle(r) -> BatchNorm2d(C) -> activation`` in one op. ``in_channels`` is the
     input's C*r*r. Parameters and buffers are those of ``nn.BatchNorm2d(C)``, so its state dict
-    loads. (Not a subclass of ``_BatchNorm``: ``convert_sync_batchnorm`` must not replace it.)"""
+    loads. (Not a subclass of ``_BatchNorm``: ``convert_sync_batchnorm`` must not replace it.)
+
+    With ``sync=True`` or a ``process_group``, training under an initialised ``torch.distributed``
+    with more than one process uses the statistics of the whole distributed batch
+    (``nn.SyncBatchNorm`` semantics, see :mod:`uresnet_ops.distributed`)."""
 
     def __init__(self, in_channels: int, upscale_factor: int, activation="relu", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, process_group=None, sync: bool = False):
         if upscale_factor < 1 or in_channels % (upscale_factor ** 2):
             raise ValueError(f"PixelShuffleBN: in_channels ({in_channels}) must be divisible by "
                              f"upscale_factor**2 ({upscale_factor}**2), with upscale_factor >= 1")
@@ -78,6 +83,8 @@ class PixelShuffleBN(_NormBase):
                          device=device, dtype=dtype)
         self.upscale_factor = upscale_factor
         self.activation = activation
+        self.process_group = process_group
+        self.sync = sync
         parse_activation(activation, "PixelShuffleBN")
 
     @classmethod
@@ -97,8 +104,12 @@ class PixelShuffleBN(_NormBase):
 
     def forward(self, x):
         self._check_input_dim(x)
-        return pixel_shuffle_bn(x, self.upscale_factor, self.weight, self.bias,
-                                activation=self.activation, **batch_norm_args(self))
+        args = batch_norm_args(self)
+        if sync_active(self.process_group, self.sync, args["training"]):
+            del args["training"]
+            return sync_pixel_shuffle_bn(x, self.upscale_factor, self.weight, self.bias, activation=self.activation,
+                                         process_group=self.process_group, **args)
+        return pixel_shuffle_bn(x, self.upscale_factor, self.weight, self.bias, activation=self.activation, **args)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, upscale_factor={self.upscale_factor}, activation={self.activation!r}"

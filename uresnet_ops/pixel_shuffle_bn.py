@@ -95,6 +95,11 @@ def _reference_forward(x, r, weight, bias, running_mean, running_var, training, 
 
 
 def _reference_backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation, slope):
+    if x.numel() == 0:  # ATen's batch-norm backward divides by zero on an empty batch (SIGFPE)
+        channels = mean.shape[0]
+        param_dtype = x.dtype if weight is None else weight.dtype
+        zeros = torch.zeros(channels, dtype=param_dtype, device=x.device)
+        return torch.empty_like(x, memory_format=memory_format(x)), zeros, zeros.clone()
     shuffled = F.pixel_shuffle(x, r)
     if activation != "none":
         pre_activation = normalize(shuffled, mean, var, weight, bias, eps)
@@ -110,15 +115,20 @@ backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, 
 
 # --- native C++ (cpu) and CUDA (cuda) backends ------------------------------------------------
 
-def _native_forward(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope):
-    if training:  # the training-mode kernels come with the fused-kernel issue
-        return NotImplemented
-    return native_op(OP)(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope)
-
-
 _native = native_op(OP)
-backends.register_backend(OP, "cpu", "cpu", _native_forward,
-                          available=_native is not None)
-backends.register_backend(OP, "cuda", "cuda", _native_forward,
-                          available=_native is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_native_backward", None)
+
+
+def _native_forward(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope):
+    return _native(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope)
+
+
+def _native_backward_fn(grad_out, x, r, weight, bias, mean, var, training, eps, activation, slope):
+    return _native_backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation, slope)
+
+
+_has_native = _native is not None and _native_backward is not None
+backends.register_backend(OP, "cpu", "cpu", _native_forward, _native_backward_fn, available=_has_native)
+backends.register_backend(OP, "cuda", "cuda", _native_forward, _native_backward_fn,
+                          available=_has_native and torch._C._dispatch_has_kernel_for_dispatch_key(
                               _native.default.name(), "CUDA"))

@@ -1,10 +1,15 @@
-// CPU kernel of uresnet_ops::_pixel_shuffle_bn_native (eval mode):
-//   out = act(batch_norm(pixel_shuffle(x, r)))  in one read of x and one write of out.
+// CPU kernels of uresnet_ops::_pixel_shuffle_bn_native(_backward):
+//   out = act(batch_norm(pixel_shuffle(x, r))); eval is one read of x and one write of out,
+//   training adds one statistics pass over x in its own layout; backward is two passes.
 // Output channel c, row h*r+i, col w*r+j reads input channel c*r*r + i*r + j at (h, w).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // errors if a heavy all-operators header sneaks in
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -16,8 +21,8 @@ constexpr int64_t kGrainSize = 32768;  // elements per parallel task (at::intern
 // One NCHW output row (n, c, oh) = OW contiguous elements, from the r input channels
 // c*r*r + i*r + j (j < r) of input row h. R is the upscale factor when known at compile time
 // (1, 2: the common cases, loops the compiler vectorises), 0 for any r.
-template <typename scalar_t, Activation A, int R, typename opmath_t>
-C10_ALWAYS_INLINE void nchw_row(const scalar_t* src, int64_t sC, int64_t sW, scalar_t* dst, int64_t W,
+template <typename scalar_t, Activation A, int R, typename opmath_t, typename Step>
+C10_ALWAYS_INLINE void nchw_row(const scalar_t* src, int64_t sC, Step sW, scalar_t* dst, int64_t W,
                                 int64_t r, opmath_t a, opmath_t b, opmath_t slope) {
   if constexpr (R > 0) {
     for (int64_t w = 0; w < W; ++w)
@@ -46,8 +51,12 @@ void nchw_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_type<scala
       const int64_t oh = row % OH, nc = row / OH;
       const int64_t c = nc % C, n = nc / C;
       const int64_t h = oh / r, i = oh % r;
-      nchw_row<scalar_t, A, R>(xp + n * sN + (c * rr + i * r) * sC + h * sH, sC, sW, outp + row * OW, W, r,
-                               scale[c], shift[c], slope);
+      const scalar_t* src = xp + n * sN + (c * rr + i * r) * sC + h * sH;
+      if (sW == 1)  // unit step known at compile time: the row loop vectorises
+        nchw_row<scalar_t, A, R>(src, sC, std::integral_constant<int64_t, 1>{}, outp + row * OW, W, r, scale[c],
+                                 shift[c], slope);
+      else
+        nchw_row<scalar_t, A, R>(src, sC, sW, outp + row * OW, W, r, scale[c], shift[c], slope);
     }
   });
 }
@@ -91,6 +100,295 @@ void pixel_shuffle_bn_cpu_kernel(const at::Tensor& x, const PixelShuffleBNPlan& 
   else nchw_kernel<scalar_t, A, 0>(xp, outp, scale, shift, x, C, r, slope);
 }
 
+// ---- training statistics ----------------------------------------------------------------
+
+// (count, mean, M2) of a set of values; merged with Chan's formula in double.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb, delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+};
+
+constexpr int kLanes = 8;  // independent accumulators: break the add chain, let the compiler vectorise
+
+// Corrected two-pass moments of v[0], v[s], ..., v[(len-1)*s] in opmath precision: a rough mean
+// first, then deviations from it (the block is in cache by then), whose sum corrects the mean.
+// Stable for data far from zero (mean 1e4, std 1).
+template <typename scalar_t, typename opmath_t, typename Step>
+void block_moments(const scalar_t* v, Step s, int64_t len, opmath_t& mean, opmath_t& m2) {
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<opmath_t>(v[(i + l) * s]);
+  for (; i < len; ++i) acc[0] += static_cast<opmath_t>(v[i * s]);
+  opmath_t sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  const opmath_t rough = sum / static_cast<opmath_t>(len);
+  opmath_t d1[kLanes] = {}, d2[kLanes] = {};
+  i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const opmath_t d = static_cast<opmath_t>(v[(i + l) * s]) - rough;
+      d1[l] += d, d2[l] += d * d;
+    }
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(v[i * s]) - rough;
+    d1[0] += d, d2[0] += d * d;
+  }
+  opmath_t sd = 0, sq = 0;
+  for (int l = 0; l < kLanes; ++l) sd += d1[l], sq += d2[l];
+  mean = rough + sd / static_cast<opmath_t>(len);
+  m2 = std::max<opmath_t>(sq - sd * sd / static_cast<opmath_t>(len), 0);
+}
+
+// Batch mean and biased variance per output channel c over input channels [c*r*r, (c+1)*r*r),
+// read in x's own layout. Per-thread per-input-channel moments, merged at the end.
+template <typename scalar_t>
+void batch_stats_cpu(const at::Tensor& x, int64_t r, int64_t C, at::Tensor& mean, at::Tensor& var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using stat_t = opmath_t;  // float, or double for double input
+  const int64_t N = x.size(0), CR = x.size(1), H = x.size(2), W = x.size(3), rr = r * r;
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int nthreads = at::get_num_threads();
+  std::vector<Moments> acc(static_cast<size_t>(nthreads) * CR);
+  if (N * H * W > 0) {
+    if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && CR > 1) {
+      // Pixels in chunks: each chunk's CR-long rows, moments per input channel.
+      constexpr int64_t kPix = 64;
+      const int64_t P = N * H * W, chunks = (P + kPix - 1) / kPix;
+      at::parallel_for(0, chunks, std::max<int64_t>(1, kGrainSize / (kPix * CR)), [&](int64_t begin, int64_t end) {
+        Moments* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * CR;
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          const int64_t p0 = chunk * kPix, len = std::min(P, p0 + kPix) - p0;
+          for (int64_t k = 0; k < CR; ++k) {
+            opmath_t m, m2;
+            block_moments<scalar_t, opmath_t>(xp + p0 * CR + k, CR, len, m, m2);
+            a[k].merge(static_cast<double>(len), m, m2);
+          }
+        }
+      });
+    } else {
+      // One (n, k) plane at a time; row by row when the plane is not one contiguous run.
+      const bool plane_contiguous = sW == 1 && sH == W;
+      at::parallel_for(0, N * CR, std::max<int64_t>(1, kGrainSize / (H * W)), [&](int64_t begin, int64_t end) {
+        Moments* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * CR;
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / CR, k = plane % CR;
+          const scalar_t* base = xp + n * sN + k * sC;
+          opmath_t m, m2;
+          if (plane_contiguous) {
+            block_moments<scalar_t, opmath_t>(base, std::integral_constant<int64_t, 1>{}, H * W, m, m2);
+            a[k].merge(static_cast<double>(H * W), m, m2);
+          } else {
+            for (int64_t h = 0; h < H; ++h) {
+              block_moments<scalar_t, opmath_t>(base + h * sH, sW, W, m, m2);
+              a[k].merge(static_cast<double>(W), m, m2);
+            }
+          }
+        }
+      });
+    }
+  }
+  stat_t* mp = mean.mutable_data_ptr<stat_t>();
+  stat_t* vp = var.mutable_data_ptr<stat_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    Moments t;
+    for (int th = 0; th < nthreads; ++th)
+      for (int64_t k = c * rr; k < (c + 1) * rr; ++k) {
+        const Moments& m = acc[static_cast<size_t>(th) * CR + k];
+        t.merge(m.n, m.mean, m.m2);
+      }
+    mp[c] = static_cast<stat_t>(t.mean);
+    vp[c] = static_cast<stat_t>(t.n > 0 ? t.m2 / t.n : 0.0);
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+// Visits every (x element, grad_out element) pair once, grouped as the forward writes them:
+// NCHW: one output row (n, c, oh) per task item, as r input rows; channels_last: one output
+// pixel, C channels. f(c, x_offset, dy_offset, gx_offset, len, x_step, dy_step, gx_step)
+// handles a run of len elements of channel c.
+template <typename F>
+void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& gx, int64_t C, int64_t r,
+                  bool channels_last, const F& f) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), OH = H * r, OW = W * r, rr = r * r;
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);
+  const int64_t gN = gx.stride(0), gC = gx.stride(1), gH = gx.stride(2), gW = gx.stride(3);
+  if (!channels_last) {
+    at::parallel_for(0, N * C * OH, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t oh = row % OH, nc = row / OH, c = nc % C, n = nc / C, h = oh / r, i = oh % r;
+        for (int64_t j = 0; j < r; ++j) {
+          const int64_t k = c * rr + i * r + j;
+          f(c, n * sN + k * sC + h * sH, n * dN + c * dC + oh * dH + j * dW, n * gN + k * gC + h * gH, W, sW,
+            r * dW, gW);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * OH * OW, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t pix = begin; pix < end; ++pix) {
+        const int64_t ow = pix % OW, t = pix / OW, oh = t % OH, n = t / OH;
+        const int64_t h = oh / r, i = oh % r, w = ow / r, j = ow % r, k0 = i * r + j;
+        // A run across channels: channel c+1 is rr input channels further on.
+        f(-1, n * sN + k0 * sC + h * sH + w * sW, n * dN + oh * dH + ow * dW, n * gN + k0 * gC + h * gH + w * gW,
+          C, rr * sC, dC, rr * gC);
+      }
+    });
+  }
+}
+
+// activate_grad for the CPU loops. ReLU/LeakyReLU select on the sign through the bits (an
+// integer compare and mask): GCC turns the float compare into a branch, which mispredicts half the
+// time on random signs and costs 5x. y = +0 counts as not positive, as in threshold_backward.
+template <Activation A, typename T>
+C10_ALWAYS_INLINE T cpu_activate_grad(T dy, T y, T slope) {
+  if constexpr (A == Activation::ReLU || A == Activation::LeakyReLU) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    using SBits = std::make_signed_t<Bits>;
+    Bits yb, pass, other;
+    std::memcpy(&yb, &y, sizeof(T));
+    const T neg = A == Activation::ReLU ? T(0) : dy * slope;
+    std::memcpy(&pass, &dy, sizeof(T));
+    std::memcpy(&other, &neg, sizeof(T));
+    const Bits mask = Bits(0) - static_cast<Bits>(static_cast<SBits>(yb) > 0);  // all ones where y > 0
+    const Bits gb = (pass & mask) | (other & ~mask);
+    T g;
+    std::memcpy(&g, &gb, sizeof(T));
+    return g;
+  } else {
+    return activate_grad<A>(dy, y, slope);
+  }
+}
+
+// Calls f(x_step, dy_step) with compile-time steps in the common NCHW cases (x rows contiguous,
+// dy read at every r-th element for r = 1, 2): constant strides let the compiler vectorise.
+template <typename F>
+C10_ALWAYS_INLINE void with_unit_strides(int64_t xs, int64_t dys, const F& f) {
+  using One = std::integral_constant<int64_t, 1>;
+  if (xs == 1 && dys == 2) f(One{}, std::integral_constant<int64_t, 2>{});
+  else if (xs == 1 && dys == 1) f(One{}, One{});
+  else f(xs, dys);
+}
+
+template <typename scalar_t, Activation A>
+void backward_cpu_kernel(const at::Tensor& dy, const at::Tensor& x, const PixelShuffleBNBackwardPlan& plan,
+                         int64_t r, bool training, const std::optional<at::Tensor>& weight, double slope_d,
+                         at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto slope = static_cast<opmath_t>(slope_d);
+  const int64_t C = plan.channels;
+  const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* gxp = plan.grad_x.mutable_data_ptr<scalar_t>();
+  const opmath_t* scale = plan.scale.const_data_ptr<opmath_t>();
+  const opmath_t* shift = plan.shift.const_data_ptr<opmath_t>();
+  const opmath_t* mean = plan.mean.const_data_ptr<opmath_t>();
+
+  // Pass 1: s1 = sum(dy'), s2 = sum(dy' * (x - mean)) per channel, per thread in double.
+  const int nthreads = at::get_num_threads();
+  std::vector<double> acc(static_cast<size_t>(nthreads) * C * 2, 0.0);
+  for_each_run(x, dy, plan.grad_x, C, r, cl, [&](int64_t c, int64_t xo, int64_t dyo, int64_t, int64_t len,
+                                                 int64_t xs, int64_t dys, int64_t) {
+    double* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * C * 2;
+    const scalar_t* xv = xp + xo;
+    const scalar_t* dv = dyp + dyo;
+    if (c >= 0) {  // one channel
+      const opmath_t sc = scale[c], sh = shift[c], mu = mean[c];
+      const auto run = [&](auto xs_c, auto dys_c) {
+        opmath_t s1[kLanes] = {}, s2[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) {
+            const opmath_t xe = static_cast<opmath_t>(xv[(i + l) * xs_c]);
+            const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[(i + l) * dys_c]), xe * sc + sh, slope);
+            s1[l] += g, s2[l] += g * (xe - mu);
+          }
+        for (; i < len; ++i) {
+          const opmath_t xe = static_cast<opmath_t>(xv[i * xs_c]);
+          const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[i * dys_c]), xe * sc + sh, slope);
+          s1[0] += g, s2[0] += g * (xe - mu);
+        }
+        opmath_t t1 = 0, t2 = 0;
+        for (int l = 0; l < kLanes; ++l) t1 += s1[l], t2 += s2[l];
+        a[2 * c] += t1, a[2 * c + 1] += t2;
+      };
+      with_unit_strides(xs, dys, run);
+    } else {  // one pixel, every channel
+      for (int64_t cc = 0; cc < len; ++cc) {
+        const opmath_t xe = static_cast<opmath_t>(xv[cc * xs]);
+        const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[cc * dys]), xe * scale[cc] + shift[cc], slope);
+        a[2 * cc] += g, a[2 * cc + 1] += g * (xe - mean[cc]);
+      }
+    }
+  });
+  at::Tensor s = at::empty({2, C}, plan.mean.options().dtype(at::kDouble));
+  double* sp = s.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int th = 0; th < nthreads; ++th) t1 += acc[(static_cast<size_t>(th) * C + c) * 2], t2 += acc[(static_cast<size_t>(th) * C + c) * 2 + 1];
+    sp[c] = t1, sp[C + c] = t2;
+  }
+  const at::Tensor st = s.to(plan.mean.scalar_type());
+  BackwardCoefficients k = backward_coefficients(plan, st.select(0, 0), st.select(0, 1), training, weight, x);
+  grad_weight = k.grad_weight, grad_bias = k.grad_bias;
+  const opmath_t* ka = k.a.const_data_ptr<opmath_t>();
+  const opmath_t* kb = k.b.const_data_ptr<opmath_t>();
+  const opmath_t* kd = k.d.const_data_ptr<opmath_t>();
+
+  // Pass 2: grad_x = a * dy' + b * x + d.
+  for_each_run(x, dy, plan.grad_x, C, r, cl, [&](int64_t c, int64_t xo, int64_t dyo, int64_t gxo, int64_t len,
+                                                 int64_t xs, int64_t dys, int64_t gxs) {
+    const scalar_t* xv = xp + xo;
+    const scalar_t* dv = dyp + dyo;
+    scalar_t* gv = gxp + gxo;
+    if (c >= 0) {
+      const opmath_t sc = scale[c], sh = shift[c], a = ka[c], b = kb[c], d = kd[c];
+      const auto run = [&](auto xs_c, auto dys_c) {
+        if (gxs == 1) {
+          for (int64_t i = 0; i < len; ++i) {
+            const opmath_t xe = static_cast<opmath_t>(xv[i * xs_c]);
+            const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[i * dys_c]), xe * sc + sh, slope);
+            gv[i] = static_cast<scalar_t>(a * g + b * xe + d);
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const opmath_t xe = static_cast<opmath_t>(xv[i * xs_c]);
+            const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[i * dys_c]), xe * sc + sh, slope);
+            gv[i * gxs] = static_cast<scalar_t>(a * g + b * xe + d);
+          }
+        }
+      };
+      with_unit_strides(xs, dys, run);
+    } else {
+      for (int64_t cc = 0; cc < len; ++cc) {
+        const opmath_t xe = static_cast<opmath_t>(xv[cc * xs]);
+        const opmath_t g = cpu_activate_grad<A>(static_cast<opmath_t>(dv[cc * dys]), xe * scale[cc] + shift[cc], slope);
+        gv[cc * gxs] = static_cast<scalar_t>(ka[cc] * g + kb[cc] * xe + kd[cc]);
+      }
+    }
+  });
+}
+
+#define URESNET_DISPATCH_ACTIVATION(act, ...)                                 \
+  switch (act) {                                                              \
+    case Activation::None: { constexpr Activation A = Activation::None; __VA_ARGS__; break; }      \
+    case Activation::ReLU: { constexpr Activation A = Activation::ReLU; __VA_ARGS__; break; }      \
+    case Activation::LeakyReLU: { constexpr Activation A = Activation::LeakyReLU; __VA_ARGS__; break; } \
+    case Activation::SiLU: { constexpr Activation A = Activation::SiLU; __VA_ARGS__; break; }      \
+  }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cpu(
     const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -98,25 +396,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cpu(
     double negative_slope) {
   PixelShuffleBNPlan plan = plan_pixel_shuffle_bn(x, upscale_factor, weight, bias, running_mean, running_var,
                                                   training, eps, activation);
-  if (plan.out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_bn_cpu", [&] {
-      switch (plan.act) {
-        case Activation::None:
-          pixel_shuffle_bn_cpu_kernel<scalar_t, Activation::None>(x, plan, upscale_factor, negative_slope);
-          break;
-        case Activation::ReLU:
-          pixel_shuffle_bn_cpu_kernel<scalar_t, Activation::ReLU>(x, plan, upscale_factor, negative_slope);
-          break;
-        case Activation::LeakyReLU:
-          pixel_shuffle_bn_cpu_kernel<scalar_t, Activation::LeakyReLU>(x, plan, upscale_factor, negative_slope);
-          break;
-        case Activation::SiLU:
-          pixel_shuffle_bn_cpu_kernel<scalar_t, Activation::SiLU>(x, plan, upscale_factor, negative_slope);
-          break;
-      }
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_bn_cpu", [&] {
+    if (training) {
+      const auto stat_opts = x.options().dtype(stat_dtype(x));
+      plan.mean = at::empty({plan.channels}, stat_opts);
+      plan.var = at::empty({plan.channels}, stat_opts);
+      batch_stats_cpu<scalar_t>(x, upscale_factor, plan.channels, plan.mean, plan.var);
+      std::tie(plan.scale, plan.shift) = scale_shift(plan.mean, plan.var, weight, bias, eps);
+    }
+    if (plan.out.numel() > 0) {
+      URESNET_DISPATCH_ACTIVATION(plan.act,
+          pixel_shuffle_bn_cpu_kernel<scalar_t, A>(x, plan, upscale_factor, negative_slope));
+    }
+  });
   return {plan.out, plan.mean, plan.var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+    c10::string_view activation, double negative_slope) {
+  PixelShuffleBNBackwardPlan plan =
+      plan_pixel_shuffle_bn_backward(grad_out, x, upscale_factor, weight, bias, mean, var, eps, activation);
+  at::Tensor grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_bn_backward_cpu", [&] {
+    URESNET_DISPATCH_ACTIVATION(plan.act,
+        backward_cpu_kernel<scalar_t, A>(grad_out, x, plan, upscale_factor, training, weight, negative_slope,
+                                         grad_weight, grad_bias));
+  });
+  return {plan.grad_x, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -124,4 +432,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cpu(
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
   m.impl("_pixel_shuffle_bn_native", &uresnet::pixel_shuffle_bn_cpu);
+  m.impl("_pixel_shuffle_bn_native_backward", &uresnet::pixel_shuffle_bn_backward_cpu);
 }
