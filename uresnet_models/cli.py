@@ -317,12 +317,24 @@ def cmd_demo(args) -> int:
 
 def cmd_list_models(args) -> int:
     import uresnet_models
-    list_models = getattr(uresnet_models, "list_models", None)
-    names = list_models(args.pattern) if list_models else []
+    names = uresnet_models.list_models(args.pattern)
     if not names:
-        print("no models are registered yet" if list_models is None else f"no models match {args.pattern!r}")
+        print(f"no models match {args.pattern!r}")
+        return 0
+    if not args.params:
+        for name in names:
+            print(name)
+        return 0
+    print(f"{'model':<18} {'default encoder':<18} {'parameters':>12}")
     for name in names:
-        print(name)
+        try:  # built on the meta device: no memory, no initialisation
+            count = uresnet_models.count_parameters(name)
+            import inspect
+            default = inspect.signature(uresnet_models.model_entrypoint(name)).parameters.get("encoder")
+            encoder = "-" if default is None else str(default.default)
+            print(f"{name:<18} {encoder:<18} {count / 1e6:>11.2f}M")
+        except Exception as error:  # noqa: BLE001 - a broken plugin must not hide the others
+            print(f"{name:<18} {'?':<18} {'error: ' + str(error)[:60]:>12}")
     return 0
 
 
@@ -361,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("list-models", help="registered model names")
-    p.add_argument("pattern", nargs="?", default="*")
+    p = sub.add_parser("list-models", help="registered model names (with --params: parameter counts)")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. '*resunet*'")
+    p.add_argument("--params", action="store_true", help="show the default encoder and parameter count "
+                   "(num_classes=1) of each model")
     p.set_defaults(func=cmd_list_models)
 
     for name, what in (("train", "train a model"), ("eval", "evaluate a checkpoint"), ("predict", "run a model on images")):

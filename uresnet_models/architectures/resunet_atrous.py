@@ -1,0 +1,52 @@
+"""``resunet_atrous``: Cross-Building-Segmentation's ResNet50 U-Net with atrous blocks on the
+skip connections (seed 2), on any timm encoder (default resnet50)."""
+from __future__ import annotations
+
+from uresnet_ops.nn import AtrousBlock
+
+from ..base import SegmentationModel
+from ..blocks import UNetDecoder, check_upsample, conv_pair, decoder_levels, fit_widths
+from ..encoders import resolve_encoder, scaled_widths
+from ..heads import SegmentationHead
+from ..registry import register_model
+
+SEED_DECODER_CHANNELS = (1024, 512, 256, 128, 64)  # for resnet50's 2048-wide deepest feature
+
+
+@register_model("resunet_atrous")
+class ResUNetAtrous(SegmentationModel):
+    """Encoder -> bridge (2x ConvBlock at the deepest width) -> up blocks: ``upsample``
+    (ConvTranspose 2x2 by default) -> concat the skip, passed through an ``AtrousBlock``
+    (four parallel convs k=(1,3,3,3), d=(1,6,12,18), one fused op, plus a max-pool branch;
+    keeps the skip's width) -> 2x ConvBlock; the last skip is the raw input; 1x1 head.
+
+    ``decoder_channels`` default: the seed's 1024/512/256/128/64 scaled by the encoder's
+    deepest width / 2048 (exactly the seed for resnet50). ``atrous=False`` drops the atrous
+    blocks (the plain ResNet U-Net ablation)."""
+
+    def __init__(self, encoder: str = "resnet50", in_channels: int = 3, num_classes: int = 1,
+                 aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
+                 upsample: str = "transpose", atrous: bool = True, dilations=(1, 6, 12, 18)):
+        enc = resolve_encoder(encoder, in_channels, pretrained, what="resunet_atrous")
+        super().__init__(num_classes, aux_classes, enc.channels[-1])
+        check_upsample(upsample)
+        self.encoder = enc
+        self.output_stride = enc.output_stride
+        deepest = enc.channels[-1]
+        levels = decoder_levels(enc.reductions)
+        widths = fit_widths(decoder_channels, len(levels), scaled_widths(SEED_DECODER_CHANNELS, deepest / 2048))
+        self.bridge = conv_pair(deepest, deepest)
+        dilations = tuple(dilations)
+        skip_block = (lambda ch: AtrousBlock(ch, ch, kernel_sizes=(1,) + (3,) * (len(dilations) - 1),
+                                             dilations=dilations)) if atrous else None
+        # The seed's up blocks are ConvTranspose(in, out) then 2x ConvBlock(out + skip, out).
+        # (bilinear and pixel shuffle keep their natural widths: in, in / 4).
+        ups = [None] * len(widths) if upsample in ("bilinear", "pixel_shuffle_bn") else widths
+        self.decoder = UNetDecoder(enc.channels, enc.reductions, widths, upsample, conv_pair,
+                                   input_skip_channels=in_channels, skip_block=skip_block, up_channels=ups)
+        self.head = SegmentationHead(self.decoder.out_channels, num_classes)
+
+    def forward_padded(self, x):
+        features = self.encoder(x)
+        y = self.bridge(features[-1])
+        return self.head(self.decoder(y, features, x)), features[-1]

@@ -1,0 +1,193 @@
+"""The model registry: ``register_model``, ``create_model``, ``list_models`` and third-party
+architectures from the entry-point group ``uresnet_models.architectures``.
+
+A plugin distribution declares, in its pyproject.toml::
+
+    [project.entry-points."uresnet_models.architectures"]
+    my_net = "my_package.models:build_my_net"   # a builder (class or function), or
+    more = "my_package.models"                  # a module that calls @register_model itself
+
+Entry points are listed by :func:`list_models` without being imported; one is loaded the
+first time :func:`create_model` asks for it (a broken plugin warns, it never breaks the
+library). A builder takes the keyword arguments of :func:`create_model`.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import warnings
+from importlib import metadata
+from typing import Callable, Iterable
+
+from torch import nn
+
+__all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint", "count_parameters",
+           "UnknownModelError", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "uresnet_models.architectures"
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_PLUGINS: dict[str, metadata.EntryPoint] | None = None  # name -> entry point not loaded yet
+_DEFAULT = object()
+
+
+class UnknownModelError(ValueError):
+    """``create_model`` was asked for a name that is not registered."""
+
+
+def register_model(fn=None, *, name: str | None = None):
+    """Register a model builder (an ``nn.Module`` class or a function returning one).
+
+    Usable as ``@register_model``, ``@register_model("name")`` or ``@register_model(name=...)``.
+    The default name is a function's ``__name__``, or a class's ``__name__.lower()``.
+    Registering a name again replaces it (with a warning when it is another builder)."""
+    if isinstance(fn, str):
+        fn, name = None, fn
+
+    def decorate(builder):
+        if not callable(builder):
+            raise TypeError(f"register_model: expected a class or function, got {type(builder).__name__}")
+        key = name or (builder.__name__.lower() if inspect.isclass(builder) else builder.__name__)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"register_model: invalid name {key!r}")
+        old = _REGISTRY.get(key)
+        if old is not None and old is not builder and getattr(old, "__qualname__", None) != builder.__qualname__:
+            warnings.warn(f"register_model: {key!r} was already registered ({old!r}); replacing it", stacklevel=3)
+        _REGISTRY[key] = builder
+        return builder
+
+    return decorate if fn is None else decorate(fn)
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    """The installed entry points of :data:`ENTRY_POINT_GROUP` (tests monkeypatch this)."""
+    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _plugins() -> dict[str, metadata.EntryPoint]:
+    global _PLUGINS
+    if _PLUGINS is None:
+        try:
+            eps = _entry_points()
+        except Exception as error:  # noqa: BLE001 - a broken environment must not break the library
+            warnings.warn(f"uresnet_models: could not read the {ENTRY_POINT_GROUP!r} entry points: {error}")
+            eps = []
+        _PLUGINS = {ep.name: ep for ep in eps}
+    return _PLUGINS
+
+
+def reload_plugins() -> None:
+    """Forget the entry points read so far; the next lookup reads them again."""
+    global _PLUGINS
+    _PLUGINS = None
+
+
+def _load_plugin(name: str) -> None:
+    ep = _plugins().pop(name, None)
+    if ep is None:
+        return
+    try:
+        obj = ep.load()
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"uresnet_models: the plugin architecture {name!r} ({ep.value}) failed to load: "
+                      f"{type(error).__name__}: {error}")
+        return
+    if name not in _REGISTRY and callable(obj) and not inspect.ismodule(obj):
+        register_model(obj, name=name)  # a builder: register it under the entry point's name
+
+
+def list_models(pattern: str | Iterable[str] = "*") -> list[str]:
+    """Sorted names of the registered models (plugins included) matching the shell-style
+    wildcard ``pattern`` (or any of several patterns), e.g. ``list_models("*resunet*")``."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    names = set(_REGISTRY) | set(_plugins())
+    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def is_model(name: str) -> bool:
+    return name in _REGISTRY or name in _plugins()
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; an unknown name raises :class:`UnknownModelError`
+    suggesting close matches."""
+    if name not in _REGISTRY:
+        _load_plugin(name)
+    if name not in _REGISTRY:
+        names = list_models()
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Registered models: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def _accepted(builder) -> tuple[set[str], bool]:
+    """The keyword arguments ``builder`` accepts, and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_classes: int = 1,
+                 aux_classes: int | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build the registered model ``name``.
+
+    ``encoder``: a timm model name that supports ``features_only=True`` (or ``None`` for the
+    seed's own encoder where the architecture has one); left out, the architecture's default.
+    ``pretrained``: load the encoder's timm weights (needs them downloaded or cached).
+    ``num_classes``: output channels (logits); ``aux_classes``: add a classification head on the
+    deepest feature, the model then returns ``(seg_logits, class_logits)``. Other keyword
+    arguments go to the architecture (e.g. ``upsample="eucb_star"``, ``decoder_channels``);
+    unknown ones raise a ``TypeError`` naming the accepted ones."""
+    builder = model_entrypoint(name)
+    args = dict(in_channels=in_channels, num_classes=num_classes, aux_classes=aux_classes, pretrained=pretrained,
+                **kwargs)
+    if encoder is not _DEFAULT:
+        args["encoder"] = encoder
+    accepted, var_kw = _accepted(builder)
+    if not var_kw:
+        unknown = [k for k in args if k not in accepted]
+        # the common arguments may be left out by a builder as long as the caller kept their defaults
+        defaults = dict(in_channels=3, num_classes=1, aux_classes=None, pretrained=False)
+        bad = [k for k in unknown if k not in defaults or args[k] != defaults[k]]
+        if bad:
+            hints = []
+            for k in bad:
+                close = difflib.get_close_matches(k, sorted(accepted), n=1, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(f"create_model({name!r}): unknown argument(s) {', '.join(hints)}; "
+                            f"{name} accepts: {', '.join(sorted(accepted))}")
+        for k in unknown:
+            args.pop(k)
+    model = builder(**args)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"create_model({name!r}): the builder returned {type(model).__name__}, not an nn.Module")
+    config = {"architecture": name, "kwargs": {k: _jsonable(v) for k, v in args.items() if k != "pretrained"}}
+    try:
+        model.model_config = config
+    except (AttributeError, TypeError):  # a module that forbids new attributes
+        pass
+    return model
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def count_parameters(model_or_name, trainable_only: bool = False, **kwargs) -> int:
+    """Number of parameters of a model, or of ``create_model(name, **kwargs)`` built on the
+    meta device (no memory, no initialisation cost)."""
+    import torch
+    if isinstance(model_or_name, str):
+        with torch.device("meta"):
+            model_or_name = create_model(model_or_name, **kwargs)
+    return sum(p.numel() for p in model_or_name.parameters() if p.requires_grad or not trainable_only)
