@@ -41,12 +41,14 @@ def _psbn(n, c, h, w, r=2, sizes=("full",), **extra):
     return Case("pixel_shuffle_bn", f"{n}x{c}x{h}x{w}-r{r}", (n, c, h, w), (("r", r),), sizes, **extra)
 
 
-def _su(n, c, h, w, cout, sizes=("full",), **extra):
-    return Case("shuffle_upsample", f"{n}x{c}x{h}x{w}-to{cout}", (n, c, h, w), (("cout", cout),), sizes, **extra)
+def _su(n, c, h, w, cout, groups=1, sizes=("full",), **extra):
+    label = f"{n}x{c}x{h}x{w}-to{cout}" + (f"-g{groups}" if groups > 1 else "")
+    return Case("shuffle_upsample", label, (n, c, h, w), (("cout", cout), ("groups", groups)), sizes, **extra)
 
 
 def _mdc(n, c, h, w, per_branch, kernels=(1, 3, 3, 3), dilations=(1, 6, 12, 18), sizes=("full",), **extra):
-    label = f"{n}x{c}x{h}x{w}-{len(kernels)}x{per_branch}"
+    label = f"{n}x{c}x{h}x{w}-{len(kernels)}x{per_branch}" + \
+        ("" if dilations == (1, 6, 12, 18) else "-d" + ",".join(map(str, dilations)))
     return Case("multi_dilation_conv2d", label, (n, c, h, w),
                 (("per_branch", per_branch), ("kernels", kernels), ("dilations", dilations)), sizes, **extra)
 
@@ -57,12 +59,15 @@ CASES = [
     _psbn(16, 256, 64, 64), _psbn(8, 1024, 32, 32, r=4), _psbn(8, 2048, 16, 16), _psbn(8, 512, 64, 64),
     _psbn(2, 64, 16, 16, sizes=("full", "small")), _psbn(1, 64, 8, 8, sizes=("full", "small")),
     _psbn(8, 256, 32, 32, sizes=("small",)),
-    # EUCB: the EMCAD decoder stages, and a small one.
+    # EUCB: the EMCAD decoder stages (320->128 is EMCAD's), a small one, and the CPU target
+    # shape (8, 128, 32, 32)->64 with 4 shuffle groups (issue 4).
     _su(16, 128, 64, 64, 64), _su(8, 320, 32, 32, 128), _su(8, 512, 16, 16, 320),
-    _su(1, 32, 8, 8, 16, sizes=("full", "small")), _su(1, 64, 32, 32, 32, sizes=("small",)),
-    # Atrous block / ASPP: k=(1,3,3,3), d=(1,6,12,18).
-    _mdc(8, 256, 32, 32, 64), _mdc(8, 2048, 32, 32, 256, cuda_only=True),
-    _mdc(1, 64, 16, 16, 16, sizes=("full", "small")), _mdc(1, 128, 32, 32, 32, sizes=("small",)),
+    _su(1, 32, 8, 8, 16, sizes=("full", "small")), _su(8, 128, 32, 32, 64, groups=4, sizes=("small",)),
+    # Atrous block / ASPP: k=(1,3,3,3), d=(1,6,12,18); DeepLab's d=(1,12,24,36) at 1/16; a small
+    # one; and the CPU target shape (4, 128, 32, 32)->4x32 (issue 5).
+    _mdc(8, 256, 64, 64, 64), _mdc(4, 1024, 32, 32, 256),
+    _mdc(2, 2048, 16, 16, 256, dilations=(1, 12, 24, 36)),
+    _mdc(1, 64, 16, 16, 16, sizes=("full", "small")), _mdc(4, 128, 32, 32, 32, sizes=("small",)),
 ]
 
 
@@ -124,7 +129,8 @@ def build(case: Case, mode: str, device, dtype: torch.dtype, seed: int = 0) -> I
         dw, pw, pw_bias = rand(c, 1, 3, 3, scale=1 / 3), rand(cout, c, 1, 1, scale=c ** -0.5), rand(cout)
         bn_w, bn_b, rm, rv = bn(c)
         args = (x, dw, pw, pw_bias, bn_w, bn_b, rm, rv)
-        kwargs = dict(training=training, scale_factor=2, mode="nearest", shuffle_groups=1, activation="relu")
+        kwargs = dict(training=training, scale_factor=2, mode="nearest", shuffle_groups=kw.get("groups", 1),
+                      activation="relu")
         grads, out_shape = [x, dw, pw, pw_bias, bn_w, bn_b], (n, cout, 2 * h, 2 * w)
         X, O, W = x.numel() * es, n * cout * 4 * h * w * es, (dw.numel() + pw.numel()) * es
         fwd, bwd = X + W + O, O + X + W + X + W  # bwd reads grad_out, x, weights; writes grads

@@ -169,6 +169,14 @@ def run_bench(benchmark, bench_options, ceilings):
                 timing.synchronize(device)
                 estimate = min(estimate, time.perf_counter() - start)
             rounds = int(min(max(math.ceil(bench_options.time / max(estimate, 1e-6)), 5), 10_000))
+            peak = None
+            if cuda:  # memory one step needs beyond its inputs (saved activations, temporaries)
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - base
 
             events = []
             if cuda:
@@ -201,6 +209,8 @@ def run_bench(benchmark, bench_options, ceilings):
         if backend:
             # A backend may decline an argument combination (or have no backward): say what ran.
             info["backend_ran"] = used[0] if len(set(used)) == 1 else "/".join(map(str, used))
+        if peak is not None:
+            info["peak_mem_bytes"] = peak
         if events:
             info["device_median_s"] = statistics.median(b.elapsed_time(e) / 1e3 for b, e in events[1:] or events)
             info["device_timer"] = "cuda_event"

@@ -51,7 +51,9 @@ def rows_of(group: list[dict], ceilings: dict) -> list[dict]:
         tflops = r["flops"] / t / 1e12 if r.get("flops") else None
         pct = [(100 * v / ceilings[k], name) for v, k, name in
                ((gbps, "copy_GBps", "BW"), (tflops, "matmul_TFLOPs", "FLOP")) if v and ceilings.get(k)]
+        peak = r.get("peak_mem_bytes")
         rows.append(dict(impl=impl, ran=r.get("backend_ran"), t=t, gbps=gbps, tflops=tflops,
+                         peak_mb=None if peak is None else peak / 2 ** 20,
                          vs_eager=eager / t if eager else None, vs_compiled=compiled / t if compiled else None,
                          pct=max(pct) if pct else None))
     return rows
@@ -73,15 +75,17 @@ def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
             "GB/s vs copy bandwidth (BW) and TFLOP/s vs matmul throughput (FLOP); over 100% means the ceiling "
             "was measured low (a busy machine) or the op is not bound by it.", ""]
     for name, group in groups.items():
+        rows = rows_of(group, ceil)
+        memory = any(r["peak_mb"] is not None for r in rows)  # CUDA: peak memory of one step
         out += [f"### {name}", "",
-                "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows_of(group, ceil):
+                "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil |" + (" peak MiB |" if memory else ""),
+                "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else "")]
+        for r in rows:
             impl = r["impl"] if not r["ran"] or r["ran"] == r["impl"] else f"{r['impl']} (ran {r['ran']})"
-            out.append("| " + " | ".join([
-                impl, fmt_time(r["t"]), _num(r["vs_eager"], "×"), _num(r["vs_compiled"], "×"),
-                _num(r["gbps"]), _num(r["tflops"], digits=3),
-                f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–"]) + " |")
+            cells = [impl, fmt_time(r["t"]), _num(r["vs_eager"], "×"), _num(r["vs_compiled"], "×"),
+                     _num(r["gbps"]), _num(r["tflops"], digits=3),
+                     f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–"]
+            out.append("| " + " | ".join(cells + ([_num(r["peak_mb"], digits=1)] if memory else [])) + " |")
         out.append("")
     return "\n".join(out)
 

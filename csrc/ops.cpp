@@ -23,6 +23,14 @@ TORCH_LIBRARY(uresnet_ops, m) {
       "_pixel_shuffle_bn_native_backward(Tensor grad_out, Tensor x, int upscale_factor, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor var, bool training, float eps, str activation, float negative_slope) "
       "-> (Tensor, Tensor, Tensor)");
+  // The first half of shuffle_upsample: act(conv3x3_grouped(upsample(x), weight) + bias), or with
+  // stats only the BatchNorm batch statistics of the conv output (uresnet_ops/shuffle_upsample.py).
+  m.def(
+      "_shuffle_upsample_conv_native(Tensor x, Tensor weight, Tensor? bias, int scale_factor, str mode, "
+      "str activation, float negative_slope, bool stats) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_shuffle_upsample_conv_native_backward(Tensor grad, Tensor x, Tensor weight, int scale_factor, str mode) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

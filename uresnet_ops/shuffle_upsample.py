@@ -5,6 +5,10 @@ out = conv1x1(channel_shuffle(act(batch_norm(conv3x3_grouped(upsample(x))))), pw
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +16,7 @@ from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
                       batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
                       parse_activation, stat_dtype, update_running_stats)
-from ._library import define_op
+from ._library import define_op, native_op
 from .reference import upsample_conv3x3
 
 OP = "shuffle_upsample"
@@ -165,3 +169,121 @@ def _reference_backward(grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, 
 
 
 backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
+
+
+# --- fused backends (cpu, cuda, triton): kernels for the upsample-conv, the rest composed here --
+#
+# A backend supplies two kernels (ConvKernels): the 3x3 grouped conv of the upsampled input with
+# the upsample fused in (the upsampled tensor is never written), with an optional bias +
+# activation epilogue and optional per-channel batch statistics; and its backward. Around them:
+# eval folds BatchNorm into the conv weights and a bias; the channel shuffle is folded into the
+# 1x1 conv's weight columns and the 1x1 conv runs as one batched GEMM; the backward recomputes
+# the conv output from x instead of saving it, so only the inputs are kept for the backward.
+
+@dataclasses.dataclass(frozen=True)
+class ConvKernels:
+    # (x, weight, bias, scale_factor, mode, activation, negative_slope, stats) -> (out, mean, var):
+    # out = act(conv3x3_grouped(upsample(x), weight) + bias), NCHW-contiguous in x's dtype, weight
+    # and bias in the statistics dtype; or, with stats, only the batch mean and biased variance of
+    # the conv output per channel (out empty).
+    forward: Callable
+    # (grad, x, weight, scale_factor, mode) -> (grad_x NCHW-contiguous, grad_weight)
+    backward: Callable
+
+
+def shuffled_pointwise_weight(pw, groups):
+    """``pw`` as a (C_out, C) matrix acting on the unshuffled channels:
+    ``conv1x1(channel_shuffle(y, groups), pw) == conv1x1(y, result)``."""
+    return F.channel_shuffle(pw, pw.shape[1] // groups).flatten(1)
+
+
+def _scale_shift(mean, var, bn_weight, bn_bias, eps):
+    scale = torch.rsqrt(var + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(var.dtype)
+    shift = -mean * scale
+    return scale, shift if bn_bias is None else shift + bn_bias.to(var.dtype)
+
+
+def _normalize_activate(z, scale, shift, activation, slope):
+    """act(z * scale + shift) per channel, in z's dtype (computed in the statistics' dtype)."""
+    pre = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1))
+    return apply_activation(pre, activation, slope).to(z.dtype), pre.to(z.dtype)
+
+
+def _pointwise(y, w, bias, out_format):
+    """``F.conv2d(y, w[..., None, None], bias)`` for NCHW-contiguous y as one batched GEMM,
+    written straight in ``out_format`` (channels_last: the GEMM's (N, H*W, C_out) result)."""
+    n, c, h, wd = y.shape
+    c_out = w.shape[0]
+    y3 = y.view(n, c, h * wd)
+    if out_format == torch.channels_last:
+        w_t = w.t().expand(n, c, -1)
+        out = torch.bmm(y3.mT, w_t) if bias is None else torch.baddbmm(bias.view(1, 1, -1), y3.mT, w_t)
+        return out.view(n, h, wd, c_out).permute(0, 3, 1, 2)
+    w_b = w.expand(n, -1, c)
+    out = torch.bmm(w_b, y3) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w_b, y3)
+    return out.view(n, c_out, h, wd)
+
+
+def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                  training, eps, s, mode, groups, activation, slope):
+    dw_acc = dw.to(stat_dtype(x))
+    if training:  # a statistics-only pass first: recomputing the conv is cheaper than storing it
+        _, mean, var = kernels.forward(x, dw_acc, None, s, mode, "none", slope, True)
+    else:
+        mean, var = running_mean.to(dw_acc.dtype).clone(), running_var.to(dw_acc.dtype).clone()
+    # BatchNorm folded into the conv: the epilogue writes the activation directly.
+    scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+    y, _, _ = kernels.forward(x, dw_acc * scale.view(-1, 1, 1, 1), shift, s, mode, activation, slope, False)
+    if pw is None:
+        out = F.channel_shuffle(y, groups)
+    else:
+        out = _pointwise(y, shuffled_pointwise_weight(pw, groups), pw_bias, memory_format(x))
+    return out.contiguous(memory_format=memory_format(x)), mean, var
+
+
+def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var,
+                   training, eps, s, mode, groups, activation, slope):
+    _, dw_, pw_, pw_bias_, bn_weight_, bn_bias_ = _with_defaults(x, dw, pw, pw_bias, bn_weight, bn_bias)
+    if x.numel() == 0:  # ATen's batch-norm backward divides by zero on an empty batch
+        return (torch.zeros_like(x, memory_format=memory_format(x)), torch.zeros_like(dw_), torch.zeros_like(pw_),
+                torch.zeros_like(pw_bias_), torch.zeros_like(bn_weight_), torch.zeros_like(bn_bias_))
+    n, c = x.shape[:2]
+    dw_acc = dw.to(stat_dtype(x))
+    z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
+    y, pre = _normalize_activate(z, *_scale_shift(mean, var, bn_weight, bn_bias, eps), activation, slope)
+    if pw is None:
+        grad_y = F.channel_shuffle(grad_out, c // groups).contiguous()  # the inverse permutation
+        grad_pw, grad_pw_bias = torch.zeros_like(pw_), torch.zeros_like(pw_bias_)
+    else:
+        g3 = grad_out.flatten(2)  # (N, C_out, H*W), a view in either layout
+        grad_w = torch.bmm(g3, y.flatten(2).mT).sum(0, dtype=torch.float32 if g3.dtype != torch.float64 else None)
+        grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
+        grad_pw_bias = grad_out.sum((0, 2, 3))
+        w = shuffled_pointwise_weight(pw, groups)
+        grad_y = torch.bmm(w.t().expand(n, c, -1), g3).view_as(z)
+    grad_pre = activation_backward(grad_y, pre, activation, slope)
+    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
+    grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training, eps,
+                                                               param_dtype)
+    grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
+    return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
+            grad_bn_weight, grad_bn_bias)
+
+
+def register_fused_backend(name: str, device_types, kernels: ConvKernels, available: bool) -> None:
+    backends.register_backend(OP, name, device_types, functools.partial(fused_forward, kernels),
+                              functools.partial(fused_backward, kernels), available=available)
+
+
+_native = native_op(OP + "_conv")
+_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_conv_native_backward", None)
+if _native is not None and _native_backward is not None:
+    _NATIVE = ConvKernels(_native, _native_backward)
+    register_fused_backend("cpu", "cpu", _NATIVE, True)
+    register_fused_backend("cuda", "cuda", _NATIVE, torch._C._dispatch_has_kernel_for_dispatch_key(
+        _native.default.name(), "CUDA"))
+else:
+    for _name in ("cpu", "cuda"):
+        backends.register_backend(OP, _name, _name, _reference_forward, _reference_backward, available=False)

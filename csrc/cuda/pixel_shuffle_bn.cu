@@ -15,11 +15,10 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "cuda_common.cuh"
 
 namespace uresnet {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename index_t>
 struct Geometry {
@@ -37,18 +36,8 @@ __global__ void __launch_bounds__(kThreads)
   using opmath_t = at::opmath_type<scalar_t>;
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel; idx += step) {
-    index_t n, c, oh, ow;
-    if constexpr (kChannelsLast) {  // idx = ((n * OH + oh) * OW + ow) * C + c
-      const auto q0 = g.channels.divmod(idx);
-      const auto q1 = g.out_w.divmod(q0.div);
-      const auto q2 = g.out_h.divmod(q1.div);
-      c = q0.mod, ow = q1.mod, oh = q2.mod, n = q2.div;
-    } else {  // idx = ((n * C + c) * OH + oh) * OW + ow
-      const auto q0 = g.out_w.divmod(idx);
-      const auto q1 = g.out_h.divmod(q0.div);
-      const auto q2 = g.channels.divmod(q1.div);
-      ow = q0.mod, oh = q1.mod, c = q2.mod, n = q2.div;
-    }
+    const Index4<index_t> o = unravel<kChannelsLast>(idx, g.channels, g.out_h, g.out_w);
+    const index_t n = o.n, c = o.c, oh = o.h, ow = o.w;
     const auto hi = g.r.divmod(oh);  // h, i
     const auto wj = g.r.divmod(ow);  // w, j
     const index_t in_c = c * g.rr + hi.mod * g.r.divisor + wj.mod;
@@ -116,31 +105,6 @@ __device__ __forceinline__ Located<index_t> locate(const ChannelGeometry<index_t
           n * g.dN + c * g.dC + (h * r + ij.div) * g.dH + (w * r + ij.mod) * g.dW};
 }
 
-// Tree reduction over the block; every thread passes its part, thread 0 gets the total.
-template <typename T, typename Combine>
-__device__ __forceinline__ void block_reduce(T* shared, T& v, const Combine& combine) {
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = combine(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  v = shared[0];
-}
-
-template <typename acc_t>
-struct WelfordData {
-  acc_t n, mean, m2;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ WelfordData<acc_t> welford_merge(const WelfordData<acc_t>& a, const WelfordData<acc_t>& b) {
-  const acc_t n = a.n + b.n;
-  if (n == acc_t(0)) return a;
-  const acc_t delta = b.mean - a.mean, f = b.n / n;
-  return {n, a.mean + delta * f, a.m2 + b.m2 + delta * delta * a.n * f};
-}
-
 // Welford moments of x - shift, shift = the channel's first value: keeps float32 accurate for
 // data far from zero (mean 1e4, std 1).
 template <typename scalar_t, typename index_t>
@@ -206,18 +170,8 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = at::opmath_type<scalar_t>;
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel; idx += step) {
-    index_t n, k, h, w;
-    if constexpr (kChannelsLast) {  // idx = ((n * H + h) * W + w) * CR + k
-      const auto q0 = in_channels.divmod(idx);
-      const auto q1 = g.w.divmod(q0.div);
-      const auto q2 = g.h.divmod(q1.div);
-      k = q0.mod, w = q1.mod, h = q2.mod, n = q2.div;
-    } else {  // idx = ((n * CR + k) * H + h) * W + w
-      const auto q0 = g.w.divmod(idx);
-      const auto q1 = g.h.divmod(q0.div);
-      const auto q2 = in_channels.divmod(q1.div);
-      w = q0.mod, h = q1.mod, k = q2.mod, n = q2.div;
-    }
+    const Index4<index_t> i = unravel<kChannelsLast>(idx, in_channels, g.h, g.w);
+    const index_t n = i.n, k = i.c, h = i.h, w = i.w;
     const auto ck = g.rr.divmod(k);      // c, kk
     const auto ij = g.r.divmod(ck.mod);  // i, j
     const index_t c = ck.div, r = g.r.divisor;
@@ -261,15 +215,7 @@ void batch_stats_cuda(const at::Tensor& x, int64_t r, PixelShuffleBNPlan& plan) 
       x.const_data_ptr<scalar_t>(), g, part.mutable_data_ptr<acc_t>(), shifts.mutable_data_ptr<acc_t>(),
       static_cast<index_t>(C));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Merge the S partial moments per channel (in double): mean = sum(n_s mean_s) / M,
-  // M2 = sum(M2_s) + sum(n_s (mean_s - mean)^2).
-  const at::Tensor p = part.to(at::kDouble);
-  const at::Tensor n = p.select(0, 0), m = p.select(0, 1), q = p.select(0, 2);
-  const double inv_m = 1.0 / static_cast<double>(g.M);
-  const at::Tensor mean = n.mul(m).sum(1).mul_(inv_m);
-  const at::Tensor var = q.sum(1).add_(n.mul(m.sub(mean.unsqueeze(1)).pow_(2)).sum(1)).mul_(inv_m);
-  plan.mean = mean.add_(shifts.to(at::kDouble)).to(stat_dtype(x));
-  plan.var = var.to(stat_dtype(x));
+  std::tie(plan.mean, plan.var) = merge_moments(part, shifts, static_cast<double>(g.M), stat_dtype(x));
 }
 
 template <typename scalar_t, typename index_t>

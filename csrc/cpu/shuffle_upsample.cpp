@@ -1,0 +1,386 @@
+// CPU kernels of uresnet_ops::_shuffle_upsample_conv_native(_backward): the first half of the
+// EUCB block, conv3x3_grouped(upsample(x)), with the upsample fused into the convolution.
+// uresnet_ops/shuffle_upsample.py composes the rest (BatchNorm folding, the shuffled 1x1 GEMM).
+//
+// One task per (sample, conv group): its Cg input planes are upsampled into zero-bordered
+// buffers the size of one output plane (in cache), the 3x3 taps run as contiguous row AXPYs
+// over them, and the epilogue (per-channel moments, bias, activation) runs on each finished
+// plane before it is written once. The upsampled tensor never exists in memory.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_common.h"
+
+namespace uresnet {
+namespace {
+
+constexpr const char* kOp = "uresnet_ops::_shuffle_upsample_conv_native";
+
+enum class Mode { Nearest, Bilinear };
+
+// Source rows (or columns) of each upsampled row: nearest uses i0; bilinear (align_corners=False)
+// blends i0 and i1 with weight l1 on i1, as ATen's upsample_bilinear2d computes them.
+template <typename opmath_t>
+struct Taps {
+  std::vector<int64_t> i0, i1;
+  std::vector<opmath_t> l1;
+  Taps(int64_t in, int64_t s, Mode mode) : i0(in * s), i1(in * s), l1(in * s, 0) {
+    for (int64_t o = 0; o < in * s; ++o) {
+      if (mode == Mode::Nearest) {
+        i0[o] = i1[o] = o / s;
+        continue;
+      }
+      const opmath_t src = std::max<opmath_t>((static_cast<opmath_t>(o) + opmath_t(0.5)) / s - opmath_t(0.5), 0);
+      i0[o] = static_cast<int64_t>(src);
+      i1[o] = i0[o] + (i0[o] < in - 1 ? 1 : 0);
+      l1[o] = src - static_cast<opmath_t>(i0[o]);
+    }
+  }
+};
+
+struct Geometry {
+  int64_t N, C, H, W, s, OH, OW, Cg, groups;
+  int64_t padded() const { return (OH + 2) * (OW + 2); }  // one zero-bordered upsampled plane
+};
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& weight, int64_t s) {
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), s, x.size(2) * s, x.size(3) * s, weight.size(1), 0};
+  g.groups = g.C / g.Cg;
+  return g;
+}
+
+Mode parse_mode(c10::string_view mode, const char* op) {
+  if (mode == "nearest") return Mode::Nearest;
+  TORCH_CHECK(mode == "bilinear", op, ": argument 'mode' must be 'nearest' or 'bilinear', got '", mode, "'");
+  return Mode::Bilinear;
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s, Mode mode) {
+  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": argument 'x' must be float32, float64, float16 or "
+              "bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) >= 1 &&
+                  x.size(1) % weight.size(1) == 0 && weight.size(2) == 3 && weight.size(3) == 3,
+              op, ": argument 'weight' must have shape (C, C/groups, 3, 3) with C = ", x.size(1), ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == stat_dtype(x) && weight.device() == x.device(), op,
+              ": argument 'weight' must be ", stat_dtype(x), " on ", x.device(), " (the accumulation type), got ",
+              weight.scalar_type(), " on ", weight.device());
+  TORCH_CHECK(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
+  TORCH_CHECK(mode == Mode::Nearest || s == 2, op, ": mode 'bilinear' supports scale_factor 2 only, got ", s);
+}
+
+// Fills the interior of a zero-bordered (OH+2) x (OW+2) buffer with the upsampled plane of x.
+template <typename scalar_t, typename opmath_t>
+void upsample_plane(const scalar_t* x, int64_t sH, int64_t sW, const Geometry& g, const Taps<opmath_t>& rows,
+                    const Taps<opmath_t>& cols, Mode mode, opmath_t* buf) {
+  const int64_t stride = g.OW + 2;
+  std::fill(buf, buf + stride, opmath_t(0));
+  std::fill(buf + (g.OH + 1) * stride, buf + (g.OH + 2) * stride, opmath_t(0));
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    opmath_t* dst = buf + (oh + 1) * stride;
+    dst[0] = dst[g.OW + 1] = 0;
+    ++dst;
+    const scalar_t* r0 = x + rows.i0[oh] * sH;
+    if (mode == Mode::Nearest) {
+      if (oh > 0 && rows.i0[oh] == rows.i0[oh - 1]) {  // same source row: copy the row above
+        std::copy(dst - stride, dst - stride + g.OW, dst);
+        continue;
+      }
+      if (g.s == 2 && sW == 1)
+        for (int64_t w = 0; w < g.W; ++w) dst[2 * w] = dst[2 * w + 1] = static_cast<opmath_t>(r0[w]);
+      else
+        for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(r0[cols.i0[ow] * sW]);
+    } else {
+      const scalar_t* r1 = x + rows.i1[oh] * sH;
+      const opmath_t h1 = rows.l1[oh], h0 = 1 - h1;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int64_t a = cols.i0[ow] * sW, b = cols.i1[ow] * sW;
+        const opmath_t w1 = cols.l1[ow], w0 = 1 - w1;
+        dst[ow] = h0 * (w0 * static_cast<opmath_t>(r0[a]) + w1 * static_cast<opmath_t>(r0[b])) +
+                  h1 * (w0 * static_cast<opmath_t>(r1[a]) + w1 * static_cast<opmath_t>(r1[b]));
+      }
+    }
+  }
+}
+
+// row[i] (+)= sum over the 3x3 taps of w[kh][kw] * src[kh * stride + i + kw]: the nine taps of
+// one output element accumulate in registers and the row is stored once (nine separate AXPYs
+// over the row would chain on store-to-load forwarding).
+template <bool Accumulate, typename T>
+C10_ALWAYS_INLINE void conv3x3_row(T* C10_RESTRICT row, const T* C10_RESTRICT src, int64_t stride, const T* w,
+                                   int64_t n) {
+  const T* r0 = src;
+  const T* r1 = src + stride;
+  const T* r2 = src + 2 * stride;
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = w0 * r0[i] + w1 * r0[i + 1] + w2 * r0[i + 2] + w3 * r1[i] + w4 * r1[i + 1] + w5 * r1[i + 2] +
+                w6 * r2[i] + w7 * r2[i + 1] + w8 * r2[i + 2];
+    row[i] = Accumulate ? row[i] + v : v;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+// Mean and M2 of v[0..len) in one pass, from sums of deviations from v[0]: stable when the
+// values lie far from zero (mean 1e4, std 1), because v[0] is then as far from them as they
+// are from each other.
+template <typename T>
+void shifted_moments(const T* v, int64_t len, T& mean, T& m2) {
+  const T k = v[0];
+  T s1[kLanes] = {}, s2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T d = v[i + l] - k;
+      s1[l] += d, s2[l] += d * d;
+    }
+  for (; i < len; ++i) {
+    const T d = v[i] - k;
+    s1[0] += d, s2[0] += d * d;
+  }
+  T t1 = 0, t2 = 0;
+  for (int l = 0; l < kLanes; ++l) t1 += s1[l], t2 += s2[l];
+  mean = k + t1 / static_cast<T>(len);
+  m2 = std::max<T>(t2 - t1 * t1 / static_cast<T>(len), 0);
+}
+
+template <typename scalar_t, Activation A>
+void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Mode mode,
+                    double slope_d, at::Tensor& out, at::Tensor& mean, at::Tensor& var, const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t slope = static_cast<opmath_t>(slope_d);
+  const Taps<opmath_t> rows(g.H, g.s, mode), cols(g.W, g.s, mode);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const opmath_t* wp = weight.const_data_ptr<opmath_t>();
+  const opmath_t* bp = bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* op = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
+  const bool stats = mean.defined();
+  const int64_t plane = g.OH * g.OW, stride = g.OW + 2;
+  const int nthreads = at::get_num_threads();
+  std::vector<Moments> acc(stats ? static_cast<size_t>(nthreads) * g.C : 0);
+
+  at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(plane));
+    Moments* a = stats ? acc.data() + static_cast<size_t>(at::get_thread_num()) * g.C : nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
+      for (int64_t ci = 0; ci < g.Cg; ++ci)
+        upsample_plane<scalar_t, opmath_t>(xp + n * x.stride(0) + (c0 + ci) * x.stride(1), x.stride(2), x.stride(3),
+                                           g, rows, cols, mode, up.data() + ci * g.padded());
+      for (int64_t co = c0; co < c0 + g.Cg; ++co) {
+        const opmath_t* w = wp + co * g.Cg * 9;
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          opmath_t* row = conv.data() + oh * g.OW;
+          for (int64_t ci = 0; ci < g.Cg; ++ci) {
+            const opmath_t* src = up.data() + ci * g.padded() + oh * stride;
+            if (ci == 0) conv3x3_row<false>(row, src, stride, w, g.OW);
+            else conv3x3_row<true>(row, src, stride, w + ci * 9, g.OW);
+          }
+        }
+        if (stats) {
+          opmath_t m, m2;
+          shifted_moments(conv.data(), plane, m, m2);
+          a[co].merge(static_cast<double>(plane), m, m2);
+          continue;
+        }
+        const opmath_t b = bp ? bp[co] : opmath_t(0);
+        scalar_t* dst = op + (n * g.C + co) * plane;
+        for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(activate<A>(conv[i] + b, slope));
+      }
+    }
+  });
+  if (!stats) return;
+  opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
+  opmath_t* vp = var.mutable_data_ptr<opmath_t>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    Moments t;
+    for (int th = 0; th < nthreads; ++th) {
+      const Moments& m = acc[static_cast<size_t>(th) * g.C + c];
+      t.merge(m.n, m.mean, m.m2);
+    }
+    mp[c] = static_cast<opmath_t>(t.mean);
+    vp[c] = static_cast<opmath_t>(t.n > 0 ? t.m2 / t.n : 0.0);
+  }
+}
+
+// Returns (out, mean, var). Without stats: out = act(conv3x3_grouped(upsample(x), weight) + bias),
+// NCHW contiguous in x's dtype, and empty mean/var. With stats: only the per-channel mean and
+// biased variance of the conv output (the BatchNorm batch statistics; recomputing the conv with
+// BatchNorm folded in costs less than writing it and reading it back), and an empty out.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_conv_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t scale_factor,
+    c10::string_view mode_name, c10::string_view activation, double negative_slope, bool stats) {
+  const Mode mode = parse_mode(mode_name, kOp);
+  check_inputs(kOp, x, weight, scale_factor, mode);
+  if (has(bias)) {
+    check_channel_param(kOp, "bias", *bias, x, x.size(1));
+    TORCH_CHECK(bias->scalar_type() == stat_dtype(x), kOp, ": argument 'bias' must be ", stat_dtype(x), ", got ",
+                bias->scalar_type());
+  }
+  const Activation act = parse_activation(activation, kOp);
+  const Geometry g = geometry(x, weight, scale_factor);
+  at::Tensor out = stats ? at::empty({0}, x.options()) : at::empty({g.N, g.C, g.OH, g.OW}, x.options());
+  const auto stat_opts = x.options().dtype(stat_dtype(x));
+  at::Tensor mean = at::zeros({stats ? g.C : 0}, stat_opts), var = at::zeros({stats ? g.C : 0}, stat_opts);
+  if (g.N * g.OH * g.OW == 0) return {out, mean, var};  // empty batch: zero statistics, as the reference
+  const at::Tensor w = weight.contiguous(), b = has(bias) ? bias->contiguous() : at::Tensor();
+  at::Tensor o = stats ? at::Tensor() : out, m = stats ? mean : at::Tensor(), v = stats ? var : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shuffle_upsample_conv_cpu", [&] {
+    URESNET_DISPATCH_ACTIVATION(act, forward_kernel<scalar_t, A>(x, w, b, mode, negative_slope, o, m, v, g));
+  });
+  return {out, mean, var};
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+// Adds the gradient of one upsampled plane (OH x OW) into its source plane (H x W), the
+// adjoint of upsample_plane.
+template <typename opmath_t>
+void downsample_plane(const opmath_t* grad_up, const Geometry& g, const Taps<opmath_t>& rows,
+                      const Taps<opmath_t>& cols, Mode mode, opmath_t* grad) {
+  std::fill(grad, grad + g.H * g.W, opmath_t(0));
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const opmath_t* src = grad_up + oh * g.OW;
+    opmath_t* r0 = grad + rows.i0[oh] * g.W;
+    if (mode == Mode::Nearest && g.s == 2) {  // the common case, without index tables
+      for (int64_t w = 0; w < g.W; ++w) r0[w] += src[2 * w] + src[2 * w + 1];
+      continue;
+    }
+    if (mode == Mode::Nearest) {  // one source each: no zero-weighted terms (0 * inf would be NaN)
+      for (int64_t ow = 0; ow < g.OW; ++ow) r0[cols.i0[ow]] += src[ow];
+      continue;
+    }
+    opmath_t* r1 = grad + rows.i1[oh] * g.W;
+    const opmath_t h1 = rows.l1[oh], h0 = 1 - h1;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const opmath_t w1 = cols.l1[ow], w0 = 1 - w1, v = src[ow];
+      r0[cols.i0[ow]] += h0 * w0 * v;
+      r0[cols.i1[ow]] += h0 * w1 * v;
+      r1[cols.i0[ow]] += h1 * w0 * v;
+      r1[cols.i1[ow]] += h1 * w1 * v;
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, Mode mode,
+                     at::Tensor& grad_x, at::Tensor& grad_weight, const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Taps<opmath_t> rows(g.H, g.s, mode), cols(g.W, g.s, mode);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  const opmath_t* wp = weight.const_data_ptr<opmath_t>();
+  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+  const int64_t plane = g.OH * g.OW, stride = g.OW + 2, wsize = g.C * g.Cg * 9;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> gw_acc(static_cast<size_t>(nthreads) * wsize, 0.0);
+
+  at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
+    // up: the group's upsampled input planes; dz: its output-gradient planes, zero-bordered so
+    // the transposed conv reads them like the forward reads up; row / low: one plane each.
+    std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), dz(static_cast<size_t>(g.Cg * g.padded()), 0);
+    std::vector<opmath_t> grad_up(static_cast<size_t>(plane)), low(static_cast<size_t>(g.H * g.W));
+    double* gw = gw_acc.data() + static_cast<size_t>(at::get_thread_num()) * wsize;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
+      for (int64_t c = 0; c < g.Cg; ++c) {
+        upsample_plane<scalar_t, opmath_t>(xp + n * x.stride(0) + (c0 + c) * x.stride(1), x.stride(2), x.stride(3),
+                                           g, rows, cols, mode, up.data() + c * g.padded());
+        const scalar_t* src = gp + n * grad.stride(0) + (c0 + c) * grad.stride(1);
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          opmath_t* dst = dz.data() + c * g.padded() + (oh + 1) * stride + 1;
+          const scalar_t* row = src + oh * grad.stride(2);
+          if (grad.stride(3) == 1)  // the usual case: a contiguous row, a vectorised copy
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(row[ow]);
+          else
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(row[ow * grad.stride(3)]);
+        }
+      }
+      // grad_weight[co, ci, kh, kw] += sum over the plane of dz[co] * up[ci] shifted by (kh, kw):
+      // the nine taps in one sweep, each with its own vector of partial sums.
+      for (int64_t co = 0; co < g.Cg; ++co)
+        for (int64_t ci = 0; ci < g.Cg; ++ci) {
+          constexpr int L = 4;  // 9 taps x 4 lanes: the partial sums stay in (SSE) registers
+          opmath_t lanes[9][L] = {};
+          for (int64_t oh = 0; oh < g.OH; ++oh) {
+            const opmath_t* d = dz.data() + co * g.padded() + (oh + 1) * stride + 1;
+            const opmath_t* u = up.data() + ci * g.padded() + oh * stride;
+            int64_t i = 0;
+            for (; i + L <= g.OW; i += L) {
+#pragma GCC unroll 9
+              for (int k = 0; k < 9; ++k)
+                for (int l = 0; l < L; ++l) lanes[k][l] += d[i + l] * u[(k / 3) * stride + k % 3 + i + l];
+            }
+            for (; i < g.OW; ++i)
+              for (int k = 0; k < 9; ++k) lanes[k][0] += d[i] * u[(k / 3) * stride + k % 3 + i];
+          }
+          for (int k = 0; k < 9; ++k)
+            gw[((c0 + co) * g.Cg + ci) * 9 + k] += (lanes[k][0] + lanes[k][1]) + (lanes[k][2] + lanes[k][3]);
+        }
+      // grad of upsampled input ci: the transposed conv, dz[co] read at (oh - kh + 1, ow - kw + 1).
+      for (int64_t ci = 0; ci < g.Cg; ++ci) {
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          opmath_t* row = grad_up.data() + oh * g.OW;
+          for (int64_t co = 0; co < g.Cg; ++co) {
+            // The transposed conv is the forward row sweep with the kernel rotated by 180 degrees.
+            const opmath_t* w = wp + ((c0 + co) * g.Cg + ci) * 9;
+            const opmath_t flipped[9] = {w[8], w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]};
+            const opmath_t* src = dz.data() + co * g.padded() + oh * stride;
+            if (co == 0) conv3x3_row<false>(row, src, stride, flipped, g.OW);
+            else conv3x3_row<true>(row, src, stride, flipped, g.OW);
+          }
+        }
+        downsample_plane(grad_up.data(), g, rows, cols, mode, low.data());
+        scalar_t* dst = gxp + (n * g.C + c0 + ci) * g.H * g.W;
+        for (int64_t i = 0; i < g.H * g.W; ++i) dst[i] = static_cast<scalar_t>(low[i]);
+      }
+    }
+  });
+  opmath_t* gwp = grad_weight.mutable_data_ptr<opmath_t>();
+  for (int64_t i = 0; i < wsize; ++i) {
+    double t = 0;
+    for (int th = 0; th < nthreads; ++th) t += gw_acc[static_cast<size_t>(th) * wsize + i];
+    gwp[i] = static_cast<opmath_t>(t);
+  }
+}
+
+// Returns (grad_x, grad_weight): grad_x NCHW contiguous in x's dtype, grad_weight in weight's.
+std::tuple<at::Tensor, at::Tensor> shuffle_upsample_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                       const at::Tensor& weight, int64_t scale_factor,
+                                                                       c10::string_view mode_name) {
+  constexpr const char* op = "uresnet_ops::_shuffle_upsample_conv_native_backward";
+  const Mode mode = parse_mode(mode_name, op);
+  check_inputs(op, x, weight, scale_factor, mode);
+  const Geometry g = geometry(x, weight, scale_factor);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == g.C && grad.size(2) == g.OH &&
+                  grad.size(3) == g.OW,
+              op, ": argument 'grad' must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(), op,
+              ": argument 'grad' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
+              grad.scalar_type(), ", ", grad.device());
+  at::Tensor grad_x = at::empty({g.N, g.C, g.H, g.W}, x.options());
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (x.numel() == 0) return {grad_x, grad_weight};
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shuffle_upsample_conv_backward_cpu",
+                                  [&] { backward_kernel<scalar_t>(grad, x, w, mode, grad_x, grad_weight, g); });
+  return {grad_x, grad_weight};
+}
+
+}  // namespace
+}  // namespace uresnet
+
+TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
+  m.impl("_shuffle_upsample_conv_native", &uresnet::shuffle_upsample_conv_cpu);
+  m.impl("_shuffle_upsample_conv_native_backward", &uresnet::shuffle_upsample_conv_backward_cpu);
+}
