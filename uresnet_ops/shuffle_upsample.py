@@ -189,6 +189,13 @@ class ConvKernels:
     forward: Callable
     # (grad, x, weight, scale_factor, mode) -> (grad_x NCHW-contiguous, grad_weight)
     backward: Callable
+    # Optional, for the backward: BatchNorm (with given statistics) + activation of z in one pass,
+    # and its backward, fused: pixel_shuffle_bn and its backward with upscale factor 1 are exactly
+    # that. (z, bn_weight, bn_bias, mean, var, eps, activation, slope) -> y and
+    # (grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope) ->
+    # (grad_z, grad_bn_weight, grad_bn_bias). Without them, ATen ops do it in more passes.
+    normalize: Callable | None = None
+    normalize_backward: Callable | None = None
 
 
 def shuffled_pointwise_weight(pw, groups):
@@ -205,10 +212,6 @@ def _scale_shift(mean, var, bn_weight, bn_bias, eps):
     return scale, shift if bn_bias is None else shift + bn_bias.to(var.dtype)
 
 
-def _normalize_activate(z, scale, shift, activation, slope):
-    """act(z * scale + shift) per channel, in z's dtype (computed in the statistics' dtype)."""
-    pre = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1))
-    return apply_activation(pre, activation, slope).to(z.dtype), pre.to(z.dtype)
 
 
 def _pointwise(y, w, bias, out_format):
@@ -252,21 +255,32 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
     n, c = x.shape[:2]
     dw_acc = dw.to(stat_dtype(x))
     z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
-    y, pre = _normalize_activate(z, *_scale_shift(mean, var, bn_weight, bn_bias, eps), activation, slope)
+    scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+    pre = None if kernels.normalize_backward else torch.addcmul(shift.view(1, -1, 1, 1), z,
+                                                                 scale.view(1, -1, 1, 1)).to(z.dtype)
     if pw is None:
         grad_y = F.channel_shuffle(grad_out, c // groups).contiguous()  # the inverse permutation
         grad_pw, grad_pw_bias = torch.zeros_like(pw_), torch.zeros_like(pw_bias_)
     else:
+        # y = act(BatchNorm(z)) is needed only here, for the 1x1 conv's weight gradient.
+        y = (kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope) if kernels.normalize
+             else apply_activation(pre, activation, slope))
         g3 = grad_out.flatten(2)  # (N, C_out, H*W), a view in either layout
         grad_w = torch.bmm(g3, y.flatten(2).mT).sum(0, dtype=torch.float32 if g3.dtype != torch.float64 else None)
+        del y  # lower peak memory: free it before the BatchNorm backward allocates
         grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
         grad_pw_bias = grad_out.sum((0, 2, 3))
         w = shuffled_pointwise_weight(pw, groups)
         grad_y = torch.bmm(w.t().expand(n, c, -1), g3).view_as(z)
-    grad_pre = activation_backward(grad_y, pre, activation, slope)
-    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-    grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training, eps,
-                                                               param_dtype)
+    if kernels.normalize_backward is not None:
+        grad_z, grad_bn_weight, grad_bn_bias = kernels.normalize_backward(
+            grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope)
+    else:
+        grad_pre = activation_backward(grad_y, pre, activation, slope)
+        param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
+        grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training,
+                                                                   eps, param_dtype)
+    del z, grad_y
     grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
     return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
             grad_bn_weight, grad_bn_bias)
@@ -279,8 +293,18 @@ def register_fused_backend(name: str, device_types, kernels: ConvKernels, availa
 
 _native = native_op(OP + "_conv")
 _native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_conv_native_backward", None)
+def _native_normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope):
+    return torch.ops.uresnet_ops._pixel_shuffle_bn_native(z, 1, bn_weight, bn_bias, mean, var, False, eps,
+                                                          activation, slope)[0]
+
+
+def _native_normalize_backward(grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope):
+    return torch.ops.uresnet_ops._pixel_shuffle_bn_native_backward(grad_y, z, 1, bn_weight, bn_bias, mean, var,
+                                                                   training, eps, activation, slope)
+
+
 if _native is not None and _native_backward is not None:
-    _NATIVE = ConvKernels(_native, _native_backward)
+    _NATIVE = ConvKernels(_native, _native_backward, _native_normalize, _native_normalize_backward)
     register_fused_backend("cpu", "cpu", _NATIVE, True)
     register_fused_backend("cuda", "cuda", _NATIVE, torch._C._dispatch_has_kernel_for_dispatch_key(
         _native.default.name(), "CUDA"))
