@@ -157,3 +157,149 @@ def test_cuda_graph_capture_training_step(backend):
     assert last_used(OP) == backend
     for actual, want in zip(captured, expected):
         torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- multi_dilation_conv2d on the GPU ---------------------------------------------------------
+
+MDC = "multi_dilation_conv2d"
+
+
+def mdc_case(dtype, c_in=70, widths=(65, 3, 17, 1), kernels=(1, 3, 3, 5), dilations=(1, 6, 12, 18), n=2, h=21,
+             w=19, bias=True):
+    """Ragged sizes: more than one pixel / channel tile, branches of one channel, taps in padding."""
+    x = torch.randn(n, c_in, h, w, device="cuda").to(dtype)
+    weights = [(torch.randn(c, c_in, k, k, device="cuda") / (c_in * k * k) ** 0.5).to(dtype)
+               for c, k in zip(widths, kernels)]
+    biases = [torch.randn(c, device="cuda").to(dtype) for c in widths] if bias else None
+    return x, weights, list(dilations), biases
+
+
+def _mdc_check(backend, x, weights, dilations, biases, activation, dtype):
+    x = x.requires_grad_()
+    weights = [w.requires_grad_() for w in weights]
+    biases = biases and [b.requires_grad_() for b in biases]
+    with uresnet_ops.use_backend(backend, MDC):
+        out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, activation)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    assert last_used(MDC) == backend and last_used(MDC, "backward") == backend
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in weights]
+    b64 = biases and [b.detach().double().requires_grad_() for b in biases]
+    expected = reference.multi_dilation_conv2d(x64, w64, dilations, b64, activation)
+    expected.backward(grad_out.double())
+    assert_close(out, expected.detach(), dtype, scale=5)
+    assert_close(x.grad, x64.grad, dtype, scale=10)
+    for got, want in zip(weights + (biases or []), w64 + (b64 or [])):
+        assert_close(got.grad, want.grad, dtype, scale=50)
+
+
+@pytest.mark.parametrize("backend", backend_params(MDC, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("activation", ["none", "relu", ("leaky_relu", 0.1), "silu"])
+def test_multi_dilation_forward_backward_on_gpu(backend, dtype, layout_name, bias, activation):
+    if dtype != torch.float32 and activation in ("relu", ("leaky_relu", 0.1)):
+        activation = "silu"  # half-precision rounding across the kink flips the gradient (see helpers)
+    x, weights, dilations, biases = mdc_case(dtype, bias=bias)
+    _mdc_check(backend, layout(x, layout_name), weights, dilations, biases, activation, dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(MDC, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_dilation_many_branches_and_small_maps_on_gpu(backend, dtype):
+    # 18 branches (more than one launch's branch table in the CUDA kernels), a map smaller than
+    # most dilations, odd sizes.
+    rng = torch.Generator().manual_seed(0)
+    kernels = [int(k) for k in torch.tensor([1, 3, 5, 7]).repeat(5)[:18]]
+    dilations = [int(d) for d in torch.randint(1, 9, (18,), generator=rng)]
+    x, weights, dilations, biases = mdc_case(dtype, c_in=5, widths=[2] * 18, kernels=kernels, dilations=dilations,
+                                             n=3, h=5, w=3)
+    _mdc_check(backend, x, weights, dilations, biases, "silu", dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(MDC, "cuda") if torch.cuda.is_available() else [])
+def test_multi_dilation_cuda_graph_capture_training_step(backend):
+    x, weights, dilations, biases = mdc_case(torch.float32)
+    grad_out = torch.randn(x.shape[0], sum(w.shape[0] for w in weights), *x.shape[2:], device="cuda")
+
+    def step():
+        out = torch.ops.uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, "relu", 0.01)
+        grad_x, grad_w, grad_b = torch.ops.uresnet_ops.multi_dilation_conv2d_backward(
+            grad_out, x, weights, dilations, biases, "relu", 0.01)
+        return (out, grad_x, *grad_w, *grad_b)
+
+    with uresnet_ops.use_backend(backend, MDC):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles and autotunes) outside the graph
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        x.copy_(torch.randn_like(x))
+        grad_out.copy_(torch.randn_like(grad_out))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = step()
+    assert last_used(MDC) == backend
+    for actual, want in zip(captured, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- shuffle_upsample on the GPU ------------------------------------------------------------
+SU = "shuffle_upsample"
+
+
+@pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("seed", range(4))
+def test_shuffle_upsample_forward_backward_on_gpu(backend, dtype, param_dtype, layout_name, training, seed):
+    from test_shuffle_upsample import PARAMS, make_case
+    x, t, cfg = make_case(seed, dtype, param_dtype, device="cuda")
+    x = layout(x, layout_name).requires_grad_()
+    t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+    x64 = x.detach().double().requires_grad_()
+    t64 = {k: None if v is None else v.detach().double().clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+    with uresnet_ops.use_backend(backend, SU):
+        out = uresnet_ops.shuffle_upsample(x, **t, training=training, activation="silu", **cfg)
+        assert last_used(SU) == backend
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    expected = reference.shuffle_upsample(x64, **t64, training=training, activation="silu", **cfg)
+    expected.backward(grad_out.double())
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    assert_close(out, expected.detach(), dtype, scale=5)
+    for name in ("running_mean", "running_var"):
+        assert_close(t[name], t64[name].detach(), param_dtype, precision=dtype)
+    assert_close(x.grad, x64.grad, dtype, scale=10)
+    for name in PARAMS:
+        assert_close(t[name].grad, t64[name].grad, t[name].dtype, scale=50, precision=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
+def test_shuffle_upsample_cuda_graph_capture(backend):
+    from test_shuffle_upsample import make_case
+    x, t, cfg = make_case(3, torch.float32, torch.float32, device="cuda")
+    args = [t[k] for k in ("dw_weight", "pw_weight", "pw_bias", "bn_weight", "bn_bias")]
+    config = (True, 1e-5, cfg["scale_factor"], cfg["mode"], cfg["shuffle_groups"], "relu", 0.01)
+    with uresnet_ops.use_backend(backend, SU):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
+    for actual, want in zip(captured, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)

@@ -123,3 +123,13 @@ def test_bad_input_raises_clear_error(match, override):
     args.update(override)
     with pytest.raises((ValueError, TypeError), match=match):
         uresnet_ops.multi_dilation_conv2d(**args)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+def test_backward_runs_on_selected_backend(backend):
+    # Each backend registers its own backward (no silent fallback to another backend's).
+    x, weights, dilations, biases = make_case(7, torch.float32)
+    x.requires_grad_()
+    with uresnet_ops.use_backend(backend, OP):
+        uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, "silu").sum().backward()
+    assert last_used(OP, "backward") == backend

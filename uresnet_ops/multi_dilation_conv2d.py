@@ -134,3 +134,10 @@ def _native_backward_fn(grad_out, x, weights, dilations, biases, activation, slo
 
 backends.register_backend(OP, "cpu", "cpu", _native_forward, _native_backward_fn,
                           available=_native is not None and _native_backward is not None)
+
+
+# --- native CUDA backend: implicit GEMMs (WMMA tensor cores for half types) in csrc/cuda -------
+
+backends.register_backend(OP, "cuda", "cuda", _native_forward, _native_backward_fn,
+                          available=_native is not None and _native_backward is not None
+                          and torch._C._dispatch_has_kernel_for_dispatch_key(_native.default.name(), "CUDA"))

@@ -1,9 +1,20 @@
-"""Triton kernel of multi_dilation_conv2d (forward): one implicit GEMM over (N*H*W) x (sum Cout_b)
+"""Triton kernels of multi_dilation_conv2d. Forward: one implicit GEMM over (N*H*W) x (sum Cout_b)
 with K = Cin x taps. Every program owns a tile of output pixels and a tile of one branch's
 output channels; taps whose whole pixel tile reads padding are skipped; bias and activation
 in the epilogue; each branch stores straight into its channel slice of the output. All
 branches go in one launch (a small table of column tiles says which branch each one is).
-The backward is not implemented here: it runs on the next backend of the default order."""
+
+Backward (three launches plus two small torch reductions):
+1. grad_pre = grad_out * act'(pre): the backward schema carries no saved output, so the
+   pre-activation is recomputed by the forward kernel itself (GRAD=True epilogue: bias added,
+   then grad_out is read at the same position and multiplied by act'); no launch for "none".
+   (Taking the forward output instead would need a schema change and cannot invert silu.)
+2. grad_x: one transposed implicit GEMM over all branches, (N*H*W) x C_in with
+   K = sum_b Cout_b * taps_b; tap t of branch b reads grad_pre at pixel - offset_t; taps whose
+   whole pixel tile falls outside the map are skipped.
+3. grad weights: per (branch column tile, tap) an implicit GEMM Cout_b x C_in over the pixels,
+   split along the pixels into per-program partials summed by torch (deterministic, no atomics).
+grad biases: grad_pre summed per output channel (torch, in the accumulation dtype)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +24,7 @@ import triton.language as tl
 from .. import backends
 from .._common import memory_format
 from . import AVAILABLE, DEVICE_TYPES, INTERPRET
-from .pixel_shuffle_bn import _apply_activation
+from .pixel_shuffle_bn import _activation_grad, _apply_activation
 
 OP = "multi_dilation_conv2d"
 
@@ -30,10 +41,13 @@ else:
 
 @triton.autotune(configs=_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY"])
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, NHW, C_IN, C_TOT, H, W,
-                    sxn, sxc, sxh, sxw, son, soc, soh, sow, negative_slope,
+def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, go_ptr, NHW, C_IN, C_TOT, H, W,
+                    sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw, negative_slope,
                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DTYPE_KEY: tl.constexpr, UPCAST: tl.constexpr,
+                    GRAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GRAD=False: out = act(conv + bias). GRAD=True (backward): out = grad_out * act'(conv + bias),
+    # grad_out read at go_ptr with strides (sgn, sgc, sgh, sgw).
     pid_m = tl.program_id(0)
     tile = tl.program_id(1)
     # Column tile: (first output channel of the branch, branch width, first channel of the
@@ -77,9 +91,192 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, NHW, C_IN, C_TOT
                 acc += tl.dot(a, b, input_precision="ieee", out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c_off + offs_n, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
-    acc = _apply_activation(acc, ACTIVATION, negative_slope)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if GRAD:
+        g_ptr = go_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (c_off + offs_n)[None, :] * sgc
+        dy = tl.load(g_ptr, mask=mask_out, other=0.0).to(acc.dtype)
+        acc = _activation_grad(dy, acc, ACTIVATION, negative_slope)
+    else:
+        acc = _apply_activation(acc, ACTIVATION, negative_slope)
     o_ptr = out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (c_off + offs_n)[None, :] * soc
-    tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+if INTERPRET:
+    _GX_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    _GW_CONFIGS = [triton.Config({"BLOCK_CI": 16, "BLOCK_P": 16}, num_warps=4)]
+    _GW_SPLIT_TARGET = 2  # programs per (tile, tap): > 1 so the tests exercise the partial sums
+else:
+    _GX_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                   for m, n, k, w, st in [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (64, 64, 32, 4, 4),
+                                          (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 32, 64, 4, 3)]]
+    _GW_CONFIGS = [triton.Config({"BLOCK_CI": c, "BLOCK_P": p}, num_warps=w, num_stages=st)
+                   for c, p, w, st in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (32, 64, 4, 4)]]
+    _GW_SPLIT_TARGET = None  # from the SM count
+# Pixels per weight-gradient split are a multiple of this (>= every BLOCK_P above).
+_GW_P_ALIGN = 64
+
+
+@triton.autotune(configs=_GX_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY"])
+@triton.jit
+def _grad_x_kernel(gp_ptr, w_ptr, branches_ptr, gx_ptr, NUM_BRANCHES, NHW, C_IN, C_TOT, H, W,
+                   sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                   DTYPE_KEY: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grad_x(pixel p, ci) = sum_b sum_t sum_co grad_pre(p - offset_b,t, c_off_b + co) * w_b[co, ci, t]:
+    # rows = pixels, columns = input channels, K = every (branch, tap, output channel).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < NHW
+    hw = H * W
+    n = offs_m // hw
+    h = (offs_m % hw) // W
+    w = offs_m % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_IN
+    offs_k = tl.arange(0, BLOCK_K)
+    if DTYPE_KEY == "float64":
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(0, NUM_BRANCHES):
+        # Branch row: (first output channel, width, kernel size, dilation, offset of its packed
+        # (k, k, Cout_b, Cin) weights).
+        c_off = tl.load(branches_ptr + b * 5 + 0)
+        c_out = tl.load(branches_ptr + b * 5 + 1)
+        ks = tl.load(branches_ptr + b * 5 + 2)
+        dil = tl.load(branches_ptr + b * 5 + 3)
+        w_off = tl.load(branches_ptr + b * 5 + 4)
+        half = (ks - 1) // 2
+        for t in range(0, ks * ks):
+            # Output pixel that reads input pixel (h, w) through tap t: the flipped offset.
+            oh = h - (t // ks - half) * dil
+            ow = w - (t % ks - half) * dil
+            valid = mask_m & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
+            if tl.max(valid.to(tl.int32), axis=0) > 0:  # else the whole tile reads padding
+                g_row = gp_ptr + n * sgn + oh * sgh + ow * sgw
+                w_tap = w_ptr + w_off + t * c_out * C_IN
+                for c0 in range(0, c_out, BLOCK_K):
+                    ck = c0 + offs_k
+                    a = tl.load(g_row[:, None] + (c_off + ck)[None, :] * sgc,
+                                mask=valid[:, None] & (ck[None, :] < c_out), other=0.0)
+                    bm = tl.load(w_tap + ck[:, None] * C_IN + offs_n[None, :],
+                                 mask=(ck[:, None] < c_out) & mask_n[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        bm = bm.to(tl.float32)
+                    acc += tl.dot(a, bm, input_precision="ieee", out_dtype=acc.dtype)
+    x_ptr = gx_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_n[None, :] * sxc
+    tl.store(x_ptr, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_GW_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY"])
+@triton.jit
+def _grad_w_kernel(x_ptr, gp_ptr, part_ptr, items_ptr, NHW, C_IN, C_TOT, H, W, PIX_PER_SPLIT, W_TOTAL,
+                   sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                   DTYPE_KEY: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Partial grad_w_b[co, ci, t] = sum over this split's pixels p of
+    # grad_pre(p, c_off + co) * x(p + offset_t, ci): (Cout tile x K=pixels) @ (pixels x Cin tile).
+    pid_ci = tl.program_id(0)
+    item = tl.program_id(1)
+    split = tl.program_id(2)
+    # Item: (first output channel of the branch, branch width, first channel of the tile in the
+    # branch, kernel size, dilation, offset of the branch's (Cout, Cin, k, k) gradient, tap).
+    c_off = tl.load(items_ptr + item * 7 + 0)
+    c_out = tl.load(items_ptr + item * 7 + 1)
+    n0 = tl.load(items_ptr + item * 7 + 2)
+    ks = tl.load(items_ptr + item * 7 + 3)
+    dil = tl.load(items_ptr + item * 7 + 4)
+    w_off = tl.load(items_ptr + item * 7 + 5)
+    t = tl.load(items_ptr + item * 7 + 6)
+    half = (ks - 1) // 2
+    dh = (t // ks - half) * dil
+    dw = (t % ks - half) * dil
+    offs_co = n0 + tl.arange(0, BLOCK_CO)
+    mask_co = offs_co < c_out
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mask_ci = offs_ci < C_IN
+    if DTYPE_KEY == "float64":
+        acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    hw = H * W
+    p_start = split.to(tl.int64) * PIX_PER_SPLIT
+    p_end = tl.minimum(p_start + PIX_PER_SPLIT, NHW)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        n = p // hw
+        h = (p % hw) // W
+        w = p % W
+        ih = h + dh
+        iw = w + dw
+        valid = (p < p_end) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:  # else these pixels read padding through tap t
+            a = tl.load(gp_ptr + (n * sgn + h * sgh + w * sgw)[None, :] + (c_off + offs_co)[:, None] * sgc,
+                        mask=mask_co[:, None] & valid[None, :], other=0.0)
+            bx = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_ci[None, :] * sxc,
+                         mask=valid[:, None] & mask_ci[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bx = bx.to(tl.float32)
+            acc += tl.dot(a, bx, input_precision="ieee", out_dtype=acc.dtype)
+    kk = ks * ks
+    dst = (part_ptr + split.to(tl.int64) * W_TOTAL + w_off + offs_co[:, None] * (C_IN * kk)
+           + offs_ci[None, :] * kk + t)
+    tl.store(dst, acc, mask=mask_co[:, None] & mask_ci[None, :])
+
+
+_TABLES: dict = {}
+
+
+def _table(rows, device):
+    """The int64 tensor of ``rows`` on ``device``, cached: a host-to-device copy is not allowed
+    while a CUDA graph is being captured, so the tables made during warm-up are reused."""
+    key = (device, tuple(rows))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        table = _TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return table
+
+
+def _column_tiles(weights, dilations):
+    """One row per column tile of _BLOCK_N channels (tiles never straddle branches):
+    (first channel of the branch, its width, first channel of the tile, k, dilation, weight offset)."""
+    rows, c_off, w_off = [], 0, 0
+    for wt, d in zip(weights, dilations):
+        cout, k = wt.shape[0], wt.shape[-1]
+        rows += [(c_off, cout, n0, k, d, w_off) for n0 in range(0, cout, _BLOCK_N)]
+        c_off += cout
+        w_off += wt.numel()
+    return rows
+
+
+def _dtype_key(x):
+    # float32 stays IEEE (no tf32): the tests compare at float32 tolerance.
+    return {torch.float64: "float64", torch.float32: "float32"}.get(x.dtype, "half")
+
+
+def _launch_forward(x, weights, dilations, biases, activation, slope, out, grad_out=None):
+    """act(conv + bias) into out, or with grad_out: grad_out * act'(conv + bias) into out."""
+    n, c_in, h, w = x.shape
+    # Weights per branch as (k, k, Cin, Cout_b): a tap's (Cin x Cout_b) block is the GEMM's B.
+    packed = torch.cat([wt.permute(2, 3, 1, 0).reshape(-1) for wt in weights])
+    bias = torch.cat(list(biases)).contiguous() if biases else packed
+    rows = _column_tiles(weights, dilations)
+    tiles = _table(rows, x.device)
+    key = _dtype_key(x)
+    nhw = n * h * w
+    go = out if grad_out is None else grad_out
+
+    def grid(meta):
+        return (triton.cdiv(nhw, meta["BLOCK_M"]), len(rows))
+    _forward_kernel[grid](x, packed, bias, out, tiles, go, nhw, c_in, out.shape[1], h, w, *x.stride(), *out.stride(),
+                          *go.stride(), slope, HAS_BIAS=bool(biases), ACTIVATION=activation, DTYPE_KEY=key,
+                          UPCAST=INTERPRET and key == "half", GRAD=grad_out is not None, BLOCK_N=_BLOCK_N)
 
 
 def _forward(x, weights, dilations, biases, activation, slope):
@@ -90,27 +287,88 @@ def _forward(x, weights, dilations, biases, activation, slope):
     out = torch.empty((n, sum(widths), h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if out.numel() == 0:
         return out
-    # Weights per branch as (k, k, Cin, Cout_b): a tap's (Cin x Cout_b) block is the GEMM's B.
-    packed = torch.cat([wt.permute(2, 3, 1, 0).reshape(-1) for wt in weights])
-    bias = torch.cat(list(biases)).contiguous() if biases else packed
-    # One row per column tile of _BLOCK_N channels; tiles never straddle branches.
-    rows, c_off, w_off = [], 0, 0
-    for wt, d in zip(weights, dilations):
-        cout, k = wt.shape[0], wt.shape[-1]
-        rows += [(c_off, cout, n0, k, d, w_off) for n0 in range(0, cout, _BLOCK_N)]
-        c_off += cout
-        w_off += wt.numel()
-    tiles = torch.tensor(rows, dtype=torch.int64, device=x.device)
-    # float32 stays IEEE (no tf32): the tests compare at float32 tolerance.
-    key = {torch.float64: "float64", torch.float32: "float32"}.get(x.dtype, "half")
-    nhw = n * h * w
-
-    def grid(meta):
-        return (triton.cdiv(nhw, meta["BLOCK_M"]), len(rows))
-    _forward_kernel[grid](x, packed, bias, out, tiles, nhw, c_in, out.shape[1], h, w, *x.stride(), *out.stride(),
-                          slope, HAS_BIAS=bool(biases), ACTIVATION=activation, DTYPE_KEY=key,
-                          UPCAST=INTERPRET and key == "half", BLOCK_N=_BLOCK_N)
+    _launch_forward(x, weights, dilations, biases, activation, slope, out)
     return out
 
 
-backends.register_backend(OP, "triton", DEVICE_TYPES, _forward, available=AVAILABLE)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _backward(grad_out, x, weights, dilations, biases, activation, slope):
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        return NotImplemented
+    n, c_in, h, w = x.shape
+    widths = [wt.shape[0] for wt in weights]
+    c_tot = sum(widths)
+    nhw = n * h * w
+    key = _dtype_key(x)
+    upcast = INTERPRET and key == "half"
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_x = torch.empty_like(x)  # as the fake kernel (x's strides when dense)
+    if nhw == 0 or c_tot == 0:
+        grad_x.zero_()
+        grad_w = [torch.zeros_like(wt) for wt in weights]
+        grad_b = [torch.zeros_like(b) for b in biases] if biases else []
+        return grad_x, grad_w, grad_b
+
+    # 1. grad of the pre-activation (channels_last: channel-contiguous rows for both GEMMs).
+    if activation == "none":
+        gp = grad_out
+    else:
+        gp = torch.empty((n, c_tot, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        _launch_forward(x, weights, dilations, biases, activation, slope, gp, grad_out=grad_out)
+
+    # 2. grad_x: one transposed implicit GEMM over every branch and tap.
+    if c_in > 0:
+        packed_t = torch.cat([wt.permute(2, 3, 0, 1).reshape(-1) for wt in weights])  # (k, k, Cout_b, Cin)
+        brows, c_off, w_off = [], 0, 0
+        for wt, d in zip(weights, dilations):
+            brows.append((c_off, wt.shape[0], wt.shape[-1], d, w_off))
+            c_off += wt.shape[0]
+            w_off += wt.numel()
+        branches = _table(brows, x.device)
+
+        def grid_x(meta):
+            return (triton.cdiv(nhw, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))
+        _grad_x_kernel[grid_x](gp, packed_t, branches, grad_x, len(brows), nhw, c_in, c_tot, h, w,
+                               *gp.stride(), *grad_x.stride(), DTYPE_KEY=key, UPCAST=upcast)
+    else:
+        grad_x.zero_()
+
+    # 3. grad weights: per (column tile, tap) partial GEMMs over pixel splits, summed here.
+    w_total = sum(wt.numel() for wt in weights)
+    if c_in > 0:
+        items = [row + (t,) for row in _column_tiles(weights, dilations) for t in range(row[3] * row[3])]
+        item_table = _table(items, x.device)
+        if _GW_SPLIT_TARGET is not None:
+            target = _GW_SPLIT_TARGET
+        else:  # about 4 waves of programs; the smallest Cin tile is 32
+            target = triton.cdiv(4 * _sm_count(x.device), len(items) * triton.cdiv(c_in, 32))
+        splits = max(1, min(triton.cdiv(nhw, _GW_P_ALIGN), target))
+        per_split = triton.cdiv(triton.cdiv(nhw, splits), _GW_P_ALIGN) * _GW_P_ALIGN
+        splits = triton.cdiv(nhw, per_split)
+        part = torch.empty((splits, w_total), dtype=acc_dtype, device=x.device)
+
+        def grid_w(meta):
+            return (triton.cdiv(c_in, meta["BLOCK_CI"]), len(items), splits)
+        _grad_w_kernel[grid_w](x, gp, part, item_table, nhw, c_in, c_tot, h, w, per_split, w_total,
+                               *x.stride(), *gp.stride(), DTYPE_KEY=key, UPCAST=upcast, BLOCK_CO=_BLOCK_N)
+        flat = part.sum(0)
+    else:
+        flat = torch.zeros(w_total, dtype=acc_dtype, device=x.device)
+    grad_w = []
+    for wt, g in zip(weights, flat.split([wt.numel() for wt in weights])):
+        # A fresh tensor per branch (no views of one buffer: outputs must not alias), with
+        # the weight's strides as the fake kernel's empty_like(weight).
+        grad_w.append(torch.empty_like(wt).copy_(g.view(wt.shape)))
+
+    # grad biases: grad_pre summed per output channel, in the accumulation dtype.
+    grad_b = []
+    if biases:
+        gb = gp.sum(dim=(0, 2, 3), dtype=acc_dtype)
+        grad_b = [g.to(b.dtype, copy=True) for g, b in zip(gb.split(widths), biases)]
+    return grad_x, grad_w, grad_b
+
+
+backends.register_backend(OP, "triton", DEVICE_TYPES, _forward, _backward, available=AVAILABLE)
