@@ -13,10 +13,11 @@ from .pixel_shuffle_bn import pixel_shuffle_bn
 from .shuffle_upsample import shuffle_upsample
 from . import triton as _triton  # noqa: F401,E402  (registers the Triton backends where importable)
 from . import nn, reference  # noqa: E402
+from .fuse import fuse  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d",
     "available_backends", "get_backend", "register_backend", "set_backend", "use_backend",
-    "nn", "reference",
+    "nn", "reference", "fuse",
 ]

@@ -64,6 +64,22 @@ def _fold_batch_norm(weight, bias, bn):
     return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype)
 
 
+def _scale_of(upsample: nn.Upsample) -> int:
+    """The integer scale factor of an ``nn.Upsample`` (2, 2.0 or (2, 2))."""
+    s = upsample.scale_factor
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+
+def _set_mode(module: nn.Module, training: bool, *shared: nn.Module) -> nn.Module:
+    """Sets ``training`` on a ``from_*`` module and its new containers only: the ``shared``
+    modules keep their own modes (a frozen BatchNorm in a training model stays in eval)."""
+    modes = {m: m.training for s in shared for m in s.modules()}
+    module.train(training)
+    for m, mode in modes.items():
+        m.training = mode
+    return module
+
+
 class PixelShuffleBN(_NormBase):
     """``PixelShuffle(r) -> BatchNorm2d(C) -> activation`` in one op. ``in_channels`` is the
     input's C*r*r. Parameters and buffers are those of ``nn.BatchNorm2d(C)``, so its state dict
@@ -145,6 +161,22 @@ class EUCB(_RemapStateDict, nn.Module):
         self.pwc = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1))
         self.scale_factor, self.mode, self.shuffle_groups, self.activation = scale_factor, mode, shuffle_groups, activation
 
+    @classmethod
+    def from_modules(cls, upsample: nn.Upsample, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None,
+                     pw: nn.Conv2d, shuffle_groups: int = 1):
+        """The fused module of an existing ``Upsample -> Conv2d(3x3, groups) -> BatchNorm2d ->
+        act -> channel_shuffle(shuffle_groups) -> Conv2d(1x1)`` chain, sharing its modules (so
+        parameters, buffers, devices and modes carry over). The 3x3 conv may be grouped rather
+        than depthwise: the op takes its groups from the weight's shape. Configurations are
+        assumed checked (see :func:`uresnet_ops.fuse`)."""
+        activation = _activation_of(act) if act is not None else "none"
+        with torch.device("meta"):  # the fresh modules are replaced right away
+            module = cls(conv.in_channels, pw.out_channels, _scale_of(upsample), upsample.mode,
+                         shuffle_groups, activation)
+        module.up_dwc = nn.Sequential(upsample, conv, bn, act if act is not None else nn.Identity())
+        module.pwc = nn.Sequential(pw)
+        return _set_mode(module, conv.training, upsample, conv, bn, pw, *([act] if act is not None else []))
+
     def forward(self, x):
         bn, pw = self.up_dwc[2], self.pwc[0]
         return shuffle_upsample(x, self.up_dwc[1].weight, pw.weight, pw.bias, bn.weight, bn.bias,
@@ -172,6 +204,21 @@ class EUCBStar(nn.Module):
             for _ in range(stages))
         self.pwc = nn.Conv2d(in_channels, out_channels, 1)
         self.scale_factor, self.mode, self.groups, self.activation = scale_factor, mode, groups, activation
+
+    @classmethod
+    def from_modules(cls, upsample: nn.Upsample, stages, pw: nn.Conv2d):
+        """The fused module of an existing ``Upsample -> [Conv2d(3x3, groups=g) -> BatchNorm2d ->
+        act -> channel_shuffle(g)] x n -> Conv2d(1x1)`` chain (``stages``: (conv, bn, act) per
+        stage), sharing its modules. Configurations are assumed checked."""
+        conv, bn, act = stages[0]
+        activation = _activation_of(act) if act is not None else "none"
+        with torch.device("meta"):
+            module = cls(conv.in_channels, pw.out_channels, _scale_of(upsample), upsample.mode,
+                         len(stages), conv.groups, activation)
+        module.stages = nn.ModuleList(nn.Sequential(c, b, a if a is not None else nn.Identity()) for c, b, a in stages)
+        module.pwc = pw
+        shared = [m for stage in stages for m in stage if m is not None]
+        return _set_mode(module, stages[0][0].training, upsample, pw, *shared)
 
     def forward(self, x):
         last = len(self.stages) - 1
@@ -242,6 +289,23 @@ class MultiDilationConv2d(nn.Module):
             for c, k, d in zip(widths, kernel_sizes, dilations))
         self.norm, self.activation = norm, activation
 
+    @classmethod
+    def from_branches(cls, branches):
+        """The fused module of existing parallel branches, each ``(conv, bn or None, act or
+        None)`` (all with or all without BatchNorm, one activation for all), sharing their modules.
+        Configurations are assumed checked (see :func:`uresnet_ops.fuse`)."""
+        norm = branches[0][1] is not None
+        act = branches[0][2]
+        activation = _activation_of(act) if act is not None else "none"
+        convs = [b[0] for b in branches]
+        with torch.device("meta"):
+            module = cls(convs[0].in_channels, [c.out_channels for c in convs], [c.kernel_size[0] for c in convs],
+                         [c.dilation[0] for c in convs], norm, activation)
+        module.branches = nn.ModuleList(
+            nn.Sequential(conv, *([bn] if norm else []), a if a is not None else nn.Identity())
+            for conv, bn, a in branches)
+        return _set_mode(module, convs[0].training, *(m for b in branches for m in b if m is not None))
+
     def forward(self, x):
         bns = [b[1] for b in self.branches] if self.norm else None
         return fused_conv_branches(x, [b[0] for b in self.branches], bns, self.activation)
@@ -267,6 +331,21 @@ class ASPP(nn.Module):
         self.project = nn.Sequential(
             nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(0.5))
+
+    @classmethod
+    def from_torchvision(cls, aspp):
+        """The fused module of a ``torchvision.models.segmentation.deeplabv3.ASPP``, sharing its
+        modules (state-dict keys stay the same). Its layout is assumed checked (see
+        :func:`uresnet_ops.fuse`)."""
+        convs = list(aspp.convs)
+        rates = [branch[0].dilation[0] for branch in convs[1:-1]]
+        first = convs[0][0]
+        with torch.device("meta"):
+            module = cls(first.in_channels, rates, first.out_channels)
+        # The pooling branch as a plain Sequential: its 1x1 result is broadcast, not upsampled.
+        module.convs = nn.ModuleList(convs[:-1] + [nn.Sequential(*convs[-1])])
+        module.project = aspp.project
+        return _set_mode(module, aspp.training, aspp)
 
     def forward(self, x):
         branches = self.convs[:-1]

@@ -1,0 +1,132 @@
+"""``uresnet_ops.fuse`` on torchvision's deeplabv3_resnet50: inference (eval forward) and a train
+step (forward + backward + SGD step), the original model vs the fused one (its ASPP becomes
+``uresnet_ops.nn.ASPP``).
+
+Shapes: CPU batch 1, 128x128, float32; CUDA batch 8, 512x512 under bfloat16 autocast. One
+``benchmark.group`` per mode; implementations "original" and "fused". Run::
+
+    pytest benchmarks -k deeplabv3 --bench-device cpu --benchmark-json=bench-results/fuse.json
+    python benchmarks/bench_fuse.py [--device cpu|cuda] [--rounds 5]   # table, no pytest
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import uresnet_ops  # noqa: F401
+except ImportError:  # a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import uresnet_ops  # noqa: E402
+
+IMPLS = ("original", "fused")
+MODES = ("inference", "train_step")
+
+
+def shape(device: str) -> tuple[int, int]:
+    """(batch, side)."""
+    return (8, 512) if device == "cuda" else (1, 128)
+
+
+def make_step(impl: str, mode: str, device, seed: int = 0):
+    """A callable running one inference or train step of deeplabv3_resnet50 (fused or not)."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    model = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21).to(device)
+    if impl == "fused":
+        model = uresnet_ops.fuse(model, inplace=True)
+    batch, side = shape(device.type)
+    x = torch.randn(batch, 3, side, side, device=device)
+    target = torch.randint(0, 21, (batch, side, side), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext)
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast():
+                return model(x)["out"]
+        return step
+    model.train()
+    # BatchNorm on the 1x1 pooled ASPP branch needs more than one value per channel in training
+    if batch == 1:
+        x, target = x.repeat(2, 1, 1, 1), target.repeat(2, 1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn(model(x)["out"], target)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_fuse_deeplabv3_resnet50(benchmark, bench_options, mode, impl):
+    device = torch.device(bench_options.device)
+    batch, side = shape(device.type)
+    if mode == "train_step" and batch == 1:
+        batch = 2
+    benchmark.group = f"fuse deeplabv3_resnet50 {mode} {batch}x{side}x{side}"
+    step = make_step(impl, mode, device)
+    step()  # warm-up (allocator, cuDNN/oneDNN primitives)
+    _sync(device)
+
+    def target():
+        step()
+        _sync(device)
+
+    benchmark.pedantic(target, rounds=3 if device.type == "cpu" else 20, warmup_rounds=1)
+    benchmark.extra_info.update(model="deeplabv3_resnet50", implementation=impl, mode=mode, device=device.type,
+                                batch=batch, side=side,
+                                dtype="bfloat16-autocast" if device.type == "cuda" else "float32",
+                                torch_version=torch.__version__)
+
+
+# ----------------------------------------------------------------------------- standalone
+def measure(impl, mode, device, rounds) -> float:
+    step = make_step(impl, mode, device)
+    step()
+    _sync(device)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    batch, side = shape(args.device)
+    print(f"deeplabv3_resnet50 device={args.device} batch={batch} side={side} torch={torch.__version__}")
+    print(f"{'mode':<12} {'original':>10} {'fused':>10} {'speedup':>8}")
+    for mode in MODES:
+        original, fused = (measure(impl, mode, args.device, args.rounds) for impl in IMPLS)
+        print(f"{mode:<12} {original * 1e3:>8.1f}ms {fused * 1e3:>8.1f}ms {original / fused:>7.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""``uresnet_ops.fuse(model)``: rewrite any ``nn.Module`` to use the fused modules (DESIGN.md §3.5).
+
+Patterns (each checked for a configuration the fused op computes exactly; others are left as
+they are and reported):
+
+* ``PixelShuffle -> BatchNorm2d (-> ReLU | LeakyReLU | SiLU)``               -> ``PixelShuffleBN``
+* ``Upsample -> Conv2d 3x3 (depthwise or grouped) -> BatchNorm2d (-> act) (-> ChannelShuffle)
+  -> Conv2d 1x1``                                                            -> ``EUCB``
+  (several ``3x3 -> BN -> act -> ChannelShuffle(groups)`` stages before the 1x1: ``EUCBStar``)
+* ``torch.cat`` of convolution branches (conv (-> BN) (-> act)) on one input -> ``MultiDilationConv2d``
+* ``torchvision.models.segmentation.deeplabv3.ASPP``                          -> ``ASPP``
+
+They are found in ``nn.Sequential`` children (consecutive runs; nested plain Sequentials are
+looked into), in known module classes (torchvision's ASPP), and in the ``forward`` of other
+modules that ``torch.fx.symbolic_trace`` can trace (one level: submodules are leaves). A module
+whose forward was rewritten becomes a ``torch.fx.GraphModule`` (of the same class name).
+
+The fused modules share the original modules (Conv2d, BatchNorm2d, ...), so parameters,
+buffers, ``requires_grad``, devices, dtypes and train/eval modes carry over untouched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import nn as unn
+
+__all__ = ["fuse", "FuseReport", "FuseEntry"]
+
+_FUSED_TYPES = (unn.PixelShuffleBN, unn.EUCB, unn.EUCBStar, unn.MultiDilationConv2d, unn.ASPP, unn.AtrousBlock)
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.SiLU)
+
+
+@dataclasses.dataclass
+class FuseEntry:
+    path: str     # where in the model ("" is the model itself)
+    pattern: str  # what was found, e.g. "PixelShuffle -> BatchNorm2d -> ReLU"
+    detail: str   # the replacement, or why it was passed over
+    modules: tuple = dataclasses.field(default=(), repr=False, compare=False)  # the modules looked at
+
+
+@dataclasses.dataclass
+class FuseReport:
+    fused: list[FuseEntry] = dataclasses.field(default_factory=list)
+    skipped: list[FuseEntry] = dataclasses.field(default_factory=list)
+
+    def _fused(self, entry: FuseEntry, consumed):
+        """Record a fusion; drops what was passed over in a nested module and is now fused
+        from its parent (a Sequential ending early whose parent's forward completes it)."""
+        self.fused.append(entry)
+        self.skipped = [e for e in self.skipped if not any(m in consumed for m in e.modules)]
+
+    def __str__(self):
+        lines = [f"fused {len(self.fused)} pattern(s):"] + [f"  {e.path or '<model>'}: {e.pattern} -> {e.detail}"
+                                                             for e in self.fused]
+        if self.skipped:
+            lines += [f"passed over {len(self.skipped)}:"] + [f"  {e.path or '<model>'}: {e.pattern}: {e.detail}"
+                                                              for e in self.skipped]
+        return "\n".join(lines)
+
+
+def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
+    """Replace the fusable patterns in ``model`` by the fused modules (see the module docstring).
+
+    ``inplace=False`` works on a deep copy. Returns the model, or ``(model, FuseReport)`` with
+    ``report=True``: what was replaced, and what looked fusable but was passed over, and why."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    rep = FuseReport()
+    holder = nn.Module()  # so the model itself can be replaced too (a Sequential, an ASPP, ...)
+    holder._modules["model"] = model
+    _fuse_children(holder, None, rep)
+    model = holder._modules["model"]
+    return (model, rep) if report else model
+
+
+# ----------------------------------------------------------------------------- the tree walk
+def _join(path, name):
+    return name if path is None else (f"{path}.{name}" if path else name)
+
+
+def _fuse_children(module, path, rep):
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = _fuse_tree(child, "" if path is None else _join(path, name), rep)
+
+
+def _fuse_tree(module, path, rep) -> nn.Module:
+    """Fuses inside ``module`` (children first), then ``module`` itself; returns its replacement."""
+    if isinstance(module, _FUSED_TYPES):
+        return module
+    if _is_torchvision_aspp(module):
+        fused = _fuse_torchvision_aspp(module, path, rep)
+        if fused is not None:
+            return fused
+    _fuse_children(module, path, rep)
+    if _is_plain(module, nn.Sequential):
+        _fuse_sequential(module, path, rep)
+        return module
+    if type(module).__module__.startswith("torch.") or not module._modules:
+        return module  # torch's own layers and containers, leaves: nothing to trace
+    return _fuse_traced(module, path, rep)
+
+
+def _is_plain(module, cls) -> bool:
+    """An instance of ``cls`` that computes what ``cls`` does (no overridden forward)."""
+    if isinstance(cls, tuple):
+        return any(_is_plain(module, c) for c in cls)
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _flat(module) -> list:
+    """The modules a call of ``module`` runs in order (plain Sequentials opened up)."""
+    if _is_plain(module, nn.Sequential):
+        return [m for child in module for m in _flat(child)]
+    return [module]
+
+
+# ----------------------------------------------------------------------------- chain matching
+@dataclasses.dataclass
+class _Match:
+    pattern: str
+    length: int = 0        # modules consumed (0: passed over)
+    build: object = None   # () -> fused module
+    reason: str = ""
+    mods: tuple = ()       # the modules the pattern covers
+
+
+def _names(mods):
+    return " -> ".join(type(m).__name__ for m in mods)
+
+
+def _conv_problem(conv, kernel, groups_ok=False) -> str:
+    """Why ``conv`` is not a stride-1, 'same'-padded conv of odd square ``kernel`` ("" if it is)."""
+    k, d, p = conv.kernel_size, conv.dilation, conv.padding
+    if not _is_plain(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not a plain Conv2d"
+    if k[0] != k[1] or (kernel is not None and k[0] != kernel) or k[0] % 2 == 0:
+        return f"kernel {k[0]}x{k[1]} (need {f'{kernel}x{kernel}' if kernel else 'odd square'})"
+    if conv.stride != (1, 1):
+        return f"stride {conv.stride}"
+    if d[0] != d[1] or (kernel == 3 and d[0] != 1):
+        return f"dilation {d}"
+    if p != "same" and tuple(p) != (d[0] * (k[0] - 1) // 2,) * 2:
+        return f"padding {p} (need {d[0] * (k[0] - 1) // 2})"
+    if conv.padding_mode != "zeros" and k[0] > 1:
+        return f"padding_mode {conv.padding_mode!r}"
+    if conv.groups != 1 and not groups_ok:
+        return f"groups={conv.groups}"
+    return ""
+
+
+def _bn_problem(bn, channels) -> str:
+    if not _is_plain(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a plain BatchNorm2d"
+    return "" if bn.num_features == channels else f"BatchNorm2d({bn.num_features}) after {channels} channels"
+
+
+def _act_config(act):
+    return None if act is None else (type(act), getattr(act, "negative_slope", None))
+
+
+def _match_pixel_shuffle(mods):
+    if not (len(mods) >= 2 and _is_plain(mods[0], nn.PixelShuffle) and isinstance(mods[1], _BatchNorm)):
+        return None
+    ps, bn = mods[:2]
+    act = mods[2] if len(mods) > 2 and _is_plain(mods[2], _ACTIVATIONS) else None
+    used = [ps, bn] + ([act] if act else [])
+    problem = "" if _is_plain(bn, nn.BatchNorm2d) else f"{type(bn).__name__} is not a plain BatchNorm2d"
+    if problem:
+        return _Match(_names(used), reason=problem, mods=tuple(used))
+    return _Match(_names(used), len(used), lambda: unn.PixelShuffleBN.from_modules(ps, bn, act), mods=tuple(used))
+
+
+def _upsample_problem(up) -> str:
+    if up.size is not None:
+        return "Upsample with size= (need an integer scale_factor)"
+    s = up.scale_factor if isinstance(up.scale_factor, (tuple, list)) else (up.scale_factor,) * 2
+    if s[0] != s[1] or float(s[0]) != int(s[0]) or int(s[0]) < 1:
+        return f"scale_factor {up.scale_factor} (need one integer)"
+    if up.mode not in ("nearest", "bilinear"):
+        return f"mode {up.mode!r} (need 'nearest' or 'bilinear')"
+    if up.mode == "bilinear" and int(s[0]) != 2:
+        return f"bilinear scale_factor {s[0]} (bilinear supports x2)"
+    if up.align_corners:
+        return "align_corners=True"
+    if getattr(up, "recompute_scale_factor", None):
+        return "recompute_scale_factor=True"
+    return ""
+
+
+def _match_upsample(mods):
+    """Upsample -> [Conv3x3 -> BN (-> act) (-> ChannelShuffle)] x n -> Conv1x1."""
+    if not (len(mods) >= 2 and _is_plain(mods[0], nn.Upsample) and isinstance(mods[1], nn.Conv2d)):
+        return None
+    up, i, stages = mods[0], 1, []  # stages: (conv, bn, act, shuffle groups or None)
+    problem = _upsample_problem(up)
+    while not problem:
+        conv = mods[i]
+        c = conv.in_channels
+        problem = _conv_problem(conv, 3, groups_ok=True) or (
+            f"3x3 conv {c} -> {conv.out_channels} channels (need {c} -> {c})" if conv.out_channels != c else
+            "3x3 conv with bias" if conv.bias is not None else "")
+        if problem:
+            break
+        if i + 1 >= len(mods):
+            problem = "no BatchNorm2d after the 3x3 conv"
+            break
+        problem = _bn_problem(mods[i + 1], c)
+        if problem:
+            break
+        bn, i = mods[i + 1], i + 2
+        act = mods[i] if i < len(mods) and _is_plain(mods[i], _ACTIVATIONS) else None
+        i += act is not None
+        shuffle = mods[i].groups if i < len(mods) and _is_plain(mods[i], nn.ChannelShuffle) else None
+        i += shuffle is not None
+        stages.append((conv, bn, act, shuffle))
+        nxt = mods[i] if i < len(mods) else None
+        if isinstance(nxt, nn.Conv2d) and nxt.kernel_size == (1, 1):
+            problem = _conv_problem(nxt, 1) or (f"1x1 conv of {nxt.in_channels} channels after {c}"
+                                                 if nxt.in_channels != c else "")
+            break
+        if not (isinstance(nxt, nn.Conv2d) and shuffle is not None):  # EUCB* stages end in a shuffle
+            problem = f"no 1x1 Conv2d after {_names(mods[i - 2 - (act is not None) - (shuffle is not None):i])}"
+    used = mods[:i + 1] if not problem else mods[:max(i, 2)]
+    pattern = _names(used)
+    if problem:
+        return _Match(pattern, reason=problem, mods=tuple(used))
+    pw = mods[i]
+    if len(stages) == 1:
+        conv, bn, act, shuffle = stages[0]
+        return _Match(pattern, len(used), lambda: unn.EUCB.from_modules(up, conv, bn, act, pw, shuffle or 1),
+                      mods=tuple(used))
+    g = stages[0][0].groups
+    if any(conv.groups != g or shuffle != g or _act_config(act) != _act_config(stages[0][2])
+           for conv, _, act, shuffle in stages):
+        return _Match(pattern, reason="EUCB* stages need the same conv groups g, ChannelShuffle(g) and "
+                                      "activation in every stage", mods=tuple(used))
+    return _Match(pattern, len(used), lambda: unn.EUCBStar.from_modules(up, [s[:3] for s in stages], pw),
+                  mods=tuple(used))
+
+
+_CHAIN_MATCHERS = (_match_pixel_shuffle, _match_upsample)
+
+
+def _match_units(units, start):
+    """The match starting at ``units[start]`` (units: lists of modules run one after the other),
+    as (match, number of units consumed), or None."""
+    flat = [m for unit in units[start:] for m in unit]
+    for matcher in _CHAIN_MATCHERS:
+        match = matcher(flat)
+        if match is None:
+            continue
+        if match.length:
+            ends = [sum(len(u) for u in units[start:start + n]) for n in range(1, len(units) - start + 1)]
+            if match.length not in ends:
+                return dataclasses.replace(match, length=0, reason="the pattern ends inside a nested module"), 0
+            used = flat[:match.length]
+            hooked = [type(m).__name__ for m in used if m._forward_hooks or m._forward_pre_hooks]
+            if hooked:
+                return dataclasses.replace(match, length=0, reason=f"forward hooks on {', '.join(hooked)}"), 0
+            return match, ends.index(match.length) + 1
+        return match, 0
+    return None
+
+
+def _fuse_sequential(seq, path, rep):
+    keys = list(seq._modules)
+    units = [_flat(seq._modules[k]) for k in keys]
+    i = 0
+    while i < len(keys):
+        found = _match_units(units, i)
+        if found is None:
+            i += 1
+            continue
+        match, n = found
+        where = f"{path}[{i}:{i + max(n, 1)}]" if path else f"[{i}:{i + max(n, 1)}]"
+        if not n:
+            rep.skipped.append(FuseEntry(where, match.pattern, match.reason, match.mods))
+            i += 1
+            continue
+        fused = match.build()
+        # The fused module takes the first place; Identity keeps the others' indices (and the
+        # state-dict keys of everything after the run).
+        seq._modules[keys[i]] = fused
+        for k in keys[i + 1:i + n]:
+            seq._modules[k] = nn.Identity()
+        rep._fused(FuseEntry(where, match.pattern, type(fused).__name__), match.mods)
+        i += n
+
+
+# ----------------------------------------------------------------------------- known classes
+def _is_torchvision_aspp(module) -> bool:
+    return type(module).__name__ == "ASPP" and type(module).__module__ == "torchvision.models.segmentation.deeplabv3"
+
+
+def _fuse_torchvision_aspp(aspp, path, rep):
+    convs = list(aspp.convs)
+    problem = ""
+    branches = [_flat(b) for b in convs[:-1]]
+    pool, project = list(convs[-1]), list(aspp.project)
+    for j, b in enumerate(branches):
+        if len(b) != 3 or not _is_plain(b[2], nn.ReLU):
+            problem = f"branch {j} is {_names(b)} (need Conv2d -> BatchNorm2d -> ReLU)"
+        else:
+            problem = _conv_problem(b[0], 1 if j == 0 else 3 if b[0].dilation[0] == 1 else None) or _bn_problem(
+                b[1], b[0].out_channels)
+            if not problem and j and b[0].kernel_size != (3, 3):
+                problem = f"branch {j}: kernel {b[0].kernel_size}"
+        if problem:
+            break
+    if not problem and (type(convs[-1]).__name__ != "ASPPPooling" or len(pool) != 4
+                        or not isinstance(pool[0], nn.AdaptiveAvgPool2d)):
+        problem = "the last branch is not torchvision's ASPPPooling"
+    if not problem and (len(project) != 4 or not _is_plain(project[0], nn.Conv2d) or project[0].bias is not None):
+        problem = "project is not Conv2d(bias=False) -> BatchNorm2d -> ReLU -> Dropout"
+    if not problem and len({_bn_config(b[1]) for b in branches}) != 1:
+        problem = "the branches' BatchNorms differ in momentum, eps, affine, tracking or mode"
+    if problem:
+        rep.skipped.append(FuseEntry(path, "torchvision ASPP", problem))
+        return None
+    rep._fused(FuseEntry(path, "torchvision ASPP", "ASPP"), ())
+    return unn.ASPP.from_torchvision(aspp)
+
+
+def _bn_config(bn):
+    return (bn.momentum, bn.eps, bn.affine, bn.track_running_stats, bn.training, bn.running_mean is None)
+
+
+# ----------------------------------------------------------------------------- torch.fx forwards
+class _OneLevelTracer(fx.Tracer):
+    """Traces only the module's own forward: every submodule call is one node."""
+
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _trace(module) -> fx.Graph:
+    return _OneLevelTracer().trace(module)
+
+
+# call_function / call_method targets -> the module computing the same thing (for matching)
+_FUNCTIONS = {
+    F.relu: lambda input, inplace=False: nn.ReLU(),
+    torch.relu: lambda input: nn.ReLU(),
+    F.silu: lambda input, inplace=False: nn.SiLU(),
+    F.leaky_relu: lambda input, negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope),
+    F.pixel_shuffle: lambda input, upscale_factor: nn.PixelShuffle(upscale_factor),
+    F.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
+    torch.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
+    F.interpolate: lambda input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+    recompute_scale_factor=None, antialias=False: (
+        None if antialias else nn.Upsample(size, scale_factor, mode, align_corners, recompute_scale_factor)),
+}
+_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU}
+
+
+def _node_modules(node, root):
+    """The modules a graph node runs (a list, see ``_flat``), or None if it is something else
+    or takes a tensor other than its first argument."""
+    args, kwargs = node.args, node.kwargs
+    if not args or not isinstance(args[0], fx.Node) or any(isinstance(a, fx.Node) for a in _leaves((args[1:], kwargs))):
+        return None
+    try:
+        if node.op == "call_module" and len(args) == 1 and not kwargs:
+            return _flat(root.get_submodule(node.target)) or None
+        if node.op == "call_function" and node.target in _FUNCTIONS:
+            module = _FUNCTIONS[node.target](*args, **kwargs)
+            return None if module is None else [module]
+        if node.op == "call_method" and node.target in _METHODS and len(args) == 1 and not kwargs:
+            return [_METHODS[node.target]()]
+    except (TypeError, ValueError, AttributeError):  # unexpected arguments: not one of ours
+        return None
+    return None
+
+
+def _leaves(tree):
+    out = []
+    fx.node.map_aggregate(tree, lambda a: out.append(a) or a)
+    return out
+
+
+def _fuse_traced(module, path, rep):
+    try:
+        graph = _trace(module)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: leave it as it is
+        if _has_candidates(module):
+            msg = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+            rep.skipped.append(FuseEntry(path, f"forward of {type(module).__name__}",
+                                         f"not traceable by torch.fx ({type(error).__name__}: {msg})"))
+        return module
+    new_modules, consumed, found = {}, set(), []
+    _rewrite_chains(graph, module, new_modules, consumed, found, path, rep)
+    _rewrite_cats(graph, module, new_modules, consumed, found, path, rep)
+    if not new_modules:
+        return module
+    if not _same_in_both_modes(module):
+        for entry in found:
+            rep.skipped.append(FuseEntry(entry.path, entry.pattern, "the forward differs between train and eval mode"))
+        return module
+    graph.lint()
+    root = nn.Module()
+    root._modules.update(module._modules)
+    root._modules.update(new_modules)
+    root._parameters.update(module._parameters)
+    root._buffers.update(module._buffers)
+    gm = fx.GraphModule(root, graph, type(module).__name__)
+    gm.training = module.training
+    # The graph keeps only what its forward uses; keep the rest too (except what was fused away).
+    for name, child in module._modules.items():
+        if name not in gm._modules and child is not None and not any(m in consumed for m in child.modules()):
+            gm._modules[name] = child
+    for store in ("_parameters", "_buffers"):
+        for name, value in getattr(module, store).items():
+            if not hasattr(gm, name):
+                getattr(gm, store)[name] = value
+    for entry in found:
+        rep._fused(entry, entry.modules)
+    return gm
+
+
+def _has_candidates(module) -> bool:
+    return any(isinstance(m, (nn.PixelShuffle, nn.Upsample)) or (isinstance(m, nn.Conv2d) and m.dilation[0] > 1)
+               for m in module.modules())
+
+
+def _same_in_both_modes(module) -> bool:
+    """A traced graph is one path through the forward: refuse forwards that branch on
+    ``self.training`` (every module's mode is restored afterwards)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        codes = []
+        for mode in (True, False):
+            module.train(mode)
+            codes.append(_trace(module).python_code("self").src)
+        return codes[0] == codes[1]
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _free_name(base, module, new_modules):
+    name, k = base, 0
+    while name in new_modules or hasattr(module, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _call_counts(graph):
+    counts = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def _shared_stateful(nodes, root, counts):
+    """Names of stateful modules among ``nodes`` that the forward also calls elsewhere (they
+    cannot be folded into a fused module)."""
+    shared = []
+    for n in nodes:
+        if n.op == "call_module" and counts[n.target] > 1:
+            m = root.get_submodule(n.target)
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                shared.append(n.target)
+    return shared
+
+
+def _chain(node, root):
+    """(node, modules) of the straight run of module-like nodes starting at ``node``."""
+    units = []
+    while True:
+        mods = _node_modules(node, root)
+        if mods is None:
+            return units
+        units.append((node, mods))
+        users = list(node.users)
+        if len(users) != 1 or users[0].args[:1] != (node,):
+            return units
+        node = users[0]
+
+
+def _rewrite_chains(graph, module, new_modules, consumed, found, path, rep):
+    counts = _call_counts(graph)
+    erased = set()
+    for node in list(graph.nodes):
+        if node in erased:
+            continue
+        first = _node_modules(node, module)
+        if not first or not isinstance(first[0], (nn.PixelShuffle, nn.Upsample)):
+            continue
+        units = _chain(node, module)
+        result = _match_units([u for _, u in units], 0)
+        if result is None:
+            continue
+        match, n = result
+        nodes = [nd for nd, _ in units[:n]]
+        shared = _shared_stateful(nodes, module, counts)
+        if n and shared:
+            match, n = dataclasses.replace(match, reason=f"{', '.join(shared)} also called elsewhere in forward"), 0
+        if not n:
+            rep.skipped.append(FuseEntry(path, match.pattern + " in forward", match.reason, match.mods))
+            continue
+        fused = match.build()
+        # The fused module takes the name of the first module it replaces where that is free.
+        first_name = nodes[0].target if nodes[0].op == "call_module" else "fused"
+        reuse = nodes[0].op == "call_module" and counts[first_name] == 1 and "." not in first_name
+        name = first_name if reuse else _free_name(first_name.replace(".", "_") + "_fused", module, new_modules)
+        new_modules[name] = fused
+        consumed.update(m for _, mods in units[:n] for m in mods)
+        with graph.inserting_before(nodes[0]):
+            new = graph.call_module(name, (nodes[0].args[0],))
+        nodes[-1].replace_all_uses_with(new)
+        for nd in reversed(nodes):
+            graph.erase_node(nd)
+            erased.add(nd)
+        found.append(FuseEntry(path, match.pattern + " in forward", f"{type(fused).__name__} ({name})", match.mods))
+
+
+@dataclasses.dataclass
+class _Branch:
+    input: fx.Node
+    nodes: list
+    conv: nn.Conv2d
+    bn: nn.Module | None
+    act: nn.Module | None
+    problem: str
+
+    def key(self):
+        return (self.input, self.bn is None, self.bn is not None and _bn_config(self.bn), _act_config(self.act),
+                self.conv.weight.dtype, self.conv.weight.device)
+
+
+def _branch(t, root, counts):
+    """The conv (-> BN) (-> act) branch ending in cat input ``t``, or None."""
+    nodes = []
+    while isinstance(t, fx.Node) and len(t.users) == 1 and len(nodes) < 3:
+        mods = _node_modules(t, root)
+        if mods is None:
+            return None
+        nodes.insert(0, (t, mods))
+        if isinstance(mods[0], nn.Conv2d):
+            break
+        t = t.args[0]
+    flat = [m for _, mods in nodes for m in mods]
+    if not flat or not isinstance(flat[0], nn.Conv2d):
+        return None
+    conv, rest = flat[0], flat[1:]
+    bn = rest.pop(0) if rest and isinstance(rest[0], _BatchNorm) else None
+    act = rest.pop(0) if rest and _is_plain(rest[0], _ACTIVATIONS) else None
+    if rest:
+        return None
+    problem = _conv_problem(conv, None) or (bn is not None and _bn_problem(bn, conv.out_channels)) or ""
+    hooked = [type(m).__name__ for m in flat if m._forward_hooks or m._forward_pre_hooks]
+    shared = _shared_stateful([nd for nd, _ in nodes], root, counts)
+    problem = problem or (f"forward hooks on {', '.join(hooked)}" if hooked else "") or (
+        f"{', '.join(shared)} also called elsewhere in forward" if shared else "")
+    return _Branch(nodes[0][0].args[0], [nd for nd, _ in nodes], conv, bn, act, problem)
+
+
+def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
+    counts = _call_counts(graph)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.cat or not node.args:
+            continue
+        tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3) or not isinstance(tensors, (list, tuple)):
+            continue
+        branches = [_branch(t, module, counts) if tensors.count(t) == 1 else None for t in tensors]
+        problems = [f"{_names([b.conv])}({b.conv.in_channels}, {b.conv.out_channels}): {b.problem}"
+                    for b in branches if b is not None and b.problem]
+        new_tensors, j, fused_here = [], 0, []
+        while j < len(tensors):
+            b, k = branches[j], j + 1
+            if b is not None and not b.problem:
+                while k < len(tensors) and branches[k] is not None and not branches[k].problem \
+                        and branches[k].key() == b.key():
+                    k += 1
+            if k - j < 2:
+                new_tensors.append(tensors[j])
+                j += 1
+                continue
+            run = branches[j:k]
+            fused = unn.MultiDilationConv2d.from_branches([(r.conv, r.bn, r.act) for r in run])
+            name = _free_name("branches_fused", module, new_modules)
+            new_modules[name] = fused
+            consumed.update(m for r in run for nd in r.nodes for m in _node_modules(nd, module))
+            with graph.inserting_before(node):
+                new_tensors.append(graph.call_module(name, (b.input,)))
+            fused_here.append((run, name, fused))
+            j = k
+        if not fused_here:
+            if len([b for b in branches if b is not None]) >= 2 and problems:
+                rep.skipped.append(FuseEntry(path, "torch.cat of conv branches in forward", "; ".join(problems)))
+            continue
+        node.args = (type(tensors)(new_tensors),) + tuple(node.args[1:])
+        for run, name, fused in fused_here:
+            for r in run:
+                for nd in reversed(r.nodes):
+                    graph.erase_node(nd)
+            pattern = f"torch.cat of {len(run)} conv branches (dilations {[r.conv.dilation[0] for r in run]})"
+            found.append(FuseEntry(path, pattern + " in forward", f"{type(fused).__name__} ({name})",
+                                   tuple(m for r in run for m in (r.conv, r.bn, r.act) if m is not None)))
+        if problems:
+            rep.skipped.append(FuseEntry(path, "torch.cat of conv branches in forward", "; ".join(problems)))
