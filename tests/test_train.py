@@ -1,0 +1,178 @@
+"""The training loop: learning on synthetic shapes, checkpoints and logs, resume, joint and
+classification training, and 2-process DDP (gloo, CPU) against a single process."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import uresnet_models
+from uresnet_models.train import TrainConfig, fit, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model="uresnet", encoder=None,
+            model_args=dict(base_channels=8, residual_widths=(16, 16, 16, 16), residual_out_channels=8))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared with other jobs: intra-op threads oversubscribe them and run ~5x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = TrainConfig(**TINY, image_size=32, train_samples=128, val_samples=32, epochs=2, batch_size=16, lr=5e-3,
+                      out=str(out), progress=False)
+    return fit(cfg, log=_quiet)
+
+
+def test_two_epochs_lower_the_loss_and_beat_chance(shapes_run):
+    h = shapes_run["history"]
+    assert [r["epoch"] for r in h] == [1, 2]
+    assert h[1]["train_loss"] < h[0]["train_loss"] and h[1]["val_loss"] < h[0]["val_loss"]
+    # predicting background everywhere scores about 0.22 mIoU on 4 classes
+    assert h[1]["val_miou"] > 0.4, h
+    assert len(h[1]["val_iou"]) == 4 and h[1]["val_pixel_acc"] > 0.8
+
+
+def test_run_folder_contents(shapes_run):
+    out = shapes_run["out"]
+    for name in ("best/model.safetensors", "best/config.json", "best/training.json", "last/state.pt",
+                 "log.csv", "log.json", "curves.png", "samples.png"):
+        assert (out / name).is_file(), name
+    header = (out / "log.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "lr", "train_loss", "val_loss", "val_miou"]
+    assert len(json.loads((out / "log.json").read_text())) == 2
+    model, info, meta = load_checkpoint(out)  # the run folder resolves to best/
+    assert meta["epoch"] == shapes_run["best_epoch"] and info.num_classes == 4
+    with torch.no_grad():
+        reloaded = model(torch.zeros(1, 3, 32, 32))
+        trained = shapes_run["model"].eval()(torch.zeros(1, 3, 32, 32))
+    if shapes_run["best_epoch"] == 2:
+        torch.testing.assert_close(reloaded, trained)
+
+
+def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from uresnet_models import train
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3, "val_miou": 0.5}]
+    assert train.plot_curves(history, tmp_path / "curves.png") is None
+    assert "matplotlib" in capsys.readouterr().out and not (tmp_path / "curves.png").exists()
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    base = dict(**TINY, image_size=32, train_samples=48, val_samples=16, batch_size=12, lr=5e-3, progress=False)
+    straight = fit(TrainConfig(**base, epochs=3, out=str(tmp_path / "straight")), log=_quiet)["history"]
+    fit(TrainConfig(**base, epochs=2, out=str(tmp_path / "part")), log=_quiet)
+    logs = []
+    resumed = fit(TrainConfig(**base, epochs=3, out=str(tmp_path / "part"), resume=str(tmp_path / "part")),
+                  log=logs.append)["history"]
+    assert any("resumed" in line and "epoch 2" in line for line in logs)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, straight):  # same batches, augmentation, optimizer state: the same run
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    # resuming with another model is refused
+    with pytest.raises(ValueError, match="cannot resume"):
+        fit(TrainConfig(**{**base, "model_args": {"base_channels": 4}}, epochs=4, out=str(tmp_path / "x"),
+                        resume=str(tmp_path / "part")), log=_quiet)
+
+
+def test_joint_segmentation_and_classification(tmp_path):
+    cfg = TrainConfig(**TINY, task="joint", image_size=32, train_samples=16, val_samples=8, epochs=1, batch_size=8,
+                      lr=1e-3, out=str(tmp_path), progress=False)
+    result = fit(cfg, log=_quiet)
+    row = result["history"][0]
+    assert {"val_miou", "val_top1"} <= set(row) and 0 <= row["val_top1"] <= 1
+    model = uresnet_models.from_pretrained(tmp_path / "best")
+    seg, cls = model.eval()(torch.zeros(2, 3, 32, 32))
+    assert seg.shape == (2, 4, 32, 32) and cls.shape == (2, 3)
+
+
+def _cifar(root: Path, per_batch=8):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch).tolist()
+        data = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+        data[np.arange(per_batch), 0] = np.array(labels)[:, None, None] * 25  # learnable from the red channel
+        (folder / name).write_bytes(pickle.dumps({"data": data.reshape(per_batch, -1), "labels": labels}))
+    return root
+
+
+def test_classification_on_cifar10_layout(tmp_path):
+    cfg = TrainConfig(model="uresnet_cls", encoder="test_resnet", format="cifar10", data=str(_cifar(tmp_path / "c")),
+                      model_args=dict(base_channels=8, unet_depth=2, selected_upsampling=False), image_size=32,
+                      epochs=1, batch_size=8, lr=1e-3, out=str(tmp_path / "run"), progress=False, workers=0)
+    row = fit(cfg, log=_quiet)["history"][0]
+    assert "val_top1" in row and "val_miou" not in row and "val_top5" in row
+    with pytest.raises(ValueError, match="uresnet_cls"):
+        fit(TrainConfig(**{**cfg.__dict__, "model": "uresnet", "encoder": None}), log=_quiet)
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_ARGS = ["--encoder", "none", "--model-arg", "base_channels=4", "--model-arg", "residual_widths=(8,8,8,8)",
+            "--model-arg", "residual_out_channels=4", "--model-arg", "upsample=pixel_shuffle_bn",
+            "--image-size", "32", "--train-samples", "32", "--val-samples", "12", "--epochs", "2", "--lr", "3e-3",
+            "--seed", "1", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (batch 4 each) against one process (batch 8): the same
+    batches, synchronised BatchNorm (plain BN and the fused PixelShuffleBN) and all-reduced
+    gradients give the same losses and IoU up to float rounding."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "uresnet",
+           "train", *DDP_ARGS, "--batch-size", "4", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("epoch 1/2 ") == 1  # rank 0 prints alone
+    ddp = json.loads((tmp_path / "ddp" / "log.json").read_text())
+
+    from uresnet_models.cli import main
+    assert main(["train", *DDP_ARGS, "--batch-size", "8", "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single" / "log.json").read_text())
+    assert len(ddp) == len(single) == 2
+    for d, s in zip(ddp, single):
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=2e-3)
+        assert d["val_loss"] == pytest.approx(s["val_loss"], rel=2e-3)
+        assert d["val_miou"] == pytest.approx(s["val_miou"], abs=5e-3)
+        assert d["val_pixel_acc"] == pytest.approx(s["val_pixel_acc"], abs=5e-3)
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").is_file()
+
+
+def test_cpu_sync_batchnorm_keeps_the_state_dict():
+    from uresnet_ops.nn import PixelShuffleBN
+    from uresnet_models.train import sync_batchnorm
+    make = lambda: uresnet_models.create_model("uresnet", encoder=None, num_classes=2, upsample="pixel_shuffle_bn",  # noqa: E731
+                                               **TINY["model_args"])
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synced = sync_batchnorm(model, torch.device("cpu"))
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    fused = [m for m in synced.modules() if isinstance(m, PixelShuffleBN)]
+    assert fused and all(m.sync for m in fused)
+    after = synced.state_dict()
+    assert after.keys() == before.keys()
+    x = torch.randn(2, 3, 32, 32)
+    reference = make()
+    reference.load_state_dict(before)
+    torch.testing.assert_close(synced.train()(x), reference.train()(x), rtol=1e-4, atol=1e-4)  # alone: plain BN

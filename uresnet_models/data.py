@@ -1,0 +1,450 @@
+"""Datasets and joint augmentation for ``uresnet train | eval | predict``.
+
+Every dataset returns a *raw* sample dict: ``image`` (``tv_tensors.Image``, uint8 or float,
+C x H x W), and, as the task needs, ``mask`` (``tv_tensors.Mask``, int64 H x W class ids,
+``IGNORE_INDEX`` where unlabelled), ``depth`` (``tv_tensors.Mask``, float32 1 x H x W in
+[0, 1]) and ``label`` (int). :class:`Transformed` applies one ``torchvision.transforms.v2``
+pipeline to the whole dict, so image, mask and depth get the same flip and crop, and returns
+plain tensors: ``image`` (float32, normalised, depth appended as the last channel), ``mask``,
+``label``.
+
+Formats (``--format``) and the layouts read from ``--data``:
+
+* ``synthetic``: coloured shapes generated on the fly (no files); segmentation, classification
+  or both.
+* ``binary``: ``images/`` and ``masks/`` (same file stems; mask > 127 is foreground), or
+  ``train/`` and ``val/`` folders each holding those two.
+* ``cityscapes``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
+  ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; label ids become the 19 train ids, the rest 255.
+* ``sunrgbd``: ``rgb/``, ``depth/``, ``label/`` (same stems; label 0 = background, 1..37 the
+  classes; depth an 8/16-bit PNG scaled by its type's maximum), optionally under
+  ``train/`` and ``val/``.
+* ``cifar10``: the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``), in the folder
+  or in its ``cifar-10-batches-py/``.
+* ``imagefolder``: ``<class>/<image>`` folders (``torchvision.datasets.ImageFolder``),
+  optionally under ``train/`` and ``val/``.
+
+Where a format has no ``train/``/``val/`` split on disk, a seeded ``val_fraction`` of the files
+is held out. A missing or unreadable file raises :class:`DataError` naming it.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+IGNORE_INDEX = 255
+FORMATS = ("synthetic", "binary", "cityscapes", "sunrgbd", "cifar10", "imagefolder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHAPE_NAMES = ("background", "circle", "square", "triangle")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class DataError(ValueError):
+    """A dataset path, layout or file that cannot be used (the message names it)."""
+
+
+@dataclass
+class DataInfo:
+    """What the model and the loss need to know about a dataset."""
+    format: str
+    task: str                       # "seg", "cls" or "joint" (segmentation + image class)
+    num_classes: int                # segmentation classes (1 = binary, sigmoid), or image classes for "cls"
+    in_channels: int = 3            # model input channels (RGB + depth for sunrgbd)
+    depth_channels: int = 0
+    aux_classes: int | None = None  # image classes of a "joint" task
+    class_names: list = field(default_factory=list)
+    ignore_index: int = IGNORE_INDEX
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+# --------------------------------------------------------------------------- file reading
+def read_image(path, mode: str = "RGB") -> torch.Tensor:
+    """An image file as a C x H x W tensor: uint8 for "RGB"/"L", int64 for "labels" (class ids),
+    float32 in [0, 1] for "depth" (8- or 16-bit, scaled by its type's maximum)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            if mode in ("RGB", "L"):
+                array = np.asarray(img.convert(mode))
+            else:
+                array = np.asarray(img)
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+    if array.ndim == 3 and mode not in ("RGB", "L"):
+        array = array[..., 0]  # a label/depth map saved with colour channels: take the first
+    tensor = torch.from_numpy(array.copy())
+    tensor = tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+    if mode == "labels":
+        return tensor.long()
+    if mode == "depth":
+        peak = 65535.0 if array.dtype in (np.uint16, np.int32, np.int64) or array.max() > 255 else 255.0
+        return tensor.float() / peak
+    return tensor
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _match(stems_from: list[Path], folder: Path, what: str) -> list[Path]:
+    """For each file, the file with the same stem in ``folder`` (any image extension)."""
+    by_stem = {p.stem: p for p in _images_in(folder)}
+    matched = []
+    for p in stems_from:
+        if p.stem not in by_stem:
+            raise DataError(f"no {what} for {p}: expected {folder / p.stem}.png (or another image extension)")
+        matched.append(by_stem[p.stem])
+    return matched
+
+
+def _split_dir(root: Path, split: str) -> Path | None:
+    """``root/<split>`` when the dataset is split on disk (``val`` also accepts ``test``)."""
+    for name in (split, "test") if split == "val" else (split,):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _holdout(dataset: Dataset, split: str, val_fraction: float, seed: int) -> Dataset:
+    """A seeded train/val split of a dataset that has none on disk."""
+    n = len(dataset)
+    n_val = min(n - 1, max(1, math.ceil(n * val_fraction))) if n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(order[:n_val] if split == "val" else order[n_val:]))
+
+
+# --------------------------------------------------------------------------- synthetic
+class SyntheticShapes(Dataset):
+    """Coloured circles, squares and triangles on a noisy background, generated from
+    ``seed`` and the index (the same sample every time, in every process). Each class has its
+    own hue, jittered, so a small model learns it in a few hundred steps; the shape itself
+    separates the classes where the colours overlap. ``label`` is the largest shape's class - 1."""
+
+    def __init__(self, length: int = 256, size: int = 64, num_classes: int = 4, seed: int = 0, max_shapes: int = 3):
+        if not 2 <= num_classes <= len(SHAPE_NAMES):
+            raise DataError(f"synthetic shapes have 2 to {len(SHAPE_NAMES)} classes, got {num_classes}")
+        self.length, self.size, self.num_classes, self.seed, self.max_shapes = length, size, num_classes, seed, max_shapes
+        self.hues = torch.tensor([[0.85, 0.25, 0.2], [0.2, 0.75, 0.3], [0.25, 0.35, 0.9]])
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
+        s = self.size
+        yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+        image = 0.35 + 0.15 * rand(3, 1, 1) + 0.08 * torch.randn(3, s, s, generator=g)
+        mask = torch.zeros(s, s, dtype=torch.long)
+        largest, label = -1.0, 0
+        for _ in range(1 + int(rand(1) * self.max_shapes)):
+            kind = 1 + int(rand(1) * (self.num_classes - 1))
+            r = s * (0.1 + 0.12 * rand(1).item())
+            cy, cx = (r + (s - 2 * r) * rand(2)).tolist()
+            if kind == 1:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+            elif kind == 2:
+                inside = ((yy - cy).abs() < r * 0.85) & ((xx - cx).abs() < r * 0.85)
+            else:  # an upward triangle: apex at the top, base at the bottom
+                inside = (yy > cy - r) & (yy < cy + r) & ((xx - cx).abs() < (yy - cy + r) / 2)
+            colour = (self.hues[kind - 1] + 0.2 * (rand(3) - 0.5)).clamp(0, 1)
+            image = torch.where(inside, colour.view(3, 1, 1), image)
+            mask[inside] = kind
+            area = inside.sum().item()
+            if area > largest:
+                largest, label = area, kind - 1
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        from torchvision import tv_tensors
+        return {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask), "label": label}
+
+
+class SyntheticClassification(SyntheticShapes):
+    """One shape per image; ``label`` is its kind (circle, square, triangle)."""
+
+    def __init__(self, length: int = 256, size: int = 32, num_classes: int = 3, seed: int = 0):
+        super().__init__(length, size, num_classes + 1, seed, max_shapes=1)
+
+
+# --------------------------------------------------------------------------- folders
+class BinaryFolder(Dataset):
+    """``images/`` + ``masks/``: a mask pixel > 127 is foreground (1), the rest background."""
+
+    def __init__(self, root):
+        root = Path(root)
+        self.images = _images_in(root / "images")
+        if not self.images:
+            raise DataError(f"no images in {root / 'images'}")
+        self.masks = _match(self.images, root / "masks", "mask")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        image = read_image(self.images[index], "RGB")
+        mask = (read_image(self.masks[index], "L")[0] > 127).long()
+        _check_size(image, mask, self.masks[index])
+        return {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask)}
+
+
+def _cityscapes_lut() -> torch.Tensor:
+    """label id -> train id (19 classes), everything else -> IGNORE_INDEX, from torchvision's table."""
+    from torchvision.datasets import Cityscapes
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+    for c in Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < 255:
+            lut[c.id] = c.train_id
+    return lut
+
+
+def cityscapes_class_names() -> list[str]:
+    from torchvision.datasets import Cityscapes
+    return [c.name for c in sorted(Cityscapes.classes, key=lambda c: c.train_id) if 0 <= c.train_id < 255]
+
+
+class CityscapesSegmentation(Dataset):
+    """Cityscapes fine annotations: ``*_gtFine_labelIds.png`` mapped to the 19 train ids."""
+
+    def __init__(self, root, split: str = "train"):
+        from torchvision.datasets import Cityscapes
+        root = Path(root)
+        try:  # torchvision lists the image/label pairs of the standard layout
+            listing = Cityscapes(str(root), split=split, mode="fine", target_type="semantic")
+        except (RuntimeError, ValueError) as error:
+            raise DataError(f"{root} is not a Cityscapes folder with leftImg8bit/{split} and gtFine/{split} "
+                            f"({str(error).splitlines()[0]})") from None
+        self.pairs = sorted((Path(i), Path(t[0])) for i, t in zip(listing.images, listing.targets))
+        if not self.pairs:
+            raise DataError(f"no images in {root / 'leftImg8bit' / split}")
+        self.lut = _cityscapes_lut()
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path, "RGB")
+        ids = read_image(label_path, "labels")[0]
+        _check_size(image, ids, label_path)
+        return {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(self.lut[ids.clamp(0, 255)])}
+
+
+class SUNRGBD(Dataset):
+    """SUN RGB-D: ``rgb/``, ``depth/`` and ``label/`` with the same stems; labels 0..37
+    (0 = background/unlabelled, kept as a class as in DeResUNet's 38-way output)."""
+
+    NUM_CLASSES = 38
+
+    def __init__(self, root):
+        root = Path(root)
+        self.rgb = _images_in(root / "rgb")
+        if not self.rgb:
+            raise DataError(f"no images in {root / 'rgb'}")
+        self.depth = _match(self.rgb, root / "depth", "depth map")
+        self.labels = _match(self.rgb, root / "label", "label map")
+
+    def __len__(self):
+        return len(self.rgb)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        image = read_image(self.rgb[index], "RGB")
+        depth = read_image(self.depth[index], "depth")
+        label = read_image(self.labels[index], "labels")[0]
+        _check_size(image, depth, self.depth[index])
+        _check_size(image, label, self.labels[index])
+        if label.max() >= self.NUM_CLASSES:
+            raise DataError(f"{self.labels[index]}: label {int(label.max())} outside 0..{self.NUM_CLASSES - 1}")
+        # depth travels as a Mask: flipped and cropped with the image, never colour-jittered, and
+        # resized with nearest neighbours (no blending of valid depth with missing zeros)
+        return {"image": tv_tensors.Image(image), "depth": tv_tensors.Mask(depth), "mask": tv_tensors.Mask(label)}
+
+
+class CIFAR10Batches(Dataset):
+    """The CIFAR-10 python batches (``data_batch_1..5`` for train, ``test_batch`` for val)."""
+
+    def __init__(self, root, split: str = "train"):
+        import numpy as np
+        root = Path(root)
+        if (root / "cifar-10-batches-py").is_dir():
+            root = root / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            path = root / name
+            try:
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += list(batch["labels"])
+            except FileNotFoundError:
+                raise DataError(f"CIFAR-10 batch not found: {path}") from None
+            except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as error:
+                raise DataError(f"cannot read CIFAR-10 batch {path}: {type(error).__name__}: {error}") from None
+        self.data = torch.from_numpy(np.concatenate(data))
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        return {"image": tv_tensors.Image(self.data[index]), "label": int(self.labels[index])}
+
+
+class ImageFolderClassification(Dataset):
+    """``torchvision.datasets.ImageFolder`` read through :func:`read_image` (errors name the file)."""
+
+    def __init__(self, root):
+        from torchvision.datasets import ImageFolder
+        try:
+            folder = ImageFolder(str(root), loader=str)  # list the files only; read_image decodes them
+        except (FileNotFoundError, OSError) as error:
+            raise DataError(f"{root}: {error}") from None
+        self.samples, self.classes = folder.samples, folder.classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        path, label = self.samples[index]
+        return {"image": tv_tensors.Image(read_image(path, "RGB")), "label": label}
+
+
+def _check_size(image, other, path):
+    if tuple(image.shape[-2:]) != tuple(other.shape[-2:]):
+        raise DataError(f"{path}: size {tuple(other.shape[-2:])} differs from its image's {tuple(image.shape[-2:])}")
+
+
+# --------------------------------------------------------------------------- building
+def build_dataset(fmt: str, data, split: str = "train", *, task: str | None = None, image_size=64,
+                  num_classes: int | None = None, length: int | None = None, val_fraction: float = 0.1,
+                  seed: int = 0) -> tuple[Dataset, DataInfo]:
+    """The raw dataset of ``split`` ("train" or "val") and its :class:`DataInfo`.
+
+    ``task`` (synthetic only): "seg" (default), "cls" or "joint". ``num_classes``: synthetic
+    classes, or for ``binary`` 1 (sigmoid, default) or 2 (softmax). ``length``: synthetic size."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if split not in ("train", "val"):
+        raise DataError(f"unknown split {split!r}; expected train or val")
+    if fmt == "synthetic":
+        return _synthetic(split, task or "seg", image_size, num_classes, length, seed)
+    if task is not None:
+        raise DataError(f"a task ({task!r}) can only be chosen with --format synthetic; {fmt} has its own")
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"dataset folder not found: {root}")
+    if fmt == "cityscapes":
+        names = cityscapes_class_names()
+        return CityscapesSegmentation(root, split), DataInfo(fmt, "seg", len(names), class_names=names)
+    if fmt == "cifar10":
+        info = DataInfo(fmt, "cls", 10, class_names=list(CIFAR10_CLASSES),
+                        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+        return CIFAR10Batches(root, split), info
+    folder = _split_dir(root, split)
+    make = {"binary": BinaryFolder, "sunrgbd": SUNRGBD, "imagefolder": ImageFolderClassification}[fmt]
+    dataset = make(folder) if folder is not None else _holdout(make(root), split, val_fraction, seed)
+    if fmt == "binary":
+        classes = num_classes or 1
+        if classes not in (1, 2):
+            raise DataError(f"binary masks have 1 (sigmoid) or 2 (softmax) classes, got {classes}")
+        return dataset, DataInfo(fmt, "seg", classes, class_names=["background", "foreground"])
+    if fmt == "sunrgbd":
+        return dataset, DataInfo(fmt, "seg", SUNRGBD.NUM_CLASSES, in_channels=4, depth_channels=1,
+                                 class_names=["background"] + [f"class{i}" for i in range(1, 38)])
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return dataset, DataInfo(fmt, "cls", len(base.classes), class_names=list(base.classes))
+
+
+def _synthetic(split, task, image_size, num_classes, length, seed):
+    if task not in ("seg", "cls", "joint"):
+        raise DataError(f"unknown task {task!r}; expected seg, cls or joint")
+    size = _size_pair(image_size)[0]
+    length = length or (256 if split == "train" else 64)
+    split_seed = seed * 2 + (split == "val")  # train and val never share a sample
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    if task == "cls":
+        classes = num_classes or 3
+        ds = SyntheticClassification(length, size, classes, split_seed)
+        return ds, DataInfo("synthetic", "cls", classes, class_names=list(SHAPE_NAMES[1:classes + 1]), mean=mean, std=std)
+    classes = num_classes or 4
+    ds = SyntheticShapes(length, size, classes, split_seed)
+    aux = classes - 1 if task == "joint" else None
+    return ds, DataInfo("synthetic", task, classes, aux_classes=aux, class_names=list(SHAPE_NAMES[:classes]),
+                        mean=mean, std=std)
+
+
+def _size_pair(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return tuple(size)
+
+
+# --------------------------------------------------------------------------- augmentation
+def build_transform(info: DataInfo, *, train: bool, image_size=None, augment: bool = True, crop_scale=(0.5, 1.0)):
+    """The ``transforms.v2`` pipeline for raw samples: (train) random resized crop to
+    ``image_size``, horizontal flip, brightness/contrast; (eval) resize to ``image_size``;
+    then float conversion and normalisation of the image. Masks are resized with nearest
+    neighbours and never colour-jittered (``tv_tensors.Mask``)."""
+    from torchvision.transforms import v2
+    size = _size_pair(image_size)
+    steps = []
+    if train and augment:
+        if size is not None:
+            steps.append(v2.RandomResizedCrop(size, scale=crop_scale, antialias=True))
+        steps += [v2.RandomHorizontalFlip(), v2.ColorJitter(brightness=0.2, contrast=0.2)]
+    elif size is not None:
+        steps.append(v2.Resize(size, antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(info.mean), list(info.std))]
+    return v2.Compose(steps)
+
+
+class Transformed(Dataset):
+    """A raw dataset with a joint transform, returning plain tensors. The transform's random
+    draws are seeded from (seed, epoch, index), so a sample is augmented the same way whatever
+    the number of processes or loader workers (a DDP run sees what a single process sees)."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int = 0):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            sample = self.transform(sample)
+        out = {"image": sample["image"].as_subclass(torch.Tensor)}
+        if "depth" in sample:
+            out["image"] = torch.cat([out["image"], sample["depth"].as_subclass(torch.Tensor).float()])
+        if "mask" in sample:
+            out["mask"] = sample["mask"].as_subclass(torch.Tensor).long()
+        if "label" in sample:
+            out["label"] = torch.tensor(sample["label"], dtype=torch.long)
+        return out
