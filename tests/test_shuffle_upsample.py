@@ -145,3 +145,104 @@ def test_bad_input_raises_clear_error(match, override):
     args.update(override)
     with pytest.raises((ValueError, TypeError), match=match):
         uresnet_ops.shuffle_upsample(**args)
+
+
+# --- batch statistics far from zero, the identities of DESIGN.md §3.2, kernel-level errors ----
+
+@pytest.mark.parametrize("backend", backend_params(OP))
+@pytest.mark.parametrize("mode,scale", [("nearest", 2), ("nearest", 3), ("bilinear", 2)])
+@pytest.mark.parametrize("conv_groups", [4, 2], ids=["depthwise", "grouped"])
+def test_batch_statistics_accurate_far_from_zero(backend, mode, scale, conv_groups):
+    # Conv output with mean ~1e4 and std ~1 per channel: a float32 E[z^2] - E[z]^2 would lose
+    # every digit of the variance; the kernels must use shifted sums or Welford/Chan merges.
+    n, c, h, w = 2, 4, 5, 6
+    x = 1e4 + torch.randn(n, c, h, w)
+    cg = c // conv_groups
+    dw = torch.zeros(c, cg, 3, 3)
+    dw[torch.arange(c), torch.arange(c) % cg, 1, 1] = torch.rand(c) + 0.5  # centre taps only
+    config = (True, 1e-5, scale, mode, 1, "none", 0.0)
+    with uresnet_ops.use_backend(backend, OP):
+        out, mean, var = torch.ops.uresnet_ops.shuffle_upsample(x, dw, None, None, None, None, None, None, *config)
+    assert last_used(OP) == backend
+    z = reference.upsample_conv3x3(x.double(), dw.double(), scale, mode)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), z.mean((0, 2, 3)), rtol=0, atol=2e-3)
+    torch.testing.assert_close(var.double(), z.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+    # and the output is normalised with them: per channel mean ~0 and variance ~1
+    torch.testing.assert_close(out.double().mean((0, 2, 3)), torch.zeros(c, dtype=torch.float64), rtol=0, atol=5e-3)
+    torch.testing.assert_close(out.double().var((0, 2, 3), unbiased=False), torch.ones(c, dtype=torch.float64),
+                               rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("c,groups", [(4, 1), (4, 2), (6, 3), (8, 4), (8, 8), (12, 4)])
+def test_channel_shuffle_identity_folds_into_pointwise_weight(c, groups):
+    # conv1x1(channel_shuffle(y, g), pw) == conv1x1(y, shuffled_pointwise_weight(pw, g))
+    from uresnet_ops.shuffle_upsample import shuffled_pointwise_weight
+    y = torch.randn(2, c, 5, 3, dtype=torch.float64)
+    pw = torch.randn(7, c, 1, 1, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.channel_shuffle(y, groups), pw)
+    folded = shuffled_pointwise_weight(pw, groups)
+    assert folded.shape == (7, c)
+    torch.testing.assert_close(torch.nn.functional.conv2d(y, folded[..., None, None]), expected)
+    # it is a permutation of pw's columns, so the weight gradient maps back by the inverse one
+    assert sorted(folded.flatten().tolist()) == sorted(pw.flatten().tolist())
+    torch.testing.assert_close(torch.nn.functional.channel_shuffle(folded.view_as(pw), groups), pw)
+
+
+@pytest.mark.parametrize("c,conv_groups", [(4, 4), (6, 3), (4, 1)], ids=["depthwise", "grouped", "dense"])
+@pytest.mark.parametrize("h,w", [(5, 6), (3, 7), (1, 2)])
+def test_nearest_x2_is_per_parity_2x2_conv_on_low_res(c, conv_groups, h, w):
+    # DESIGN.md §3.2: nearest x2 then 3x3 conv (padding 1) equals, per output parity (a, b), a
+    # 2x2 conv on the low-res input with summed taps: a=0 rows {i-1: w0, i: w1+w2}; a=1 rows
+    # {i: w0+w1, i+1: w2}; columns alike.
+    F = torch.nn.functional
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    weight = torch.randn(c, c // conv_groups, 3, 3, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1, groups=conv_groups)
+    rows = {0: (weight[:, :, 0:1], weight[:, :, 1:3].sum(2, keepdim=True)),   # a=0: rows i-1, i
+            1: (weight[:, :, 0:2].sum(2, keepdim=True), weight[:, :, 2:3])}   # a=1: rows i, i+1
+    for a in (0, 1):
+        wr = torch.cat(rows[a], 2)  # (C, C/g, 2, 3)
+        cols = {0: (wr[..., 0:1], wr[..., 1:3].sum(3, keepdim=True)),
+                1: (wr[..., 0:2].sum(3, keepdim=True), wr[..., 2:3])}
+        for b in (0, 1):
+            k = torch.cat(cols[b], 3)  # (C, C/g, 2, 2)
+            padded = F.pad(x, (1 - b, b, 1 - a, a))  # low-res taps {i-1, i} (parity 0) or {i, i+1} (parity 1)
+            torch.testing.assert_close(F.conv2d(padded, k, groups=conv_groups), expected[:, :, a::2, b::2])
+
+
+def _kernel_pairs():
+    from uresnet_ops._library import native_op
+    pairs = []
+    if native_op("shuffle_upsample_conv") is not None:
+        pairs.append(pytest.param(torch.ops.uresnet_ops._shuffle_upsample_conv_native,
+                                  torch.ops.uresnet_ops._shuffle_upsample_conv_native_backward, id="native"))
+    if "triton" in uresnet_ops.available_backends(OP):
+        from uresnet_ops.triton import shuffle_upsample as triton_kernels
+        if "cpu" in uresnet_ops.backends._registry[OP]["triton"].device_types:
+            pairs.append(pytest.param(triton_kernels.KERNELS.forward, triton_kernels.KERNELS.backward, id="triton"))
+    return pairs or [pytest.param(None, None, marks=pytest.mark.skip(reason="no kernel-level ops here"))]
+
+
+def _bad_kernel_calls():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    yield "weight", "forward", (x, w.double(), None, 2, "nearest", "none", 0.0, False)    # not the acc dtype
+    yield "weight", "forward", (x.double(), w, None, 2, "nearest", "none", 0.0, False)    # float64 x wants float64
+    yield "weight", "forward", (x, torch.randn(4, 3, 3, 3), None, 2, "nearest", "none", 0.0, False)  # 4 % 3
+    yield "weight", "forward", (x, torch.randn(4, 1, 5, 5), None, 2, "nearest", "none", 0.0, True)   # not 3x3
+    yield "weight", "forward", (x, torch.randn(6, 1, 3, 3), None, 2, "nearest", "none", 0.0, False)  # C mismatch
+    yield "bias", "forward", (x, w, torch.randn(4, dtype=torch.float64), 2, "nearest", "none", 0.0, False)
+    yield "mode", "forward", (x, w, None, 2, "bicubic", "none", 0.0, False)
+    yield "scale_factor", "forward", (x, w, None, 3, "bilinear", "none", 0.0, False)
+    yield "activation", "forward", (x, w, None, 2, "nearest", "tanh", 0.0, False)
+    yield "weight", "backward", (torch.randn(2, 4, 10, 10), x, w.double(), 2, "nearest")
+    yield "grad", "backward", (torch.randn(2, 4, 5, 5), x, w, 2, "nearest")             # not upsampled shape
+    yield "grad", "backward", (torch.randn(2, 4, 10, 10).double(), x, w, 2, "nearest")  # dtype differs from x
+
+
+@pytest.mark.parametrize("forward,backward", _kernel_pairs())
+@pytest.mark.parametrize("match,phase,args", list(_bad_kernel_calls()),
+                         ids=[f"{m}-{p}-{i}" for i, (m, p, _) in enumerate(_bad_kernel_calls())])
+def test_bad_kernel_input_raises_clear_error(forward, backward, match, phase, args):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        (forward if phase == "forward" else backward)(*args)

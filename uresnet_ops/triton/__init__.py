@@ -20,3 +20,4 @@ AVAILABLE = HAS_TRITON and (INTERPRET or torch.cuda.is_available())
 if HAS_TRITON:
     from . import pixel_shuffle_bn  # noqa: F401,E402
     from . import multi_dilation_conv2d  # noqa: F401,E402
+    from . import shuffle_upsample  # noqa: F401,E402
