@@ -133,3 +133,20 @@ def test_backward_runs_on_selected_backend(backend):
     with uresnet_ops.use_backend(backend, OP):
         uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, "silu").sum().backward()
     assert last_used(OP, "backward") == backend
+
+
+@pytest.mark.skipif("cpu" not in uresnet_ops.available_backends(OP), reason="C++ kernels not built")
+def test_cpu_default_leaves_channels_last_to_onednn():
+    x = torch.randn(2, 8, 9, 9)
+    weights, dilations = [torch.randn(4, 8, 3, 3), torch.randn(4, 8, 1, 1)], [2, 1]
+    uresnet_ops.multi_dilation_conv2d(x, weights, dilations)
+    assert last_used(OP) == "cpu"
+    expected = uresnet_ops.multi_dilation_conv2d(x, weights, dilations)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out = uresnet_ops.multi_dilation_conv2d(x_cl, weights, dilations)
+    assert last_used(OP) == "reference"  # measured faster for channels_last on CPU
+    with uresnet_ops.use_backend("cpu", OP):
+        out_cpu = uresnet_ops.multi_dilation_conv2d(x_cl, weights, dilations)
+    assert last_used(OP) == "cpu"
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out_cpu, expected)

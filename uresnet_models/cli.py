@@ -177,6 +177,18 @@ def _device(name: str | None):
 def cmd_bench(args) -> int:
     import torch
     device = _device(args.device)
+    if args.models is not None:  # the model-level train-step benchmark
+        from .benchmark import MODELS, print_table
+        known = [n for n, _ in MODELS] + ["unet"]
+        models = args.models.split(",") if args.models else known
+        unknown = sorted(set(models) - set(known))
+        if unknown:
+            raise CliError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        size = args.size or ("full" if device.type == "cuda" else "small")
+        print(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
+              f"{device.type} ({_device_name(device)}), size {size}", flush=True)
+        print_table(str(device), size, rounds=args.rounds, models=models, out=lambda line: print(line, flush=True))
+        return 0
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on CPU is slow and not what the kernels are tuned for", file=sys.stderr)
@@ -689,6 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--models", nargs="?", const="", metavar="NAMES",
+                   help="instead of the ops: the model train-step benchmark (fused vs reference backends) of "
+                        "these comma-separated models (default: resunet_atrous, deresunet, uresnet, and unet vs "
+                        "segmentation_models_pytorch when installed)")
+    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list-models", help="registered model names (with --params: parameter counts)")

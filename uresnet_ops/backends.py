@@ -28,9 +28,6 @@ OPS = ("pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d")
 DEFAULT_ORDER: dict[str, dict[str, list[str]]] = {
     op: {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]} for op in OPS
 }
-# The C++ multi-dilation kernel is correct but not yet measured faster than oneDNN's separate
-# convolutions (channels_last looked slower on a loaded machine): opt in with use_backend("cpu").
-DEFAULT_ORDER["multi_dilation_conv2d"]["cpu"] = ["reference", "cpu"]
 
 
 @dataclasses.dataclass

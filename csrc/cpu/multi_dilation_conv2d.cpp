@@ -96,8 +96,10 @@ void conv_taps(const T* in, int64_t cin_tot, T* out, int64_t cout_tot, const Geo
                const std::vector<Branch<T>>& branches, int sign, bool zero_all, Activation act, T slope) {
   const int64_t H = g.H, W = g.W, HW = g.HW();
   const bool cl = g.channels_last;
-  // Blocks of output rows of one image: about 256 pixels per GEMM where taps span full rows.
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / std::max<int64_t>(W, 1)));
+  // Blocks of output rows of one image: up to 1024 pixels per GEMM where taps span full rows,
+  // fewer when that would leave threads idle (a batch of one image).
+  int64_t rb = std::max<int64_t>(1, std::min<int64_t>(H, 1024 / std::max<int64_t>(W, 1)));
+  while (rb > 1 && g.N * ((H + rb - 1) / rb) < 2 * at::get_num_threads()) rb = (rb + 1) / 2;
   const int64_t blocks = (H + rb - 1) / rb;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {

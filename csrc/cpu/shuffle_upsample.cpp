@@ -56,25 +56,8 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& weight, int64_t s) {
   return g;
 }
 
-Mode parse_mode(c10::string_view mode, const char* op) {
-  if (mode == "nearest") return Mode::Nearest;
-  TORCH_CHECK(mode == "bilinear", op, ": argument 'mode' must be 'nearest' or 'bilinear', got '", mode, "'");
-  return Mode::Bilinear;
-}
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s, Mode mode) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": argument 'x' must be float32, float64, float16 or "
-              "bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) >= 1 &&
-                  x.size(1) % weight.size(1) == 0 && weight.size(2) == 3 && weight.size(3) == 3,
-              op, ": argument 'weight' must have shape (C, C/groups, 3, 3) with C = ", x.size(1), ", got ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == stat_dtype(x) && weight.device() == x.device(), op,
-              ": argument 'weight' must be ", stat_dtype(x), " on ", x.device(), " (the accumulation type), got ",
-              weight.scalar_type(), " on ", weight.device());
-  TORCH_CHECK(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
-  TORCH_CHECK(mode == Mode::Nearest || s == 2, op, ": mode 'bilinear' supports scale_factor 2 only, got ", s);
+Mode check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s, c10::string_view mode) {
+  return check_upsample_conv(op, x, weight, s, mode) ? Mode::Bilinear : Mode::Nearest;
 }
 
 // Fills the interior of a zero-bordered (OH+2) x (OW+2) buffer with the upsampled plane of x.
@@ -219,13 +202,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_conv_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t scale_factor,
     c10::string_view mode_name, c10::string_view activation, double negative_slope, bool stats) {
-  const Mode mode = parse_mode(mode_name, kOp);
-  check_inputs(kOp, x, weight, scale_factor, mode);
-  if (has(bias)) {
-    check_channel_param(kOp, "bias", *bias, x, x.size(1));
-    TORCH_CHECK(bias->scalar_type() == stat_dtype(x), kOp, ": argument 'bias' must be ", stat_dtype(x), ", got ",
-                bias->scalar_type());
-  }
+  const Mode mode = check_inputs(kOp, x, weight, scale_factor, mode_name);
+  check_upsample_conv_bias(kOp, bias, x);
   const Activation act = parse_activation(activation, kOp);
   const Geometry g = geometry(x, weight, scale_factor);
   at::Tensor out = stats ? at::empty({0}, x.options()) : at::empty({g.N, g.C, g.OH, g.OW}, x.options());
@@ -358,16 +336,9 @@ std::tuple<at::Tensor, at::Tensor> shuffle_upsample_conv_backward_cpu(const at::
                                                                        const at::Tensor& weight, int64_t scale_factor,
                                                                        c10::string_view mode_name) {
   constexpr const char* op = "uresnet_ops::_shuffle_upsample_conv_native_backward";
-  const Mode mode = parse_mode(mode_name, op);
-  check_inputs(op, x, weight, scale_factor, mode);
+  const Mode mode = check_inputs(op, x, weight, scale_factor, mode_name);
+  check_upsample_conv_grad(op, grad, x, scale_factor);
   const Geometry g = geometry(x, weight, scale_factor);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == g.C && grad.size(2) == g.OH &&
-                  grad.size(3) == g.OW,
-              op, ": argument 'grad' must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(), op,
-              ": argument 'grad' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-              grad.scalar_type(), ", ", grad.device());
   at::Tensor grad_x = at::empty({g.N, g.C, g.H, g.W}, x.options());
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   if (x.numel() == 0) return {grad_x, grad_weight};

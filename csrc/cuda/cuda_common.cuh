@@ -53,6 +53,14 @@ struct WelfordData {
 };
 
 template <typename acc_t>
+__device__ __forceinline__ void welford_add(WelfordData<acc_t>& t, acc_t v) {
+  t.n += acc_t(1);
+  const acc_t d = v - t.mean;
+  t.mean += d / t.n;
+  t.m2 += d * (v - t.mean);
+}
+
+template <typename acc_t>
 __device__ __forceinline__ WelfordData<acc_t> welford_merge(const WelfordData<acc_t>& a, const WelfordData<acc_t>& b) {
   const acc_t n = a.n + b.n;
   if (n == acc_t(0)) return a;

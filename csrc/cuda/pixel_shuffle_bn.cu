@@ -119,10 +119,7 @@ __global__ void __launch_bounds__(kThreads)
   WelfordData<acc_t> t{0, 0, 0};
   for (index_t e = s * kThreads + threadIdx.x; e < g.M; e += g.S * kThreads) {
     const acc_t v = static_cast<acc_t>(x[locate(g, c, e).x]) - shift;
-    t.n += acc_t(1);
-    const acc_t d = v - t.mean;
-    t.mean += d / t.n;
-    t.m2 += d * (v - t.mean);
+    welford_add(t, v);
   }
   block_reduce(shared, t, welford_merge<acc_t>);
   if (threadIdx.x == 0) {

@@ -88,10 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = split * kThreads + threadIdx.x; e < M; e += splits * kThreads) {
     const int64_t n = e / plane, p = e % plane;
     const acc_t v = conv_at<scalar_t, acc_t>(x, weight, g, n, c, p / g.OW, p % g.OW) - shift;
-    t.n += acc_t(1);
-    const acc_t d = v - t.mean;
-    t.mean += d / t.n;
-    t.m2 += d * (v - t.mean);
+    welford_add(t, v);
   }
   block_reduce(shared, t, welford_merge<acc_t>);
   if (threadIdx.x == 0) {
@@ -118,22 +115,9 @@ int64_t grid_for(int64_t numel) {
 
 ConvGeometry conv_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s,
                            c10::string_view mode) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": argument 'x' must be float32, float64, float16 or "
-              "bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) >= 1 &&
-                  x.size(1) % weight.size(1) == 0 && weight.size(2) == 3 && weight.size(3) == 3,
-              op, ": argument 'weight' must have shape (C, C/groups, 3, 3) with C = ", x.size(1), ", got ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == stat_dtype(x) && weight.device() == x.device(), op,
-              ": argument 'weight' must be ", stat_dtype(x), " on ", x.device(), " (the accumulation type), got ",
-              weight.scalar_type(), " on ", weight.device());
-  TORCH_CHECK(mode == "nearest" || mode == "bilinear", op, ": argument 'mode' must be 'nearest' or 'bilinear', got '",
-              mode, "'");
-  TORCH_CHECK(s >= 1 && (mode == "nearest" || s == 2), op, ": argument 'scale_factor' must be >= 1 (2 for "
-              "bilinear), got ", s);
+  const bool bilinear = check_upsample_conv(op, x, weight, s, mode);
   return {x.size(0), x.size(1), x.size(2), x.size(3), s, x.size(2) * s, x.size(3) * s, weight.size(1),
-          x.stride(0), x.stride(1), x.stride(2), x.stride(3), mode == "bilinear"};
+          x.stride(0), x.stride(1), x.stride(2), x.stride(3), bilinear};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_conv_cuda(
@@ -142,11 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_conv_cuda(
   constexpr const char* op = "uresnet_ops::_shuffle_upsample_conv_native";
   const c10::cuda::CUDAGuard guard(x.device());
   const ConvGeometry g = conv_geometry(op, x, weight, scale_factor, mode);
-  if (has(bias)) {
-    check_channel_param(op, "bias", *bias, x, g.C);
-    TORCH_CHECK(bias->scalar_type() == stat_dtype(x), op, ": argument 'bias' must be ", stat_dtype(x), ", got ",
-                bias->scalar_type());
-  }
+  check_upsample_conv_bias(op, bias, x);
   const Activation act = parse_activation(activation, op);
   const auto stat_opts = x.options().dtype(stat_dtype(x));
   at::Tensor out = stats ? at::empty({0}, x.options()) : at::empty({g.N, g.C, g.OH, g.OW}, x.options());
@@ -260,13 +240,7 @@ std::tuple<at::Tensor, at::Tensor> shuffle_upsample_conv_backward_cuda(const at:
   constexpr const char* op = "uresnet_ops::_shuffle_upsample_conv_native_backward";
   const c10::cuda::CUDAGuard guard(x.device());
   const ConvGeometry g = conv_geometry(op, x, weight, scale_factor, mode);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == g.C && grad.size(2) == g.OH &&
-                  grad.size(3) == g.OW,
-              op, ": argument 'grad' must have shape (", g.N, ", ", g.C, ", ", g.OH, ", ", g.OW, "), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(), op,
-              ": argument 'grad' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-              grad.scalar_type(), ", ", grad.device());
+  check_upsample_conv_grad(op, grad, x, scale_factor);
   at::Tensor grad_x = at::empty({g.N, g.C, g.H, g.W}, x.options());
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   if (x.numel() == 0) return {grad_x, grad_weight};

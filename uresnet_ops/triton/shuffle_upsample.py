@@ -35,6 +35,7 @@ import triton.language as tl
 from .._common import stat_dtype
 from ..shuffle_upsample import ConvKernels, register_fused_backend
 from . import AVAILABLE, DEVICE_TYPES, INTERPRET
+from .pixel_shuffle_bn import _apply_activation
 
 OP = "uresnet_ops::_shuffle_upsample_conv (triton)"
 
@@ -52,17 +53,6 @@ def _block(width, budget=8192):
 
 
 _ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
-
-
-@triton.jit
-def _activate(y, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == "relu":
-        y = tl.maximum(y, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        y = tl.where(y >= 0, y, y * negative_slope)
-    elif ACTIVATION == "silu":
-        y = y / (1.0 + tl.exp(-y))
-    return y
 
 
 @triton.jit
@@ -161,7 +151,7 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + co)
-        y = _activate(acc, ACTIVATION, negative_slope)
+        y = _apply_activation(acc, ACTIVATION, negative_slope)
         tl.store(out_ptr + plane * OH * OW + oh * OW + ow, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -202,7 +192,7 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + co)
-        y = _activate(acc, ACTIVATION, negative_slope)
+        y = _apply_activation(acc, ACTIVATION, negative_slope)
         tl.store(out_ptr + plane * OH * OW + oh * OW + ow, y.to(out_ptr.dtype.element_ty), mask=emask)
 
 

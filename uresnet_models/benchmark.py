@@ -1,0 +1,110 @@
+"""Model-level benchmark: one training step (forward + backward + Adam) of the seed models with
+the fused backends vs the same model under ``uresnet_ops.use_backend("reference")``, and our
+``unet`` vs segmentation_models_pytorch's ``Unet`` (when installed). Used by ``uresnet bench
+--models`` and benchmarks/bench_models.py (the pytest-benchmark version)."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+import uresnet_ops
+
+from .registry import create_model
+
+MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]
+IMPLS = ("fused", "reference")
+
+
+def shape(size: str, device: str) -> tuple[int, int]:
+    """(batch, side) of the train step."""
+    if size == "full":
+        return (16 if device == "cuda" else 4), 256
+    return (4 if device == "cuda" else 2), 128
+
+
+def build_model(name: str, encoder: str):
+    """``smp:Unet`` is segmentation_models_pytorch's U-Net; any other name is ours."""
+    if name == "smp:Unet":
+        import segmentation_models_pytorch as smp  # optional (the `bench` extra): ImportError if missing
+        return smp.Unet(encoder, encoder_weights=None, classes=2)
+    return create_model(name, encoder=encoder, num_classes=2)
+
+
+def make_step(name: str, encoder: str, device, batch: int, side: int, seed: int = 0):
+    """A model, its Adam optimizer and a callable running one train step on fixed inputs."""
+    torch.manual_seed(seed)
+    model = build_model(name, encoder).to(device).train()
+    channels = 3 + (model.depth_channels if name == "deresunet" else 0)
+    x = torch.randn(batch, channels, side, side, device=device)
+    target = torch.randint(0, 2, (batch, side, side), device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return model, step
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name, encoder, impl, device, size, rounds=3) -> dict:
+    """Median seconds per train step (and CUDA peak memory) of one model and implementation."""
+    batch, side = shape(size, torch.device(device).type)
+    ctx = uresnet_ops.use_backend("reference") if impl == "reference" else contextlib.nullcontext()
+    cuda = torch.device(device).type == "cuda"
+    with ctx:
+        model, step = make_step(name, encoder, device, batch, side)
+        step()  # warm-up (allocator, cuDNN/oneDNN primitives)
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    del model, step
+    return dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side, median_s=statistics.median(times),
+                peak_bytes=peak)
+
+
+
+
+def print_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> None:
+    """The fused-vs-reference train-step table of ``models`` (names; default: all of MODELS,
+    plus "unet": ours vs smp's), one line per model as it is measured."""
+    wanted = set(models or [n for n, _ in MODELS] + ["unet"])
+    out(f"{'model':<26} {'shape':<12} {'fused':>10} {'reference':>10} {'speedup':>8} {'mem fused':>10} "
+        f"{'mem ref':>10} {'mem saved':>9}")
+    for name, encoder in MODELS:
+        if name not in wanted:
+            continue
+        fused, ref = (measure(name, encoder, impl, device, size, rounds) for impl in IMPLS)
+        mem = ("", "", "")
+        if fused["peak_bytes"]:
+            mem = (f"{fused['peak_bytes'] / 2**30:.2f}G", f"{ref['peak_bytes'] / 2**30:.2f}G",
+                   f"{1 - fused['peak_bytes'] / ref['peak_bytes']:.0%}")
+        out(f"{fused['model']:<26} {fused['batch']}x{fused['side']}x{fused['side']:<6} {fused['median_s'] * 1e3:>8.0f}ms "
+            f"{ref['median_s'] * 1e3:>8.0f}ms {ref['median_s'] / fused['median_s']:>7.2f}x {mem[0]:>10} {mem[1]:>10} "
+            f"{mem[2]:>9}")
+    if "unet" in wanted:
+        try:
+            ours, theirs = (measure(name, "resnet50", "fused", device, size, rounds) for name in ("unet", "smp:Unet"))
+        except ImportError:
+            out("segmentation_models_pytorch is not installed: no unet vs smp comparison")
+            return
+        out(f"unet(resnet50) {ours['median_s'] * 1e3:.0f}ms vs smp.Unet(resnet50) {theirs['median_s'] * 1e3:.0f}ms "
+            f"(smp / ours: {theirs['median_s'] / ours['median_s']:.2f}x)")
