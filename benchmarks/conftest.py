@@ -80,9 +80,11 @@ def pytest_configure(config):
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py here as test modules (unless python_files already matches them)."""
+    """Collect bench_*.py here as test modules (unless python_files already matches them, or the
+    file was named on the command line: pytest then collects it itself)."""
     if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
             and file_path.parent == Path(__file__).parent
+            and not parent.session.isinitpath(file_path)
             and not any(fnmatch.fnmatch(file_path.name, p) for p in parent.config.getini("python_files"))):
         return pytest.Module.from_parent(parent, path=file_path)
     return None

@@ -265,13 +265,18 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
         # y = act(BatchNorm(z)) is needed only here, for the 1x1 conv's weight gradient.
         y = (kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope) if kernels.normalize
              else apply_activation(pre, activation, slope))
-        g3 = grad_out.flatten(2)  # (N, C_out, H*W), a view in either layout
-        grad_w = torch.bmm(g3, y.flatten(2).mT).sum(0, dtype=torch.float32 if g3.dtype != torch.float64 else None)
-        del y  # lower peak memory: free it before the BatchNorm backward allocates
+        g3, y3 = grad_out.flatten(2), y.flatten(2)  # (N, C_out | C, H*W), views in either layout
+        if g3.dtype in (torch.float32, torch.float64):  # accumulating GEMMs, no (N, C_out, C) intermediate
+            grad_w = g3.new_zeros(pw.shape[0], c)
+            for i in range(n):
+                grad_w.addmm_(g3[i], y3[i].mT)
+        else:  # half: products in the input dtype (tensor cores), the sum over the batch in float32
+            grad_w = torch.bmm(g3, y3.mT).sum(0, dtype=torch.float32)
+        del y, y3  # lower peak memory: free it before the BatchNorm backward allocates
         grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
         grad_pw_bias = grad_out.sum((0, 2, 3))
-        w = shuffled_pointwise_weight(pw, groups)
-        grad_y = torch.bmm(w.t().expand(n, c, -1), g3).view_as(z)
+        w_t = shuffled_pointwise_weight(pw, groups).t().contiguous()
+        grad_y = torch.bmm(w_t.expand(n, c, -1), g3).view_as(z)
     if kernels.normalize_backward is not None:
         grad_z, grad_bn_weight, grad_bn_bias = kernels.normalize_backward(
             grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope)

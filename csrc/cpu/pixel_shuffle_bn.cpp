@@ -36,6 +36,40 @@ C10_ALWAYS_INLINE void nchw_row(const scalar_t* src, int64_t sC, Step sW, scalar
   }
 }
 
+// Output rows (n, c, oh) in NCHW order, with (h, i) = divmod(oh, r), stepped without divisions:
+// four integer divisions per row of a few dozen elements cost about as much as the row itself.
+struct RowCursor {
+  int64_t C, OH, r;
+  int64_t n, c, oh, h, i;
+  RowCursor(int64_t row, int64_t C_, int64_t OH_, int64_t r_) : C(C_), OH(OH_), r(r_) {
+    oh = row % OH, c = (row / OH) % C, n = row / OH / C, h = oh / r, i = oh % r;
+  }
+  void next() {
+    if (++i == r) i = 0, ++h;
+    if (++oh == OH) {
+      oh = h = i = 0;
+      if (++c == C) c = 0, ++n;
+    }
+  }
+};
+
+// Output pixels (n, oh, ow) in NHWC order, with (h, i) = divmod(oh, r), (w, j) = divmod(ow, r).
+struct PixelCursor {
+  int64_t OH, OW, r;
+  int64_t n, oh, ow, h, i, w, j;
+  PixelCursor(int64_t pix, int64_t OH_, int64_t OW_, int64_t r_) : OH(OH_), OW(OW_), r(r_) {
+    ow = pix % OW, oh = (pix / OW) % OH, n = pix / OW / OH;
+    h = oh / r, i = oh % r, w = ow / r, j = ow % r;
+  }
+  void next() {
+    if (++j == r) j = 0, ++w;
+    if (++ow < OW) return;
+    ow = w = j = 0;
+    if (++i == r) i = 0, ++h;
+    if (++oh == OH) oh = h = i = 0, ++n;
+  }
+};
+
 template <typename scalar_t, Activation A, int R>
 void nchw_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_type<scalar_t>* scale,
                  const at::opmath_type<scalar_t>* shift, const at::Tensor& x, int64_t C, int64_t r,
@@ -46,10 +80,9 @@ void nchw_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_type<scala
   // One task item per output row (n, c, oh).
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1));
   at::parallel_for(0, N * C * OH, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t oh = row % OH, nc = row / OH;
-      const int64_t c = nc % C, n = nc / C;
-      const int64_t h = oh / r, i = oh % r;
+    RowCursor cur(begin, C, OH, r);
+    for (int64_t row = begin; row < end; ++row, cur.next()) {
+      const int64_t n = cur.n, c = cur.c, h = cur.h, i = cur.i;
       const scalar_t* src = xp + n * sN + (c * rr + i * r) * sC + h * sH;
       if (sW == 1)  // unit step known at compile time: the row loop vectorises
         nchw_row<scalar_t, A, R>(src, sC, std::integral_constant<int64_t, 1>{}, outp + row * OW, W, r, scale[c],
@@ -72,10 +105,9 @@ void channels_last_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_t
   // One task item per output pixel (n, oh, ow) = C contiguous elements.
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1));
   at::parallel_for(0, N * OH * OW, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t pix = begin; pix < end; ++pix) {
-      const int64_t ow = pix % OW, t = pix / OW;
-      const int64_t oh = t % OH, n = t / OH;
-      const int64_t h = oh / r, i = oh % r, w = ow / r, j = ow % r;
+    PixelCursor cur(begin, OH, OW, r);
+    for (int64_t pix = begin; pix < end; ++pix, cur.next()) {
+      const int64_t n = cur.n, h = cur.h, i = cur.i, w = cur.w, j = cur.j;
       const scalar_t* src = xp + n * sN + (i * r + j) * sC + h * sH + w * sW;
       scalar_t* dst = outp + pix * C;
       for (int64_t c = 0; c < C; ++c)
@@ -180,8 +212,9 @@ void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& g
   if (!channels_last) {
     at::parallel_for(0, N * C * OH, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t oh = row % OH, nc = row / OH, c = nc % C, n = nc / C, h = oh / r, i = oh % r;
+      RowCursor cur(begin, C, OH, r);
+      for (int64_t row = begin; row < end; ++row, cur.next()) {
+        const int64_t oh = cur.oh, c = cur.c, n = cur.n, h = cur.h, i = cur.i;
         for (int64_t j = 0; j < r; ++j) {
           const int64_t k = c * rr + i * r + j;
           f(c, n * sN + k * sC + h * sH, n * dN + c * dC + oh * dH + j * dW, n * gN + k * gC + h * gH, W, sW,
@@ -192,9 +225,9 @@ void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& g
   } else {
     at::parallel_for(0, N * OH * OW, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t pix = begin; pix < end; ++pix) {
-        const int64_t ow = pix % OW, t = pix / OW, oh = t % OH, n = t / OH;
-        const int64_t h = oh / r, i = oh % r, w = ow / r, j = ow % r, k0 = i * r + j;
+      PixelCursor cur(begin, OH, OW, r);
+      for (int64_t pix = begin; pix < end; ++pix, cur.next()) {
+        const int64_t ow = cur.ow, oh = cur.oh, n = cur.n, h = cur.h, w = cur.w, k0 = cur.i * r + cur.j;
         // A run across channels: channel c+1 is rr input channels further on.
         f(-1, n * sN + k0 * sC + h * sH + w * sW, n * dN + oh * dH + ow * dW, n * gN + k0 * gC + h * gH + w * gW,
           C, rr * sC, dC, rr * gC);
