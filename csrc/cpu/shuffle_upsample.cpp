@@ -119,19 +119,12 @@ C10_ALWAYS_INLINE void conv3x3_row(T* C10_RESTRICT row, const T* C10_RESTRICT sr
 template <typename T>
 void shifted_moments(const T* v, int64_t len, T& mean, T& m2) {
   const T k = v[0];
-  T s1[kLanes] = {}, s2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T d = v[i + l] - k;
-      s1[l] += d, s2[l] += d * d;
-    }
-  for (; i < len; ++i) {
-    const T d = v[i] - k;
-    s1[0] += d, s2[0] += d * d;
-  }
   T t1 = 0, t2 = 0;
-  for (int l = 0; l < kLanes; ++l) t1 += s1[l], t2 += s2[l];
+#pragma omp simd reduction(+ : t1, t2)  // a vectorised reduction (plain FP sums are not reordered)
+  for (int64_t i = 0; i < len; ++i) {
+    const T d = v[i] - k;
+    t1 += d, t2 += d * d;
+  }
   mean = k + t1 / static_cast<T>(len);
   m2 = std::max<T>(t2 - t1 * t1 / static_cast<T>(len), 0);
 }
@@ -284,26 +277,19 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         }
       }
       // grad_weight[co, ci, kh, kw] += sum over the plane of dz[co] * up[ci] shifted by (kh, kw):
-      // the nine taps in one sweep, each with its own vector of partial sums.
+      // one sweep per tap over planes that stay in L1, each a plain vectorised dot product.
       for (int64_t co = 0; co < g.Cg; ++co)
-        for (int64_t ci = 0; ci < g.Cg; ++ci) {
-          constexpr int L = 4;  // 9 taps x 4 lanes: the partial sums stay in (SSE) registers
-          opmath_t lanes[9][L] = {};
-          for (int64_t oh = 0; oh < g.OH; ++oh) {
-            const opmath_t* d = dz.data() + co * g.padded() + (oh + 1) * stride + 1;
-            const opmath_t* u = up.data() + ci * g.padded() + oh * stride;
-            int64_t i = 0;
-            for (; i + L <= g.OW; i += L) {
-#pragma GCC unroll 9
-              for (int k = 0; k < 9; ++k)
-                for (int l = 0; l < L; ++l) lanes[k][l] += d[i + l] * u[(k / 3) * stride + k % 3 + i + l];
+        for (int64_t ci = 0; ci < g.Cg; ++ci)
+          for (int64_t k = 0; k < 9; ++k) {
+            opmath_t sum = 0;
+            for (int64_t oh = 0; oh < g.OH; ++oh) {
+              const opmath_t* d = dz.data() + co * g.padded() + (oh + 1) * stride + 1;
+              const opmath_t* u = up.data() + ci * g.padded() + (oh + k / 3) * stride + k % 3;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t i = 0; i < g.OW; ++i) sum += d[i] * u[i];
             }
-            for (; i < g.OW; ++i)
-              for (int k = 0; k < 9; ++k) lanes[k][0] += d[i] * u[(k / 3) * stride + k % 3 + i];
+            gw[((c0 + co) * g.Cg + ci) * 9 + k] += sum;
           }
-          for (int k = 0; k < 9; ++k)
-            gw[((c0 + co) * g.Cg + ci) * 9 + k] += (lanes[k][0] + lanes[k][1]) + (lanes[k][2] + lanes[k][3]);
-        }
       // grad of upsampled input ci: the transposed conv, dz[co] read at (oh - kh + 1, ow - kw + 1).
       for (int64_t ci = 0; ci < g.Cg; ++ci) {
         for (int64_t oh = 0; oh < g.OH; ++oh) {
