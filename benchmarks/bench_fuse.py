@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,8 @@ try:
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uresnet_ops  # noqa: E402
+from uresnet_models.benchmark import median_step_seconds  # noqa: E402
+from uresnet_ops.timing import synchronize  # noqa: E402
 
 IMPLS = ("original", "fused")
 MODES = ("inference", "train_step")
@@ -71,11 +71,6 @@ def make_step(impl: str, mode: str, device, seed: int = 0):
     return step
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------- pytest-benchmark
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
@@ -87,11 +82,11 @@ def test_fuse_deeplabv3_resnet50(benchmark, bench_options, mode, impl):
     benchmark.group = f"fuse deeplabv3_resnet50 {mode} {batch}x{side}x{side}"
     step = make_step(impl, mode, device)
     step()  # warm-up (allocator, cuDNN/oneDNN primitives)
-    _sync(device)
+    synchronize(device)
 
     def target():
         step()
-        _sync(device)
+        synchronize(device)
 
     benchmark.pedantic(target, rounds=3 if device.type == "cpu" else 20, warmup_rounds=1)
     benchmark.extra_info.update(model="deeplabv3_resnet50", implementation=impl, mode=mode, device=device.type,
@@ -104,14 +99,8 @@ def test_fuse_deeplabv3_resnet50(benchmark, bench_options, mode, impl):
 def measure(impl, mode, device, rounds) -> float:
     step = make_step(impl, mode, device)
     step()
-    _sync(device)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    synchronize(device)
+    return median_step_seconds(step, device, rounds)
 
 
 def main(argv=None) -> int:

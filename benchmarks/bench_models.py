@@ -26,10 +26,10 @@ try:
     import uresnet_models  # noqa: F401
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_models  # noqa: E402
 import uresnet_ops  # noqa: E402
 
-from uresnet_models.benchmark import IMPLS, MODELS, _sync, make_step, print_table, shape  # noqa: E402
+from uresnet_models.benchmark import IMPLS, MODELS, make_step, print_table, shape  # noqa: E402
+from uresnet_ops.timing import synchronize  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
@@ -43,13 +43,13 @@ def test_model_train_step(benchmark, bench_options, name, encoder, impl):
     with ctx:
         _, step = make_step(name, encoder, device, batch, side)
         step()
-        _sync(device)
+        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
         def target():
             step()
-            _sync(device)
+            synchronize(device)
 
         benchmark.pedantic(target, rounds=3 if bench_options.size == "small" else 10, warmup_rounds=1)
     benchmark.extra_info.update(model=f"{name}({encoder})", implementation=impl, device=device.type,
@@ -68,11 +68,11 @@ def test_unet_vs_smp_train_step(benchmark, bench_options, name):
     benchmark.group = f"train_step unet(resnet50) vs smp {batch}x{side}x{side}"
     _, step = make_step(name, "resnet50", device, batch, side)
     step()
-    _sync(device)
+    synchronize(device)
 
     def target():
         step()
-        _sync(device)
+        synchronize(device)
 
     benchmark.pedantic(target, rounds=3 if bench_options.size == "small" else 10, warmup_rounds=1)
     benchmark.extra_info.update(model=f"{name}(resnet50)", implementation=name, device=device.type, batch=batch,

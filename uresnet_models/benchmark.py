@@ -11,6 +11,7 @@ import time
 import torch
 
 import uresnet_ops
+from uresnet_ops.timing import synchronize
 
 from .registry import create_model
 
@@ -53,9 +54,15 @@ def make_step(name: str, encoder: str, device, batch: int, side: int, seed: int 
     return model, step
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def median_step_seconds(step, device, rounds: int) -> float:
+    """Median wall time of ``rounds`` calls of ``step`` (already warmed up), each waited for."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def measure(name, encoder, impl, device, size, rounds=3) -> dict:
@@ -66,18 +73,13 @@ def measure(name, encoder, impl, device, size, rounds=3) -> dict:
     with ctx:
         model, step = make_step(name, encoder, device, batch, side)
         step()  # warm-up (allocator, cuDNN/oneDNN primitives)
-        _sync(device)
+        synchronize(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        median_s = median_step_seconds(step, device, rounds)
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
     del model, step
-    return dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side, median_s=statistics.median(times),
+    return dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side, median_s=median_s,
                 peak_bytes=peak)
 
 

@@ -2,14 +2,33 @@
 // merge of per-block moments.
 #pragma once
 
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <tuple>
 
 namespace uresnet {
 
 constexpr int kThreads = 256;
+
+// Blocks per channel for a reduction over M values: fill the GPU a few times over, at least
+// ~8 values per thread.
+inline int64_t splits_for(int64_t channels, int64_t M) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t want = std::max<int64_t>(1, 4 * prop->multiProcessorCount / std::max<int64_t>(channels, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(want, (M + kThreads * 8 - 1) / (kThreads * 8)));
+}
+
+// Blocks for a grid-stride loop over numel elements: enough to fill every SM, no more.
+inline int64_t grid_for(int64_t numel) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t max_blocks =
+      static_cast<int64_t>(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
+  return std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, max_blocks));
+}
 
 template <typename index_t>
 struct Index4 {

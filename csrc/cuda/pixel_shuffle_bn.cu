@@ -61,10 +61,7 @@ void launch(const at::Tensor& x, const PixelShuffleBNPlan& plan, int64_t r, doub
   g.sW = static_cast<index_t>(x.stride(3));
 
   const int64_t numel = plan.out.numel();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t max_blocks =
-      static_cast<int64_t>(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, max_blocks));
+  const int64_t blocks = grid_for(numel);
   pixel_shuffle_bn_cuda_kernel<scalar_t, index_t, kChannelsLast>
       <<<static_cast<unsigned int>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           x.const_data_ptr<scalar_t>(), plan.out.mutable_data_ptr<scalar_t>(),
@@ -191,10 +188,7 @@ ChannelGeometry<index_t> channel_geometry(const at::Tensor& x, const at::Tensor*
   g.dW = dy ? dy->stride(3) : 0;
   const int64_t M = x.numel() / std::max<int64_t>(C, 1);
   g.M = static_cast<index_t>(M);
-  // Enough blocks to fill the GPU a few times over, at least ~8 values per thread.
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t want = std::max<int64_t>(1, 4 * prop->multiProcessorCount / std::max<int64_t>(C, 1));
-  g.S = static_cast<index_t>(std::max<int64_t>(1, std::min<int64_t>(want, (M + kThreads * 8 - 1) / (kThreads * 8))));
+  g.S = static_cast<index_t>(splits_for(C, M));
   return g;
 }
 
@@ -238,10 +232,7 @@ void backward_cuda_impl(const at::Tensor& dy, const at::Tensor& x, const PixelSh
   coef.select(0, 3).copy_(k.b), coef.select(0, 4).copy_(k.d);
 
   const int64_t numel = x.numel();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t max_blocks =
-      static_cast<int64_t>(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, max_blocks));
+  const int64_t blocks = grid_for(numel);
   const auto in_channels = at::cuda::detail::IntDivider<index_t>(static_cast<index_t>(x.size(1)));
   // grad_x is dense in x.suggest_memory_format(): walk it in memory order.
   ChannelGeometry<index_t> gi = g;

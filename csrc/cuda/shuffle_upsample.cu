@@ -98,21 +98,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks per channel for a reduction over M values: fill the GPU a few times over, at least
-// ~8 values per thread.
-int64_t splits_for(int64_t channels, int64_t M) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t want = std::max<int64_t>(1, 4 * prop->multiProcessorCount / std::max<int64_t>(channels, 1));
-  return std::max<int64_t>(1, std::min<int64_t>(want, (M + kThreads * 8 - 1) / (kThreads * 8)));
-}
-
-int64_t grid_for(int64_t numel) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t max_blocks =
-      static_cast<int64_t>(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
-  return std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, max_blocks));
-}
-
 ConvGeometry conv_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s,
                            c10::string_view mode) {
   const bool bilinear = check_upsample_conv(op, x, weight, s, mode);
