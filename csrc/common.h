@@ -268,11 +268,15 @@ inline bool check_upsample_conv(const char* op, const at::Tensor& x, const at::T
   return mode == "bilinear";
 }
 
+// A (C,) per-channel vector in the accumulation type, as the bias and the BatchNorm terms are.
+inline void check_upsample_conv_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x) {
+  check_channel_param(op, name, v, x, x.size(1));
+  TORCH_CHECK(v.scalar_type() == stat_dtype(x), op, ": argument '", name, "' must be ", stat_dtype(x), ", got ",
+              v.scalar_type());
+}
+
 inline void check_upsample_conv_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x) {
-  if (!has(bias)) return;
-  check_channel_param(op, "bias", *bias, x, x.size(1));
-  TORCH_CHECK(bias->scalar_type() == stat_dtype(x), op, ": argument 'bias' must be ", stat_dtype(x), ", got ",
-              bias->scalar_type());
+  if (has(bias)) check_upsample_conv_vector(op, "bias", *bias, x);
 }
 
 inline void check_upsample_conv_grad(const char* op, const at::Tensor& grad, const at::Tensor& x, int64_t s) {

@@ -31,6 +31,17 @@ TORCH_LIBRARY(uresnet_ops, m) {
   m.def(
       "_shuffle_upsample_conv_native_backward(Tensor grad, Tensor x, Tensor weight, int scale_factor, str mode) "
       "-> (Tensor, Tensor)");
+  // The shuffle_upsample backward through BatchNorm + activation with the conv output recomputed
+  // from x: pass 1 sums BatchNorm's two per-channel reductions (and writes y if asked), pass 2
+  // forms the conv-output gradient on the fly and runs the transposed conv on it.
+  m.def(
+      "_shuffle_upsample_bn_sums_native(Tensor grad, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+      "Tensor mean, int scale_factor, str mode, str activation, float negative_slope, bool write_y) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_shuffle_upsample_bn_backward_native(Tensor grad, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+      "Tensor mean, Tensor centered, Tensor constant, int scale_factor, str mode, str activation, "
+      "float negative_slope) -> (Tensor, Tensor)");
 }
 
 namespace {

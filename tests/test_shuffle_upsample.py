@@ -246,3 +246,122 @@ def _bad_kernel_calls():
 def test_bad_kernel_input_raises_clear_error(forward, backward, match, phase, args):
     with pytest.raises((RuntimeError, ValueError), match=match):
         (forward if phase == "forward" else backward)(*args)
+
+
+# --- the CPU backward's two passes through BatchNorm (z recomputed from x, never stored) ------
+
+_HAS_BN_PASSES = hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native")
+needs_bn_passes = pytest.mark.skipif(not _HAS_BN_PASSES, reason="the C++ extension is not built")
+
+
+def _bn_pass_case(seed, dtype, layout_name="contiguous"):
+    x, t, cfg = make_case(seed, dtype, torch.float32)
+    x = layout(x, layout_name)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    weight = t["dw_weight"].to(stat)
+    scale, shift, mean = torch.randn(c, dtype=stat), torch.randn(c, dtype=stat), torch.randn(c, dtype=stat)
+    grad = torch.randn(x.shape[0], c, x.shape[2] * cfg["scale_factor"], x.shape[3] * cfg["scale_factor"]).to(dtype)
+    return x, weight, scale, shift, mean, grad, cfg
+
+
+@needs_bn_passes
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.2), "silu"], ids=str)
+def test_batch_norm_passes_match_formula(dtype, layout_name, activation):
+    from uresnet_ops._common import activation_backward, apply_activation
+    act, slope = activation if isinstance(activation, tuple) else (activation, 0.0)
+    for seed in range(3):
+        x, weight, scale, shift, mean, grad, cfg = _bn_pass_case(seed, dtype, layout_name)
+        s, mode = cfg["scale_factor"], cfg["mode"]
+        z = reference.upsample_conv3x3(x.double(), weight.double(), s, mode)  # float64 truth
+        view = lambda v: v.double().view(1, -1, 1, 1)  # noqa: E731
+        pre = z * view(scale) + view(shift)
+        grad_pre = activation_backward(grad.double(), pre, act, slope)
+        y, sums = torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native(
+            grad, x, weight, scale, shift, mean, s, mode, act, slope, True)
+        assert_close(y, apply_activation(pre, act, slope), dtype, scale=5)
+        expected_sums = torch.stack([grad_pre.sum((0, 2, 3)), (grad_pre * (z - view(mean))).sum((0, 2, 3))])
+        assert_close(sums, expected_sums, sums.dtype, scale=50, precision=dtype)
+        centered, constant = torch.randn_like(scale), torch.randn_like(scale)
+        grad_z = view(scale) * grad_pre + view(centered) * (z - view(mean)) + view(constant)
+        x64 = x.detach().double().requires_grad_()
+        w64 = weight.detach().double().requires_grad_()
+        reference.upsample_conv3x3(x64, w64, s, mode).backward(grad_z)
+        grad_x, grad_weight = torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native(
+            grad, x, weight, scale, shift, mean, centered, constant, s, mode, act, slope)
+        assert_close(grad_x, x64.grad, dtype, scale=20)
+        assert_close(grad_weight, w64.grad, weight.dtype, scale=200, precision=dtype)
+
+
+@needs_bn_passes
+def test_batch_norm_passes_opcheck():
+    x, weight, scale, shift, mean, grad, cfg = _bn_pass_case(3, torch.float32)
+    config = (cfg["scale_factor"], cfg["mode"], "relu", 0.0)
+    torch.library.opcheck(torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native.default,
+                          (grad, x, weight, scale, shift, mean, *config, True))
+    torch.library.opcheck(torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native.default,
+                          (grad, x, weight, scale, shift, mean, scale.clone(), shift.clone(), *config))
+
+
+def _bad_bn_pass_calls():
+    x, w, v = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.randn(4)
+    grad = torch.randn(2, 4, 10, 10)
+    yield "scale", "sums", (grad, x, w, v.double(), v, v, 2, "nearest", "relu", 0.0, True)   # not the acc dtype
+    yield "shift", "sums", (grad, x, w, v, torch.randn(3), v, 2, "nearest", "relu", 0.0, True)  # not (C,)
+    yield "grad", "sums", (grad[:, :, :9], x, w, v, v, v, 2, "nearest", "relu", 0.0, False)
+    yield "weight", "sums", (grad, x, w.double(), v, v, v, 2, "nearest", "relu", 0.0, False)
+    yield "activation", "sums", (grad, x, w, v, v, v, 2, "nearest", "gelu", 0.0, False)
+    yield "centered", "backward", (grad, x, w, v, v, v, torch.randn(5), v, 2, "nearest", "relu", 0.0)
+    yield "constant", "backward", (grad, x, w, v, v, v, v, v.double(), 2, "nearest", "relu", 0.0)
+    yield "mean", "backward", (grad, x, w, v, v, torch.randn(2, 2), v, v, 2, "nearest", "relu", 0.0)
+    yield "mode", "backward", (grad, x, w, v, v, v, v, v, 2, "area", "relu", 0.0)
+
+
+@needs_bn_passes
+@pytest.mark.parametrize("match,op,args", list(_bad_bn_pass_calls()),
+                         ids=[f"{m}-{p}-{i}" for i, (m, p, _) in enumerate(_bad_bn_pass_calls())])
+def test_batch_norm_passes_bad_input_raises_clear_error(match, op, args):
+    fn = (torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native if op == "sums"
+          else torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native)
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+@needs_bn_passes
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pw", [True, False], ids=["pw", "no_pw"])
+def test_batch_slices_match_reference(training, pw):
+    """The CPU kernels run the conv + 1x1 GEMM in batch slices; with one sample per slice the
+    results (outputs, gradients, running statistics) must not change."""
+    import dataclasses
+    import importlib
+    module = importlib.import_module("uresnet_ops.shuffle_upsample")
+    sliced = dataclasses.replace(uresnet_ops.backends._registry[OP]["cpu"].forward.args[0], chunk_bytes=1)
+    module.register_fused_backend("cpu_one_sample_slices", "cpu", sliced, True)
+    try:
+        for seed, layout_name in enumerate(LAYOUTS):
+            x, t, cfg = make_case(seed + 20 * pw, torch.float64, torch.float64, pw=pw)
+            x = layout(torch.cat([x, x.flip(0) * 0.5, x + 1]), layout_name).requires_grad_()  # 3+ samples
+            t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+            x64, t64 = x.detach().clone().requires_grad_(), double(t)
+            with uresnet_ops.use_backend("cpu_one_sample_slices", OP):
+                out = uresnet_ops.shuffle_upsample(x, **t, training=training, activation="relu", **cfg)
+            assert last_used(OP) == "cpu_one_sample_slices"
+            for k in PARAMS:
+                if t64[k] is not None:
+                    t64[k].requires_grad_()
+            expected = reference.shuffle_upsample(x64, **t64, training=training, activation="relu", **cfg)
+            assert_close(out, expected)
+            grad_out = torch.randn_like(expected)
+            out.backward(grad_out)
+            expected.backward(grad_out)
+            assert_close(x.grad, x64.grad)
+            for k in PARAMS:
+                if t[k] is not None:
+                    assert_close(t[k].grad, t64[k].grad)
+            for k in ("running_mean", "running_var"):
+                assert_close(t[k], t64[k])
+    finally:
+        del uresnet_ops.backends._registry[OP]["cpu_one_sample_slices"]

@@ -196,6 +196,17 @@ class ConvKernels:
     # (grad_z, grad_bn_weight, grad_bn_bias). Without them, ATen ops do it in more passes.
     normalize: Callable | None = None
     normalize_backward: Callable | None = None
+    # Optional, the backward through BatchNorm + activation in two passes that recompute the conv
+    # output z from x instead of storing it (y = act(pre), pre = scale * z + shift):
+    # (grad_y, x, weight, scale, shift, mean, scale_factor, mode, activation, slope, write_y) ->
+    # (y if write_y, (2, C) sums of grad_pre and grad_pre * (z - mean)), and
+    # (grad_y, x, weight, scale, shift, mean, centered, constant, scale_factor, mode, activation,
+    # slope) -> (grad_x, grad_weight) of grad_z = scale * grad_pre + centered * (z - mean) + constant.
+    batch_norm_sums: Callable | None = None
+    batch_norm_backward: Callable | None = None
+    # Run the conv + 1x1 GEMM pipeline over batch slices of about this many bytes of conv output,
+    # so that the intermediate stays in cache and is never allocated at full size (CPU).
+    chunk_bytes: int | None = None
 
 
 def shuffled_pointwise_weight(pw, groups):
@@ -214,19 +225,24 @@ def _scale_shift(mean, var, bn_weight, bn_bias, eps):
 
 
 
-def _pointwise(y, w, bias, out_format):
-    """``F.conv2d(y, w[..., None, None], bias)`` for NCHW-contiguous y as one batched GEMM,
-    written straight in ``out_format`` (channels_last: the GEMM's (N, H*W, C_out) result)."""
+def _pointwise(y, w, bias, out):
+    """``out[:] = F.conv2d(y, w[..., None, None], bias)`` for NCHW-contiguous y as one batched
+    GEMM written straight into ``out`` (NCHW or channels_last: the GEMM's (N, H*W, C_out) result)."""
     n, c, h, wd = y.shape
-    c_out = w.shape[0]
     y3 = y.view(n, c, h * wd)
-    if out_format == torch.channels_last:
-        w_t = w.t().expand(n, c, -1)
-        out = torch.bmm(y3.mT, w_t) if bias is None else torch.baddbmm(bias.view(1, 1, -1), y3.mT, w_t)
-        return out.view(n, h, wd, c_out).permute(0, 3, 1, 2)
-    w_b = w.expand(n, -1, c)
-    out = torch.bmm(w_b, y3) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w_b, y3)
-    return out.view(n, c_out, h, wd)
+    if out.is_contiguous():
+        w_b, out3 = w.expand(n, -1, c), out.view(n, -1, h * wd)
+        return torch.bmm(w_b, y3, out=out3) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w_b, y3, out=out3)
+    w_t, out3 = w.t().expand(n, c, -1), out.permute(0, 2, 3, 1).view(n, h * wd, -1)
+    return torch.bmm(y3.mT, w_t, out=out3) if bias is None else torch.baddbmm(bias.view(1, 1, -1), y3.mT, w_t, out=out3)
+
+
+def _batch_slices(x, s, chunk_bytes):
+    """Slices of the batch whose conv output (C * H*s * W*s values) is about ``chunk_bytes``."""
+    n = x.shape[0]
+    per_sample = x[0].numel() * s * s * x.element_size() if n else 1
+    step = n if chunk_bytes is None else max(1, chunk_bytes // max(per_sample, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
 
 
 def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
@@ -238,12 +254,17 @@ def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, 
         mean, var = running_mean.to(dw_acc.dtype).clone(), running_var.to(dw_acc.dtype).clone()
     # BatchNorm folded into the conv: the epilogue writes the activation directly.
     scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
-    y, _, _ = kernels.forward(x, dw_acc * scale.view(-1, 1, 1, 1), shift, s, mode, activation, slope, False)
+    folded = dw_acc * scale.view(-1, 1, 1, 1)
     if pw is None:
-        out = F.channel_shuffle(y, groups)
-    else:
-        out = _pointwise(y, shuffled_pointwise_weight(pw, groups), pw_bias, memory_format(x))
-    return out.contiguous(memory_format=memory_format(x)), mean, var
+        y, _, _ = kernels.forward(x, folded, shift, s, mode, activation, slope, False)
+        return F.channel_shuffle(y, groups).contiguous(memory_format=memory_format(x)), mean, var
+    n, _, h, w = x.shape
+    out = torch.empty((n, pw.shape[0], h * s, w * s), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    pw_matrix = shuffled_pointwise_weight(pw, groups)
+    for part in _batch_slices(x, s, kernels.chunk_bytes):
+        y, _, _ = kernels.forward(x[part], folded, shift, s, mode, activation, slope, False)
+        _pointwise(y, pw_matrix, pw_bias, out[part])
+    return out, mean, var
 
 
 def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var,
@@ -252,6 +273,9 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
     if x.numel() == 0:  # ATen's batch-norm backward divides by zero on an empty batch
         return (torch.zeros_like(x, memory_format=memory_format(x)), torch.zeros_like(dw_), torch.zeros_like(pw_),
                 torch.zeros_like(pw_bias_), torch.zeros_like(bn_weight_), torch.zeros_like(bn_bias_))
+    if kernels.batch_norm_backward is not None:
+        return _backward_recomputing(kernels, grad_out, x, dw, pw, bn_weight, mean, var, training, eps, s, mode,
+                                     groups, activation, slope, scale_shift=_scale_shift(mean, var, bn_weight, bn_bias, eps))
     n, c = x.shape[:2]
     dw_acc = dw.to(stat_dtype(x))
     z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
@@ -265,14 +289,10 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
         # y = act(BatchNorm(z)) is needed only here, for the 1x1 conv's weight gradient.
         y = (kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope) if kernels.normalize
              else apply_activation(pre, activation, slope))
-        g3, y3 = grad_out.flatten(2), y.flatten(2)  # (N, C_out | C, H*W), views in either layout
-        if g3.dtype in (torch.float32, torch.float64):  # accumulating GEMMs, no (N, C_out, C) intermediate
-            grad_w = g3.new_zeros(pw.shape[0], c)
-            for i in range(n):
-                grad_w.addmm_(g3[i], y3[i].mT)
-        else:  # half: products in the input dtype (tensor cores), the sum over the batch in float32
-            grad_w = torch.bmm(g3, y3.mT).sum(0, dtype=torch.float32)
-        del y, y3  # lower peak memory: free it before the BatchNorm backward allocates
+        g3 = grad_out.flatten(2)  # (N, C_out | C, H*W), a view in either layout
+        grad_w = g3.new_zeros(pw.shape[0], c, dtype=torch.promote_types(g3.dtype, torch.float32))
+        _pointwise_weight_grad(g3, y.flatten(2), grad_w)
+        del y  # lower peak memory: free it before the BatchNorm backward allocates
         grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
         grad_pw_bias = grad_out.sum((0, 2, 3))
         w_t = shuffled_pointwise_weight(pw, groups).t().contiguous()
@@ -289,6 +309,57 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
     grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
     return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
             grad_bn_weight, grad_bn_bias)
+
+
+def _pointwise_weight_grad(grad_out, y, grad_w):
+    """``grad_w += sum over the batch of grad_out[i] @ y[i]^T`` ((N, C_out, H*W) and (N, C, H*W)):
+    accumulating GEMMs, no (N, C_out, C) intermediate; half: products in the input dtype (tensor
+    cores), the sum over the batch in float32."""
+    if grad_out.dtype in (torch.float32, torch.float64):
+        for g_i, y_i in zip(grad_out, y):
+            grad_w.addmm_(g_i, y_i.mT)
+    else:
+        grad_w += torch.bmm(grad_out, y.mT).sum(0, dtype=torch.float32)
+
+
+def _backward_recomputing(kernels, grad_out, x, dw, pw, bn_weight, mean, var, training, eps, s, mode, groups,
+                          activation, slope, scale_shift):
+    """The backward with the kernels' two passes through BatchNorm: nothing of the size of the
+    conv output is kept but grad_y, the gradient of y = act(BatchNorm(z))."""
+    n, c = x.shape[:2]
+    dw_acc = dw.to(stat_dtype(x))
+    scale, shift = scale_shift
+    g3 = grad_out.flatten(2)  # (N, C_out | C, H*W), a view in either layout
+    if pw is None:
+        grad_y = F.channel_shuffle(grad_out, c // groups).contiguous()  # the inverse permutation
+    else:
+        w_t = shuffled_pointwise_weight(pw, groups).t().contiguous()
+        grad_y = torch.bmm(w_t.expand(n, c, -1), g3).view(n, c, *grad_out.shape[2:])
+        grad_w = g3.new_zeros(pw.shape[0], c, dtype=torch.promote_types(g3.dtype, torch.float32))
+    sums = torch.zeros(2, c, dtype=scale.dtype, device=x.device)
+    for part in _batch_slices(x, s, kernels.chunk_bytes):  # y a slice at a time, for the 1x1 weight gradient
+        y, part_sums = kernels.batch_norm_sums(grad_y[part], x[part], dw_acc, scale, shift, mean, s, mode,
+                                               activation, slope, pw is not None)
+        sums += part_sums
+        if pw is not None:
+            _pointwise_weight_grad(g3[part], y.flatten(2), grad_w)
+    sum_grad, sum_grad_centered = sums
+    invstd = torch.rsqrt(var + eps)
+    if training:  # BatchNorm's backward through the batch statistics
+        count = grad_y.numel() // c
+        centered, constant = -scale * invstd * invstd * sum_grad_centered / count, -scale * sum_grad / count
+    else:
+        centered, constant = torch.zeros_like(scale), torch.zeros_like(scale)
+    grad_x, grad_dw = kernels.batch_norm_backward(grad_y, x, dw_acc, scale, shift, mean, centered, constant, s, mode,
+                                                  activation, slope)
+    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
+    if pw is None:
+        grad_pw, grad_pw_bias = x.new_zeros(0, c, 1, 1), x.new_zeros(0)
+    else:
+        grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
+        grad_pw_bias = grad_out.sum((0, 2, 3))
+    return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
+            (sum_grad_centered * invstd).to(param_dtype), sum_grad.to(param_dtype))
 
 
 def register_fused_backend(name: str, device_types, kernels: ConvKernels, available: bool) -> None:
@@ -308,9 +379,23 @@ def _native_normalize_backward(grad_y, z, bn_weight, bn_bias, mean, var, trainin
                                                                    training, eps, activation, slope)
 
 
+if _native is not None and hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native"):
+    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_sums_native")
+    def _fake_bn_sums(grad, x, weight, scale, shift, mean, s, mode, activation, slope, write_y):
+        y = x.new_empty(grad.shape) if write_y else x.new_empty(0)
+        return y, scale.new_empty((2, x.shape[1]))
+
+    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_backward_native")
+    def _fake_bn_backward(grad, x, weight, *rest):
+        return x.new_empty(x.shape), torch.empty_like(weight)
+
 if _native is not None and _native_backward is not None:
     _NATIVE = ConvKernels(_native, _native_backward, _native_normalize, _native_normalize_backward)
-    register_fused_backend("cpu", "cpu", _NATIVE, True)
+    # On CPU the backward recomputes through BatchNorm in two passes, and the forward runs in
+    # batch slices of about L2 size (2 MiB per core here) that stay in cache between conv and GEMM.
+    register_fused_backend("cpu", "cpu", dataclasses.replace(
+        _NATIVE, batch_norm_sums=torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native,
+        batch_norm_backward=torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native, chunk_bytes=2 << 20), True)
     register_fused_backend("cuda", "cuda", _NATIVE, torch._C._dispatch_has_kernel_for_dispatch_key(
         _native.default.name(), "CUDA"))
 else:

@@ -236,29 +236,6 @@ void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& g
   }
 }
 
-// activate_grad for the CPU loops. ReLU/LeakyReLU select on the sign through the bits (an
-// integer compare and mask): GCC turns the float compare into a branch, which mispredicts half the
-// time on random signs and costs 5x. y = +0 counts as not positive, as in threshold_backward.
-template <Activation A, typename T>
-C10_ALWAYS_INLINE T cpu_activate_grad(T dy, T y, T slope) {
-  if constexpr (A == Activation::ReLU || A == Activation::LeakyReLU) {
-    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-    using SBits = std::make_signed_t<Bits>;
-    Bits yb, pass, other;
-    std::memcpy(&yb, &y, sizeof(T));
-    const T neg = A == Activation::ReLU ? T(0) : dy * slope;
-    std::memcpy(&pass, &dy, sizeof(T));
-    std::memcpy(&other, &neg, sizeof(T));
-    const Bits mask = Bits(0) - static_cast<Bits>(static_cast<SBits>(yb) > 0);  // all ones where y > 0
-    const Bits gb = (pass & mask) | (other & ~mask);
-    T g;
-    std::memcpy(&g, &gb, sizeof(T));
-    return g;
-  } else {
-    return activate_grad<A>(dy, y, slope);
-  }
-}
-
 // Calls f(x_step, dy_step) with compile-time steps in the common NCHW cases (x rows contiguous,
 // dy read at every r-th element for r = 1, 2): constant strides let the compiler vectorise.
 template <typename F>

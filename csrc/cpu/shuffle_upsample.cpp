@@ -129,24 +129,20 @@ void shifted_moments(const T* v, int64_t len, T& mean, T& m2) {
   m2 = std::max<T>(t2 - t1 * t1 / static_cast<T>(len), 0);
 }
 
-template <typename scalar_t, Activation A>
-void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Mode mode,
-                    double slope_d, at::Tensor& out, at::Tensor& mean, at::Tensor& var, const Geometry& g) {
+// Calls epilogue(n, co, plane) for every output plane of conv3x3_grouped(upsample(x), weight),
+// plane being that (OH x OW) conv output in opmath in a per-thread buffer, from a thread of the
+// parallel region (the epilogue may index per-thread accumulators by at::get_thread_num()).
+template <typename scalar_t, typename Epilogue>
+void for_each_conv_plane(const at::Tensor& x, const at::Tensor& weight, Mode mode, const Geometry& g,
+                         const Epilogue& epilogue) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t slope = static_cast<opmath_t>(slope_d);
   const Taps<opmath_t> rows(g.H, g.s, mode), cols(g.W, g.s, mode);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const opmath_t* wp = weight.const_data_ptr<opmath_t>();
-  const opmath_t* bp = bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr;
-  scalar_t* op = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
-  const bool stats = mean.defined();
-  const int64_t plane = g.OH * g.OW, stride = g.OW + 2;
-  const int nthreads = at::get_num_threads();
-  std::vector<Moments> acc(stats ? static_cast<size_t>(nthreads) * g.C : 0);
-
+  const int64_t stride = g.OW + 2;
   at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(plane));
-    Moments* a = stats ? acc.data() + static_cast<size_t>(at::get_thread_num()) * g.C : nullptr;
+    std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(g.OH * g.OW));
+    with_best_isa([&] {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
       for (int64_t ci = 0; ci < g.Cg; ++ci)
@@ -162,19 +158,36 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
             else conv3x3_row<true>(row, src, stride, w + ci * 9, g.OW);
           }
         }
-        if (stats) {
-          opmath_t m, m2;
-          shifted_moments(conv.data(), plane, m, m2);
-          a[co].merge(static_cast<double>(plane), m, m2);
-          continue;
-        }
-        const opmath_t b = bp ? bp[co] : opmath_t(0);
-        scalar_t* dst = op + (n * g.C + co) * plane;
-        for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(activate<A>(conv[i] + b, slope));
+        epilogue(n, co, conv.data());
       }
     }
+    });
   });
-  if (!stats) return;
+}
+
+template <typename scalar_t, Activation A>
+void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Mode mode,
+                    double slope_d, at::Tensor& out, at::Tensor& mean, at::Tensor& var, const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t slope = static_cast<opmath_t>(slope_d);
+  const opmath_t* bp = bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr;
+  const int64_t plane = g.OH * g.OW;
+  if (!mean.defined()) {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_conv_plane<scalar_t>(x, weight, mode, g, [&](int64_t n, int64_t co, const opmath_t* conv) {
+      const opmath_t b = bp ? bp[co] : opmath_t(0);
+      scalar_t* dst = op + (n * g.C + co) * plane;
+      for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(activate<A>(conv[i] + b, slope));
+    });
+    return;
+  }
+  const int nthreads = at::get_num_threads();
+  std::vector<Moments> acc(static_cast<size_t>(nthreads) * g.C);
+  for_each_conv_plane<scalar_t>(x, weight, mode, g, [&](int64_t, int64_t co, const opmath_t* conv) {
+    opmath_t m, m2;
+    shifted_moments(conv, plane, m, m2);
+    acc[static_cast<size_t>(at::get_thread_num()) * g.C + co].merge(static_cast<double>(plane), m, m2);
+  });
   opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
   opmath_t* vp = var.mutable_data_ptr<opmath_t>();
   for (int64_t c = 0; c < g.C; ++c) {
@@ -242,13 +255,15 @@ void downsample_plane(const opmath_t* grad_up, const Geometry& g, const Taps<opm
   }
 }
 
-template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, Mode mode,
-                     at::Tensor& grad_x, at::Tensor& grad_weight, const Geometry& g) {
+// The transposed pass of the upsample-conv. fill_grad(n, c, oh, up, row) writes row oh of the
+// conv-output gradient of channel c (OW values, opmath); up holds the task's Cg upsampled input
+// planes (zero-bordered), from which a fill may recompute the conv output it needs.
+template <typename scalar_t, typename FillGrad>
+void backward_kernel(const at::Tensor& x, const at::Tensor& weight, Mode mode, at::Tensor& grad_x,
+                     at::Tensor& grad_weight, const Geometry& g, const FillGrad& fill_grad) {
   using opmath_t = at::opmath_type<scalar_t>;
   const Taps<opmath_t> rows(g.H, g.s, mode), cols(g.W, g.s, mode);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const opmath_t* wp = weight.const_data_ptr<opmath_t>();
   scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
   const int64_t plane = g.OH * g.OW, stride = g.OW + 2, wsize = g.C * g.Cg * 9;
@@ -261,21 +276,15 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tens
     std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), dz(static_cast<size_t>(g.Cg * g.padded()), 0);
     std::vector<opmath_t> grad_up(static_cast<size_t>(plane)), low(static_cast<size_t>(g.H * g.W));
     double* gw = gw_acc.data() + static_cast<size_t>(at::get_thread_num()) * wsize;
+    with_best_isa([&] {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
-      for (int64_t c = 0; c < g.Cg; ++c) {
+      for (int64_t c = 0; c < g.Cg; ++c)
         upsample_plane<scalar_t, opmath_t>(xp + n * x.stride(0) + (c0 + c) * x.stride(1), x.stride(2), x.stride(3),
                                            g, rows, cols, mode, up.data() + c * g.padded());
-        const scalar_t* src = gp + n * grad.stride(0) + (c0 + c) * grad.stride(1);
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          opmath_t* dst = dz.data() + c * g.padded() + (oh + 1) * stride + 1;
-          const scalar_t* row = src + oh * grad.stride(2);
-          if (grad.stride(3) == 1)  // the usual case: a contiguous row, a vectorised copy
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(row[ow]);
-          else
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(row[ow * grad.stride(3)]);
-        }
-      }
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int64_t oh = 0; oh < g.OH; ++oh)
+          fill_grad(n, c0 + c, oh, up.data(), dz.data() + c * g.padded() + (oh + 1) * stride + 1);
       // grad_weight[co, ci, kh, kw] += sum over the plane of dz[co] * up[ci] shifted by (kh, kw):
       // one sweep per tap over planes that stay in L1, each a plain vectorised dot product.
       for (int64_t co = 0; co < g.Cg; ++co)
@@ -308,6 +317,7 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         for (int64_t i = 0; i < g.H * g.W; ++i) dst[i] = static_cast<scalar_t>(low[i]);
       }
     }
+    });
   });
   opmath_t* gwp = grad_weight.mutable_data_ptr<opmath_t>();
   for (int64_t i = 0; i < wsize; ++i) {
@@ -315,6 +325,23 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tens
     for (int th = 0; th < nthreads; ++th) t += gw_acc[static_cast<size_t>(th) * wsize + i];
     gwp[i] = static_cast<opmath_t>(t);
   }
+}
+
+// The plain backward: the conv-output gradient is given.
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, Mode mode,
+                     at::Tensor& grad_x, at::Tensor& grad_weight, const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  backward_kernel<scalar_t>(x, weight, mode, grad_x, grad_weight, g,
+                            [&](int64_t n, int64_t c, int64_t oh, const opmath_t*, opmath_t* dst) {
+                              const scalar_t* row = gp + n * grad.stride(0) + c * grad.stride(1) + oh * grad.stride(2);
+                              if (grad.stride(3) == 1)  // the usual case: a contiguous row, a vectorised copy
+                                for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = static_cast<opmath_t>(row[ow]);
+                              else
+                                for (int64_t ow = 0; ow < g.OW; ++ow)
+                                  dst[ow] = static_cast<opmath_t>(row[ow * grad.stride(3)]);
+                            });
 }
 
 // Returns (grad_x, grad_weight): grad_x NCHW contiguous in x's dtype, grad_weight in weight's.
@@ -334,10 +361,151 @@ std::tuple<at::Tensor, at::Tensor> shuffle_upsample_conv_backward_cpu(const at::
   return {grad_x, grad_weight};
 }
 
+// ---- backward through BatchNorm + activation ----------------------------------------------
+//
+// The part of the EUCB backward below the 1x1 conv, with the conv output z recomputed from x
+// instead of stored. pre = scale * z + shift is the BatchNorm output, y = act(pre), and grad the
+// gradient of y; grad_pre = act'(pre) * grad.
+// Pass 1 (sums): per channel, sum(grad_pre) and sum(grad_pre * (z - mean)), the two reductions
+// BatchNorm's backward needs, and y if asked (the 1x1 conv's weight gradient needs it).
+// Pass 2: grad_z = scale * grad_pre + centered * (z - mean) + constant, formed row by row in
+// cache and fed straight into the transposed conv; grad_z is never written.
+
+template <typename opmath_t>
+struct NormTerms {  // (C,) vectors
+  const opmath_t *scale, *shift, *mean, *centered, *constant;
+  opmath_t slope;
+};
+
+template <typename opmath_t>
+NormTerms<opmath_t> norm_terms(const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+                               const at::Tensor& centered, const at::Tensor& constant, double slope) {
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<opmath_t>() : nullptr; };
+  return {ptr(scale), ptr(shift), ptr(mean), ptr(centered), ptr(constant), static_cast<opmath_t>(slope)};
+}
+
+template <typename scalar_t, Activation A>
+void bn_sums_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, Mode mode,
+                    const NormTerms<at::opmath_type<scalar_t>>& t, at::Tensor& y, at::Tensor& sums,
+                    const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.OH * g.OW;
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.defined() ? y.mutable_data_ptr<scalar_t>() : nullptr;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> acc(static_cast<size_t>(nthreads) * 2 * g.C, 0.0);
+  for_each_conv_plane<scalar_t>(x, weight, mode, g, [&](int64_t n, int64_t c, const opmath_t* z) {
+    const opmath_t sc = t.scale[c], sh = t.shift[c], mu = t.mean[c];
+    const scalar_t* gy = gp + (n * g.C + c) * plane;
+    scalar_t* out = yp ? yp + (n * g.C + c) * plane : nullptr;
+    opmath_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t i = 0; i < plane; ++i) {
+      const opmath_t pre = z[i] * sc + sh;
+      const opmath_t d = cpu_activate_grad<A>(static_cast<opmath_t>(gy[i]), pre, t.slope);
+      s1 += d, s2 += d * (z[i] - mu);
+    }
+    if (out)
+      for (int64_t i = 0; i < plane; ++i) out[i] = static_cast<scalar_t>(activate<A>(z[i] * sc + sh, t.slope));
+    double* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * 2 * g.C;
+    a[c] += s1, a[g.C + c] += s2;
+  });
+  opmath_t* sp = sums.mutable_data_ptr<opmath_t>();
+  for (int64_t i = 0; i < 2 * g.C; ++i) {
+    double total = 0;
+    for (int th = 0; th < nthreads; ++th) total += acc[static_cast<size_t>(th) * 2 * g.C + i];
+    sp[i] = static_cast<opmath_t>(total);
+  }
+}
+
+template <typename scalar_t, Activation A>
+void bn_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, Mode mode,
+                        const NormTerms<at::opmath_type<scalar_t>>& t, at::Tensor& grad_x, at::Tensor& grad_weight,
+                        const Geometry& g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  const opmath_t* wp = weight.const_data_ptr<opmath_t>();
+  const int64_t stride = g.OW + 2;
+  backward_kernel<scalar_t>(x, weight, mode, grad_x, grad_weight, g,
+                            [&](int64_t n, int64_t c, int64_t oh, const opmath_t* up, opmath_t* dst) {
+    const opmath_t* w = wp + c * g.Cg * 9;  // z's row first, into dst
+    for (int64_t ci = 0; ci < g.Cg; ++ci) {
+      const opmath_t* src = up + ci * g.padded() + oh * stride;
+      if (ci == 0) conv3x3_row<false>(dst, src, stride, w, g.OW);
+      else conv3x3_row<true>(dst, src, stride, w + ci * 9, g.OW);
+    }
+    const opmath_t sc = t.scale[c], sh = t.shift[c], mu = t.mean[c], k_z = t.centered[c], k_1 = t.constant[c];
+    const scalar_t* gy = gp + ((n * g.C + c) * g.OH + oh) * g.OW;
+#pragma omp simd
+    for (int64_t i = 0; i < g.OW; ++i) {
+      const opmath_t z = dst[i];
+      dst[i] = sc * cpu_activate_grad<A>(static_cast<opmath_t>(gy[i]), z * sc + sh, t.slope) + k_z * (z - mu) + k_1;
+    }
+  });
+}
+
+// Checks shared by both passes; returns the mode.
+Mode check_bn_inputs(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                     int64_t s, c10::string_view mode, std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors) {
+  const Mode m = check_inputs(op, x, weight, s, mode);
+  check_upsample_conv_grad(op, grad, x, s);
+  for (const auto& [name, v] : vectors) check_upsample_conv_vector(op, name, *v, x);
+  return m;
+}
+
+// Returns (y, sums): y = act(scale * z + shift), NCHW contiguous in x's dtype, if write_y (else
+// empty); sums (2, C) in the accumulation type: sum(grad_pre), sum(grad_pre * (z - mean)).
+std::tuple<at::Tensor, at::Tensor> shuffle_upsample_bn_sums_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, int64_t scale_factor, c10::string_view mode_name,
+    c10::string_view activation, double negative_slope, bool write_y) {
+  constexpr const char* op = "uresnet_ops::_shuffle_upsample_bn_sums_native";
+  const Mode mode = check_bn_inputs(op, grad, x, weight, scale_factor, mode_name,
+                                    {{"scale", &scale}, {"shift", &shift}, {"mean", &mean}});
+  const Activation act = parse_activation(activation, op);
+  const Geometry g = geometry(x, weight, scale_factor);
+  at::Tensor y = write_y ? at::empty({g.N, g.C, g.OH, g.OW}, x.options()) : at::Tensor();
+  at::Tensor sums = at::zeros({2, g.C}, x.options().dtype(stat_dtype(x)));
+  if (x.numel() == 0) return {write_y ? y : at::empty({0}, x.options()), sums};
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous(), mu = mean.contiguous();
+  const at::Tensor gr = grad.contiguous(), w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shuffle_upsample_bn_sums_cpu", [&] {
+    const auto t = norm_terms<at::opmath_type<scalar_t>>(sc, sh, mu, {}, {}, negative_slope);
+    URESNET_DISPATCH_ACTIVATION(act, bn_sums_kernel<scalar_t, A>(gr, x, w, mode, t, y, sums, g));
+  });
+  return {write_y ? y : at::empty({0}, x.options()), sums};
+}
+
+// Returns (grad_x, grad_weight) for grad_z = scale * act'(pre) * grad + centered * (z - mean) + constant.
+std::tuple<at::Tensor, at::Tensor> shuffle_upsample_bn_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& centered, const at::Tensor& constant,
+    int64_t scale_factor, c10::string_view mode_name, c10::string_view activation, double negative_slope) {
+  constexpr const char* op = "uresnet_ops::_shuffle_upsample_bn_backward_native";
+  const Mode mode = check_bn_inputs(op, grad, x, weight, scale_factor, mode_name,
+                                    {{"scale", &scale}, {"shift", &shift}, {"mean", &mean},
+                                     {"centered", &centered}, {"constant", &constant}});
+  const Activation act = parse_activation(activation, op);
+  const Geometry g = geometry(x, weight, scale_factor);
+  at::Tensor grad_x = at::empty({g.N, g.C, g.H, g.W}, x.options());
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (x.numel() == 0) return {grad_x, grad_weight};
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous(), mu = mean.contiguous();
+  const at::Tensor kz = centered.contiguous(), k1 = constant.contiguous(), gr = grad.contiguous();
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shuffle_upsample_bn_backward_cpu", [&] {
+    const auto t = norm_terms<at::opmath_type<scalar_t>>(sc, sh, mu, kz, k1, negative_slope);
+    URESNET_DISPATCH_ACTIVATION(act, bn_backward_kernel<scalar_t, A>(gr, x, w, mode, t, grad_x, grad_weight, g));
+  });
+  return {grad_x, grad_weight};
+}
+
 }  // namespace
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
   m.impl("_shuffle_upsample_conv_native", &uresnet::shuffle_upsample_conv_cpu);
   m.impl("_shuffle_upsample_conv_native_backward", &uresnet::shuffle_upsample_conv_backward_cpu);
+  m.impl("_shuffle_upsample_bn_sums_native", &uresnet::shuffle_upsample_bn_sums_cpu);
+  m.impl("_shuffle_upsample_bn_backward_native", &uresnet::shuffle_upsample_bn_backward_cpu);
 }
