@@ -1,10 +1,12 @@
 // Pieces shared by the CPU kernels: per-channel moments, activation dispatch, task sizes.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -90,9 +92,11 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void run_avx2(const F& f) {
   f();
 }
 
+// URESNET_CPU_ISA=baseline keeps the baseline build (for tests and debugging).
 inline bool cpu_has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") &&
+                          !(std::getenv("URESNET_CPU_ISA") && std::strcmp(std::getenv("URESNET_CPU_ISA"), "baseline") == 0);
   return yes;
 }
 
@@ -107,6 +111,12 @@ C10_ALWAYS_INLINE void with_best_isa(const F& f) {
   f();
 }
 #endif
+
+// at::parallel_for whose task body f(begin, end) runs with_best_isa.
+template <typename F>
+void parallel_for_best_isa(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { with_best_isa([&] { f(b, e); }); });
+}
 
 #define URESNET_DISPATCH_ACTIVATION(act, ...)                                 \
   switch (act) {                                                              \

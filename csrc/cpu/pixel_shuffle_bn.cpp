@@ -79,7 +79,7 @@ void nchw_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_type<scala
   const int64_t OH = H * r, OW = W * r, rr = r * r;
   // One task item per output row (n, c, oh).
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1));
-  at::parallel_for(0, N * C * OH, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_best_isa(0, N * C * OH, grain, [&](int64_t begin, int64_t end) {
     RowCursor cur(begin, C, OH, r);
     for (int64_t row = begin; row < end; ++row, cur.next()) {
       const int64_t n = cur.n, c = cur.c, h = cur.h, i = cur.i;
@@ -104,7 +104,7 @@ void channels_last_kernel(const scalar_t* xp, scalar_t* outp, const at::opmath_t
   const int64_t sCr = r * r * sC;  // input stride between consecutive output channels
   // One task item per output pixel (n, oh, ow) = C contiguous elements.
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1));
-  at::parallel_for(0, N * OH * OW, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_best_isa(0, N * OH * OW, grain, [&](int64_t begin, int64_t end) {
     PixelCursor cur(begin, OH, OW, r);
     for (int64_t pix = begin; pix < end; ++pix, cur.next()) {
       const int64_t n = cur.n, h = cur.h, i = cur.i, w = cur.w, j = cur.j;
@@ -149,7 +149,7 @@ void batch_stats_cpu(const at::Tensor& x, int64_t r, int64_t C, at::Tensor& mean
       // Pixels in chunks: each chunk's CR-long rows, moments per input channel.
       constexpr int64_t kPix = 64;
       const int64_t P = N * H * W, chunks = (P + kPix - 1) / kPix;
-      at::parallel_for(0, chunks, std::max<int64_t>(1, kGrainSize / (kPix * CR)), [&](int64_t begin, int64_t end) {
+      parallel_for_best_isa(0, chunks, std::max<int64_t>(1, kGrainSize / (kPix * CR)), [&](int64_t begin, int64_t end) {
         Moments* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * CR;
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           const int64_t p0 = chunk * kPix, len = std::min(P, p0 + kPix) - p0;
@@ -163,7 +163,7 @@ void batch_stats_cpu(const at::Tensor& x, int64_t r, int64_t C, at::Tensor& mean
     } else {
       // One (n, k) plane at a time; row by row when the plane is not one contiguous run.
       const bool plane_contiguous = sW == 1 && sH == W;
-      at::parallel_for(0, N * CR, std::max<int64_t>(1, kGrainSize / (H * W)), [&](int64_t begin, int64_t end) {
+      parallel_for_best_isa(0, N * CR, std::max<int64_t>(1, kGrainSize / (H * W)), [&](int64_t begin, int64_t end) {
         Moments* a = acc.data() + static_cast<size_t>(at::get_thread_num()) * CR;
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / CR, k = plane % CR;
@@ -210,7 +210,7 @@ void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& g
   const int64_t dN = dy.stride(0), dC = dy.stride(1), dH = dy.stride(2), dW = dy.stride(3);
   const int64_t gN = gx.stride(0), gC = gx.stride(1), gH = gx.stride(2), gW = gx.stride(3);
   if (!channels_last) {
-    at::parallel_for(0, N * C * OH, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1)),
+    parallel_for_best_isa(0, N * C * OH, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(OW, 1)),
                      [&](int64_t begin, int64_t end) {
       RowCursor cur(begin, C, OH, r);
       for (int64_t row = begin; row < end; ++row, cur.next()) {
@@ -223,7 +223,7 @@ void for_each_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& g
       }
     });
   } else {
-    at::parallel_for(0, N * OH * OW, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
+    parallel_for_best_isa(0, N * OH * OW, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
       PixelCursor cur(begin, OH, OW, r);
       for (int64_t pix = begin; pix < end; ++pix, cur.next()) {

@@ -140,9 +140,8 @@ void for_each_conv_plane(const at::Tensor& x, const at::Tensor& weight, Mode mod
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const opmath_t* wp = weight.const_data_ptr<opmath_t>();
   const int64_t stride = g.OW + 2;
-  at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_best_isa(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(g.OH * g.OW));
-    with_best_isa([&] {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
       for (int64_t ci = 0; ci < g.Cg; ++ci)
@@ -161,7 +160,6 @@ void for_each_conv_plane(const at::Tensor& x, const at::Tensor& weight, Mode mod
         epilogue(n, co, conv.data());
       }
     }
-    });
   });
 }
 
@@ -270,13 +268,12 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& weight, Mode mode, a
   const int nthreads = at::get_num_threads();
   std::vector<double> gw_acc(static_cast<size_t>(nthreads) * wsize, 0.0);
 
-  at::parallel_for(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_best_isa(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
     // up: the group's upsampled input planes; dz: its output-gradient planes, zero-bordered so
     // the transposed conv reads them like the forward reads up; row / low: one plane each.
     std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), dz(static_cast<size_t>(g.Cg * g.padded()), 0);
     std::vector<opmath_t> grad_up(static_cast<size_t>(plane)), low(static_cast<size_t>(g.H * g.W));
     double* gw = gw_acc.data() + static_cast<size_t>(at::get_thread_num()) * wsize;
-    with_best_isa([&] {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
       for (int64_t c = 0; c < g.Cg; ++c)
@@ -317,7 +314,6 @@ void backward_kernel(const at::Tensor& x, const at::Tensor& weight, Mode mode, a
         for (int64_t i = 0; i < g.H * g.W; ++i) dst[i] = static_cast<scalar_t>(low[i]);
       }
     }
-    });
   });
   opmath_t* gwp = grad_weight.mutable_data_ptr<opmath_t>();
   for (int64_t i = 0; i < wsize; ++i) {
