@@ -229,20 +229,21 @@ def _pointwise(y, w, bias, out):
     """``out[:] = F.conv2d(y, w[..., None, None], bias)`` for NCHW-contiguous y as one batched
     GEMM written straight into ``out`` (NCHW or channels_last: the GEMM's (N, H*W, C_out) result)."""
     n, c, h, wd = y.shape
-    y3 = y.view(n, c, h * wd)
+    y3, c_out = y.view(n, c, h * wd), w.shape[0]
     if out.is_contiguous():
-        w_b, out3 = w.expand(n, -1, c), out.view(n, -1, h * wd)
+        w_b, out3 = w.expand(n, -1, c), out.view(n, c_out, h * wd)
         return torch.bmm(w_b, y3, out=out3) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w_b, y3, out=out3)
-    w_t, out3 = w.t().expand(n, c, -1), out.permute(0, 2, 3, 1).view(n, h * wd, -1)
+    w_t, out3 = w.t().expand(n, c, -1), out.permute(0, 2, 3, 1).view(n, h * wd, c_out)
     return torch.bmm(y3.mT, w_t, out=out3) if bias is None else torch.baddbmm(bias.view(1, 1, -1), y3.mT, w_t, out=out3)
 
 
 def _batch_slices(x, s, chunk_bytes):
     """Slices of the batch whose conv output (C * H*s * W*s values) is about ``chunk_bytes``."""
     n = x.shape[0]
-    per_sample = x[0].numel() * s * s * x.element_size() if n else 1
-    step = n if chunk_bytes is None else max(1, chunk_bytes // max(per_sample, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
+    if chunk_bytes is None or n == 0:
+        return [slice(None)]
+    step = max(1, chunk_bytes // max(x[0].numel() * s * s * x.element_size(), 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
@@ -273,93 +274,88 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
     if x.numel() == 0:  # ATen's batch-norm backward divides by zero on an empty batch
         return (torch.zeros_like(x, memory_format=memory_format(x)), torch.zeros_like(dw_), torch.zeros_like(pw_),
                 torch.zeros_like(pw_bias_), torch.zeros_like(bn_weight_), torch.zeros_like(bn_bias_))
-    if kernels.batch_norm_backward is not None:
-        return _backward_recomputing(kernels, grad_out, x, dw, pw, bn_weight, mean, var, training, eps, s, mode,
-                                     groups, activation, slope, scale_shift=_scale_shift(mean, var, bn_weight, bn_bias, eps))
-    n, c = x.shape[:2]
     dw_acc = dw.to(stat_dtype(x))
-    z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
     scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
-    pre = None if kernels.normalize_backward else torch.addcmul(shift.view(1, -1, 1, 1), z,
-                                                                 scale.view(1, -1, 1, 1)).to(z.dtype)
-    if pw is None:
-        grad_y = F.channel_shuffle(grad_out, c // groups).contiguous()  # the inverse permutation
-        grad_pw, grad_pw_bias = torch.zeros_like(pw_), torch.zeros_like(pw_bias_)
+    pointwise = _PointwiseGrads(grad_out, pw, pw_, groups)
+    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
+    if kernels.batch_norm_backward is not None:
+        # Two passes through BatchNorm, z recomputed from x in each: no tensor of the conv
+        # output's size is kept but grad_y.
+        grad_y = pointwise.grad_input(x.shape[1])
+        sums = torch.zeros(2, x.shape[1], dtype=scale.dtype, device=x.device)
+        for part in _batch_slices(x, s, kernels.chunk_bytes):  # y a slice at a time, for the 1x1 weight gradient
+            y, part_sums = kernels.batch_norm_sums(grad_y[part], x[part], dw_acc, scale, shift, mean, s, mode,
+                                                   activation, slope, pw is not None)
+            sums += part_sums
+            pointwise.add(part, y)
+        sum_grad, sum_grad_centered = sums
+        invstd = torch.rsqrt(var + eps)
+        if training:  # BatchNorm's backward through the batch statistics
+            count = grad_y.numel() // x.shape[1]
+            centered, constant = -scale * invstd * invstd * sum_grad_centered / count, -scale * sum_grad / count
+        else:
+            centered, constant = torch.zeros_like(scale), torch.zeros_like(scale)
+        grad_x, grad_dw = kernels.batch_norm_backward(grad_y, x, dw_acc, scale, shift, mean, centered, constant, s,
+                                                      mode, activation, slope)
+        grad_bn_weight, grad_bn_bias = (sum_grad_centered * invstd).to(param_dtype), sum_grad.to(param_dtype)
     else:
-        # y = act(BatchNorm(z)) is needed only here, for the 1x1 conv's weight gradient.
-        y = (kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope) if kernels.normalize
-             else apply_activation(pre, activation, slope))
-        g3 = grad_out.flatten(2)  # (N, C_out | C, H*W), a view in either layout
-        grad_w = g3.new_zeros(pw.shape[0], c, dtype=torch.promote_types(g3.dtype, torch.float32))
-        _pointwise_weight_grad(g3, y.flatten(2), grad_w)
-        del y  # lower peak memory: free it before the BatchNorm backward allocates
-        grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
-        grad_pw_bias = grad_out.sum((0, 2, 3))
-        w_t = shuffled_pointwise_weight(pw, groups).t().contiguous()
-        grad_y = torch.bmm(w_t.expand(n, c, -1), g3).view_as(z)
-    if kernels.normalize_backward is not None:
-        grad_z, grad_bn_weight, grad_bn_bias = kernels.normalize_backward(
-            grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope)
-    else:
-        grad_pre = activation_backward(grad_y, pre, activation, slope)
-        param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-        grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training,
-                                                                   eps, param_dtype)
-    del z, grad_y
-    grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
+        z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
+        pre = None if kernels.normalize_backward else torch.addcmul(shift.view(1, -1, 1, 1), z,
+                                                                     scale.view(1, -1, 1, 1)).to(z.dtype)
+        if pw is not None:  # y = act(BatchNorm(z)) is needed only for the 1x1 conv's weight gradient
+            pointwise.add(slice(None), kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope)
+                          if kernels.normalize else apply_activation(pre, activation, slope))
+        grad_y = pointwise.grad_input(x.shape[1])  # after y is freed: lower peak memory
+        if kernels.normalize_backward is not None:
+            grad_z, grad_bn_weight, grad_bn_bias = kernels.normalize_backward(
+                grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope)
+        else:
+            grad_pre = activation_backward(grad_y, pre, activation, slope)
+            grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training,
+                                                                       eps, param_dtype)
+        del z, grad_y  # lower peak memory: free them before the conv backward allocates
+        grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
+    grad_pw, grad_pw_bias = pointwise.result()
     return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
             grad_bn_weight, grad_bn_bias)
 
 
-def _pointwise_weight_grad(grad_out, y, grad_w):
-    """``grad_w += sum over the batch of grad_out[i] @ y[i]^T`` ((N, C_out, H*W) and (N, C, H*W)):
-    accumulating GEMMs, no (N, C_out, C) intermediate; half: products in the input dtype (tensor
-    cores), the sum over the batch in float32."""
-    if grad_out.dtype in (torch.float32, torch.float64):
-        for g_i, y_i in zip(grad_out, y):
-            grad_w.addmm_(g_i, y_i.mT)
-    else:
-        grad_w += torch.bmm(grad_out, y.mT).sum(0, dtype=torch.float32)
+class _PointwiseGrads:
+    """The 1x1 conv's side of the backward: the gradient of its (unshuffled) input y, and its
+    weight and bias gradients, the weight's accumulated over batch slices of y."""
 
-
-def _backward_recomputing(kernels, grad_out, x, dw, pw, bn_weight, mean, var, training, eps, s, mode, groups,
-                          activation, slope, scale_shift):
-    """The backward with the kernels' two passes through BatchNorm: nothing of the size of the
-    conv output is kept but grad_y, the gradient of y = act(BatchNorm(z))."""
-    n, c = x.shape[:2]
-    dw_acc = dw.to(stat_dtype(x))
-    scale, shift = scale_shift
-    g3 = grad_out.flatten(2)  # (N, C_out | C, H*W), a view in either layout
-    if pw is None:
-        grad_y = F.channel_shuffle(grad_out, c // groups).contiguous()  # the inverse permutation
-    else:
-        w_t = shuffled_pointwise_weight(pw, groups).t().contiguous()
-        grad_y = torch.bmm(w_t.expand(n, c, -1), g3).view(n, c, *grad_out.shape[2:])
-        grad_w = g3.new_zeros(pw.shape[0], c, dtype=torch.promote_types(g3.dtype, torch.float32))
-    sums = torch.zeros(2, c, dtype=scale.dtype, device=x.device)
-    for part in _batch_slices(x, s, kernels.chunk_bytes):  # y a slice at a time, for the 1x1 weight gradient
-        y, part_sums = kernels.batch_norm_sums(grad_y[part], x[part], dw_acc, scale, shift, mean, s, mode,
-                                               activation, slope, pw is not None)
-        sums += part_sums
+    def __init__(self, grad_out, pw, pw_or_empty, groups):
+        self.grad_out, self.pw, self.pw_or_empty, self.groups = grad_out, pw, pw_or_empty, groups
+        self.g3 = grad_out.flatten(2)  # (N, C_out | C, H*W), a view in either layout
         if pw is not None:
-            _pointwise_weight_grad(g3[part], y.flatten(2), grad_w)
-    sum_grad, sum_grad_centered = sums
-    invstd = torch.rsqrt(var + eps)
-    if training:  # BatchNorm's backward through the batch statistics
-        count = grad_y.numel() // c
-        centered, constant = -scale * invstd * invstd * sum_grad_centered / count, -scale * sum_grad / count
-    else:
-        centered, constant = torch.zeros_like(scale), torch.zeros_like(scale)
-    grad_x, grad_dw = kernels.batch_norm_backward(grad_y, x, dw_acc, scale, shift, mean, centered, constant, s, mode,
-                                                  activation, slope)
-    param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-    if pw is None:
-        grad_pw, grad_pw_bias = x.new_zeros(0, c, 1, 1), x.new_zeros(0)
-    else:
-        grad_pw = F.channel_shuffle(grad_w.to(pw.dtype).view_as(pw), groups)  # columns back to pw's order
-        grad_pw_bias = grad_out.sum((0, 2, 3))
-    return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
-            (sum_grad_centered * invstd).to(param_dtype), sum_grad.to(param_dtype))
+            self.grad_w = self.g3.new_zeros(pw.shape[:2], dtype=torch.promote_types(self.g3.dtype, torch.float32))
+
+    def grad_input(self, c):
+        """The gradient of y, NCHW-contiguous."""
+        if self.pw is None:
+            return F.channel_shuffle(self.grad_out, c // self.groups).contiguous()  # the inverse permutation
+        n = self.grad_out.shape[0]
+        w_t = shuffled_pointwise_weight(self.pw, self.groups).t().contiguous()
+        return torch.bmm(w_t.expand(n, c, -1), self.g3).view(n, c, *self.grad_out.shape[2:])
+
+    def add(self, part, y):
+        """grad_w += sum over the slice of grad_out[i] @ y[i]^T: accumulating GEMMs, no (N, C_out,
+        C) intermediate; half: products in the input dtype (tensor cores), the batch sum in float32."""
+        if self.pw is None:
+            return
+        g3, y3 = self.g3[part], y.flatten(2)
+        if g3.dtype in (torch.float32, torch.float64):
+            for g_i, y_i in zip(g3, y3):
+                self.grad_w.addmm_(g_i, y_i.mT)
+        else:
+            self.grad_w += torch.bmm(g3, y3.mT).sum(0, dtype=torch.float32)
+
+    def result(self):
+        """(grad_pw, grad_pw_bias); zeros of the empty conv's shape without pw."""
+        if self.pw is None:
+            return torch.zeros_like(self.pw_or_empty), self.grad_out.new_zeros(0)
+        grad_pw = F.channel_shuffle(self.grad_w.to(self.pw.dtype).view_as(self.pw), self.groups)  # pw's column order
+        return grad_pw, self.grad_out.sum((0, 2, 3))
 
 
 def register_fused_backend(name: str, device_types, kernels: ConvKernels, available: bool) -> None:
