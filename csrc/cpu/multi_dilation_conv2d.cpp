@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "cpu_common.h"
 
 // The Fortran BLAS that libtorch_cpu carries (MKL on x86 builds). Weak, so a torch built
 // without one still loads the extension; the plain-loop fallback then runs.
@@ -59,9 +60,10 @@ void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int
 template <typename T>
 struct Branch {
   int64_t in_c0, K, out_c0, M, k, d;
-  const T* w;     // (k*k, M, K) contiguous
-  const T* bias;  // (M,) or null
-  T* grad_w;      // grad_weights: (k*k, M, K) with M = Cout, K = Cin (only for the weight pass)
+  const T* w;          // (k*k, M, K) contiguous, or (k*k, K, M) if w_in_out
+  const T* bias;       // (M,) or null
+  T* grad_w;           // grad_weights: (k*k, M, K) with M = Cout, K = Cin (only for the weight pass)
+  bool w_in_out = false;  // the transposed pass reads the forward's packing, (k*k, Cout, Cin)
 };
 
 struct Geometry {
@@ -80,12 +82,33 @@ inline Span valid_span(const Geometry& g, int64_t dy, int64_t dx, int64_t r0, in
   return {std::max(r0, -dy), std::min(r1, g.H - dy), std::max<int64_t>(0, -dx), std::min(g.W, g.W - dx)};
 }
 
-// Calls f(p, np) for runs of np output pixels starting at flat pixel p: one run for the whole
-// rectangle when it spans full rows (contiguous in both layouts), else one per row.
-template <typename F>
-inline void for_each_run(const Geometry& g, const Span& s, F&& f) {
-  if (s.ow0 == 0 && s.ow1 == g.W) return f(s.oh0 * g.W, (s.oh1 - s.oh0) * g.W);
-  for (int64_t oh = s.oh0; oh < s.oh1; ++oh) f(oh * g.W + s.ow0, s.ow1 - s.ow0);
+// Calls f(src, ld, p, np) once per tap and block: src holds input channels [c0, c0 + K) for
+// the np output pixels from flat pixel p on, as (K x np) with leading dimension ld (NCHW) or
+// (np x K) (channels_last). When the tap's valid span covers whole rows that is the input itself
+// (contiguous in both layouts); else a copy of the span's rows shifted by the tap, zero where the
+// tap reads padding, so that one GEMM covers the block (a GEMM per row would re-read the weights
+// once per row: the cost that dominates small maps with many channels).
+template <typename T, typename F>
+void with_tap_input(const Geometry& g, const Span& s, const T* xin, int64_t cin_tot, int64_t c0, int64_t K,
+                    int64_t dy, int64_t dx, std::vector<T>& buf, F&& f) {
+  const int64_t W = g.W, HW = g.HW(), p = s.oh0 * W;
+  if (s.ow0 == 0 && s.ow1 == W) {
+    const int64_t q = p + dy * W + dx;  // input pixel of output pixel p
+    if (g.channels_last) return f(xin + q * cin_tot + c0, cin_tot, p, (s.oh1 - s.oh0) * W);
+    return f(xin + c0 * HW + q, HW, p, (s.oh1 - s.oh0) * W);
+  }
+  const int64_t np = (s.oh1 - s.oh0) * W;
+  buf.assign(static_cast<size_t>(np * K), T(0));
+  for (int64_t oh = s.oh0; oh < s.oh1; ++oh) {
+    const int64_t out = (oh - s.oh0) * W + s.ow0, in = (oh + dy) * W + s.ow0 + dx, len = s.ow1 - s.ow0;
+    if (g.channels_last)  // len pixels of K channels each
+      for (int64_t i = 0; i < len; ++i)
+        std::copy(xin + (in + i) * cin_tot + c0, xin + (in + i) * cin_tot + c0 + K, buf.data() + (out + i) * K);
+    else
+      for (int64_t k = 0; k < K; ++k) std::copy(xin + (c0 + k) * HW + in, xin + (c0 + k) * HW + in + len,
+                                                buf.data() + k * np + out);
+  }
+  f(buf.data(), g.channels_last ? K : np, p, np);
 }
 
 // out (cout_tot channels) = [bias or 0] + sum_b sum_taps w_b[tap] * in(shifted by sign * offset);
@@ -102,6 +125,7 @@ void conv_taps(const T* in, int64_t cin_tot, T* out, int64_t cout_tot, const Geo
   while (rb > 1 && g.N * ((H + rb - 1) / rb) < 2 * at::get_num_threads()) rb = (rb + 1) / 2;
   const int64_t blocks = (H + rb - 1) / rb;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf;  // shifted input of a tap (with_tap_input)
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / blocks, r0 = (u % blocks) * rb, r1 = std::min(H, r0 + rb);
       const T* xin = in + n * cin_tot * HW;
@@ -128,14 +152,18 @@ void conv_taps(const T* in, int64_t cin_tot, T* out, int64_t cout_tot, const Geo
             const Span s = valid_span(g, dy, dx, r0, r1);
             if (s.empty()) continue;  // the tap reads only padding here
             const T* wt = b.w + (ti * b.k + tj) * b.M * b.K;
-            for_each_run(g, s, [&](int64_t p, int64_t np) {
-              const int64_t q = p + dy * W + dx;  // input pixel of output pixel p
-              if (cl)  // C'(M x np) += W(M x K) * X(K x np): pixels are columns of stride cin_tot
-                gemm_acc<T>(true, false, b.M, np, b.K, wt, b.K, xin + q * cin_tot + b.in_c0, cin_tot,
-                            y + p * cout_tot + b.out_c0, cout_tot);
-              else  // C(np x M) += X(np x K) * W^T(K x M): pixels are rows of stride 1
-                gemm_acc<T>(false, false, np, b.M, b.K, xin + b.in_c0 * HW + q, HW, wt, b.K,
-                            y + b.out_c0 * HW + p, HW);
+            with_tap_input(g, s, xin, cin_tot, b.in_c0, b.K, dy, dx, buf, [&](const T* src, int64_t ld, int64_t p,
+                                                                           int64_t np) {
+              // channels_last: C'(M x np) += W(M x K) * X(K x np), pixels are columns of stride ld;
+              // NCHW: C(np x M) += X(np x K) * W^T(K x M), pixels are rows of stride 1.
+              if (cl && !b.w_in_out)
+                gemm_acc<T>(true, false, b.M, np, b.K, wt, b.K, src, ld, y + p * cout_tot + b.out_c0, cout_tot);
+              else if (cl)
+                gemm_acc<T>(false, false, b.M, np, b.K, wt, b.M, src, ld, y + p * cout_tot + b.out_c0, cout_tot);
+              else if (!b.w_in_out)
+                gemm_acc<T>(false, false, np, b.M, b.K, src, ld, wt, b.K, y + b.out_c0 * HW + p, HW);
+              else
+                gemm_acc<T>(false, true, np, b.M, b.K, src, ld, wt, b.M, y + b.out_c0 * HW + p, HW);
             });
           }
       }
@@ -153,18 +181,31 @@ void conv_taps(const T* in, int64_t cin_tot, T* out, int64_t cout_tot, const Geo
 }
 
 // grad_w_b[tap] (Cout_b x Cin) = sum over images and valid output pixels of
-// grad_pre(pixel, cout) * x(pixel + offset, cin); one task per (branch, tap).
+// grad_pre(pixel, cout) * x(pixel + offset, cin); one task per (branch, tap). The tasks differ
+// in size by orders of magnitude (a centre tap against one that barely overlaps the map), so
+// they are handed out largest first, one at a time (an even split of the list leaves threads idle).
 template <typename T>
 void weight_grads(const T* x, int64_t cin, const T* gp, int64_t ctot, const Geometry& g,
                   const std::vector<Branch<T>>& branches) {
-  std::vector<std::pair<int64_t, int64_t>> items;  // (branch, tap)
+  struct Item {
+    int64_t branch, tap, cost;
+  };
+  std::vector<Item> items;
   for (int64_t b = 0; b < int64_t(branches.size()); ++b)
-    for (int64_t t = 0; t < branches[b].k * branches[b].k; ++t) items.emplace_back(b, t);
-  const int64_t HW = g.HW(), W = g.W;
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const auto& b = branches[items[it].first];
-      const int64_t t = items[it].second, half = (b.k - 1) / 2;
+    for (int64_t t = 0; t < branches[b].k * branches[b].k; ++t) {
+      const int64_t half = (branches[b].k - 1) / 2;
+      const Span s = valid_span(g, (t / branches[b].k - half) * branches[b].d, (t % branches[b].k - half) * branches[b].d,
+                                0, g.H);
+      items.push_back({b, t, s.empty() ? 0 : (s.oh1 - s.oh0) * g.W * branches[b].M});
+    }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const int64_t HW = g.HW(), count = int64_t(items.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t it = 0; it < count; ++it) {
+    thread_local std::vector<T> buf;  // shifted input of a tap (with_tap_input)
+    {
+      const auto& b = branches[items[it].branch];
+      const int64_t t = items[it].tap, half = (b.k - 1) / 2;
       const int64_t dy = (t / b.k - half) * b.d, dx = (t % b.k - half) * b.d;
       T* c = b.grad_w + t * b.M * cin;  // row-major (M x cin) = column-major (cin x M), ld cin
       std::fill(c, c + b.M * cin, T(0));
@@ -173,16 +214,15 @@ void weight_grads(const T* x, int64_t cin, const T* gp, int64_t ctot, const Geom
       for (int64_t n = 0; n < g.N; ++n) {
         const T* xn = x + n * cin * HW;
         const T* gn = gp + n * ctot * HW;
-        for_each_run(g, s, [&](int64_t p, int64_t np) {
-          const int64_t q = p + dy * W + dx;
+        with_tap_input(g, s, xn, cin, 0, cin, dy, dx, buf, [&](const T* src, int64_t ld, int64_t p, int64_t np) {
           if (g.channels_last)  // C'(cin x M) += X'(cin x np) * G(np x M), G stored (M x np) ld ctot
-            gemm_acc<T>(false, true, cin, b.M, np, xn + q * cin, cin, gn + p * ctot + b.out_c0, ctot, c, cin);
-          else  // X stored (np x cin) ld HW, G stored (np x M) ld HW
-            gemm_acc<T>(true, false, cin, b.M, np, xn + q, HW, gn + b.out_c0 * HW + p, HW, c, cin);
+            gemm_acc<T>(false, true, cin, b.M, np, src, ld, gn + p * ctot + b.out_c0, ctot, c, cin);
+          else  // X stored (np x cin) ld, G stored (np x M) ld HW
+            gemm_acc<T>(true, false, cin, b.M, np, src, ld, gn + b.out_c0 * HW + p, HW, c, cin);
         });
       }
     }
-  });
+  }
 }
 
 // grad_pre = grad_out * act'(pre), written over pre (same layout, contiguous).
@@ -268,8 +308,22 @@ at::Tensor as_compute(const at::Tensor& t, const Plan& p, at::MemoryFormat fmt =
   return t.to(p.compute).contiguous(fmt);
 }
 
-// Packs each branch's weights per tap as (k*k, Cout, Cin) (forward) or (k*k, Cin, Cout)
-// (transposed pass) and builds the branch list.
+// (rows, taps) <-> (taps, rows): a weight (Cout, Cin, k, k) as per-tap (Cout, Cin) matrices and
+// back. A loop of our own: ATen's strided copy of this permutation took ~10 ms per 19 MB weight.
+template <typename T>
+at::Tensor transpose_taps(const at::Tensor& t, int64_t rows, int64_t taps) {
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  const T* src = t.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(taps, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j = 0; j < taps; ++j) dst[j * rows + i] = src[i * taps + j];
+  });
+  return out;
+}
+
+// Packs each branch's weights per tap as (k*k, Cout, Cin) and builds the branch list: the
+// forward's (Cin -> Cout) or the transposed pass's (Cout -> Cin, reading the same packing).
 template <typename T>
 std::vector<Branch<T>> branches_of(const Plan& p, at::TensorList weights, at::IntArrayRef dilations,
                                    const std::vector<at::Tensor>& biases, bool transposed,
@@ -278,13 +332,14 @@ std::vector<Branch<T>> branches_of(const Plan& p, at::TensorList weights, at::In
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
     const int64_t k = w.size(2), cout = w.size(0);
-    auto packed = as_compute(transposed ? w.permute({2, 3, 1, 0}) : w.permute({2, 3, 0, 1}), p);
-    keep.push_back(packed);
+    const auto wc = as_compute(w, p);
+    keep.push_back(k == 1 ? wc : transpose_taps<T>(wc, cout * p.cin, k * k));
+    const T* packed = keep.back().template const_data_ptr<T>();
     Branch<T> b;
     if (transposed) {
-      b = {p.offsets[i], cout, 0, p.cin, k, dilations[i], packed.template data_ptr<T>(), nullptr, nullptr};
+      b = {p.offsets[i], cout, 0, p.cin, k, dilations[i], packed, nullptr, nullptr, true};
     } else {
-      b = {0, p.cin, p.offsets[i], cout, k, dilations[i], packed.template data_ptr<T>(),
+      b = {0, p.cin, p.offsets[i], cout, k, dilations[i], packed,
            biases.empty() ? nullptr : biases[i].template data_ptr<T>(), nullptr};
     }
     out.push_back(b);
@@ -333,11 +388,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> backwar
   auto grad_x = at::empty(x.sizes(), xc.options().memory_format(p.fmt));
   std::vector<at::Tensor> keep, grad_w_c;
   auto tbranches = branches_of<T>(p, weights, dilations, {}, true, keep);
-  auto fbranches = branches_of<T>(p, weights, dilations, {}, false, keep);
+  auto fbranches = tbranches;  // the weight pass: forward geometry, no weights read
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
     grad_w_c.push_back(at::empty({w.size(2), w.size(3), w.size(0), w.size(1)}, xc.options()));
-    fbranches[i].grad_w = grad_w_c.back().data_ptr<T>();
+    fbranches[i] = {0, p.cin, p.offsets[i], w.size(0), w.size(2), dilations[i], nullptr, nullptr,
+                    grad_w_c.back().data_ptr<T>()};
   }
   if (grad_x.numel()) {
     conv_taps<T>(gp.data_ptr<T>(), p.ctot, grad_x.data_ptr<T>(), p.cin, p.g, tbranches, -1, true, Activation::None,
@@ -351,7 +407,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> backwar
   std::vector<at::Tensor> grad_w, grad_b;
   const auto gb = p.has_bias ? gp.sum({0, 2, 3}) : at::Tensor();
   for (size_t i = 0; i < weights.size(); ++i) {
-    grad_w.push_back(grad_w_c[i].permute({2, 3, 0, 1}).to(weights[i].scalar_type()).contiguous());
+    const auto& w = weights[i];
+    const int64_t taps = w.size(2) * w.size(3);
+    const auto unpacked = taps == 1 ? grad_w_c[i] : transpose_taps<T>(grad_w_c[i], taps, w.size(0) * p.cin);
+    grad_w.push_back(unpacked.view(w.sizes()).to(w.scalar_type()));
     if (p.has_bias) grad_b.push_back(gb.narrow(0, p.offsets[i], p.widths[i]).to(biases[i].scalar_type()).clone());
   }
   if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type()).contiguous(p.fmt);
