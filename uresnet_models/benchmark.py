@@ -83,6 +83,33 @@ def measure(name, encoder, impl, device, size, rounds=3) -> dict:
                 peak_bytes=peak)
 
 
+def measure_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
+    """``measure`` of the fused and the reference implementation of one model, with their rounds
+    interleaved (fused, reference, fused, ...) so that a drift in the machine's speed (a shared
+    VM's drifts by tens of percent over minutes) hits both alike. CUDA peak memory is measured
+    per implementation in one extra step, as the step's own allocations (inputs, parameters and
+    optimizer state of both models excluded)."""
+    batch, side = shape(size, torch.device(device).type)
+    cuda = torch.device(device).type == "cuda"
+    contexts = {"fused": contextlib.nullcontext, "reference": lambda: uresnet_ops.use_backend("reference")}
+    steps, times, peaks = {}, {impl: [] for impl in IMPLS}, {}
+    for impl in IMPLS:
+        with contexts[impl]():
+            _, steps[impl] = make_step(name, encoder, device, batch, side)
+            steps[impl]()  # warm-up (allocator, cuDNN/oneDNN primitives)
+            synchronize(device)
+            if cuda:
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                steps[impl]()
+                synchronize(device)
+                peaks[impl] = torch.cuda.max_memory_allocated(device) - base
+    for _ in range(rounds):
+        for impl in IMPLS:
+            with contexts[impl]():
+                times[impl].append(median_step_seconds(steps[impl], device, 1))
+    return tuple(dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side,
+                      median_s=statistics.median(times[impl]), peak_bytes=peaks.get(impl)) for impl in IMPLS)
 
 
 def print_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> None:
@@ -94,7 +121,7 @@ def print_table(device: str, size: str, rounds: int = 3, models=None, out=print)
     for name, encoder in MODELS:
         if name not in wanted:
             continue
-        fused, ref = (measure(name, encoder, impl, device, size, rounds) for impl in IMPLS)
+        fused, ref = measure_pair(name, encoder, device, size, rounds)
         mem = ("", "", "")
         if fused["peak_bytes"]:
             mem = (f"{fused['peak_bytes'] / 2**30:.2f}G", f"{ref['peak_bytes'] / 2**30:.2f}G",
