@@ -47,7 +47,9 @@ def test_two_epochs_lower_the_loss_and_beat_chance(shapes_run):
     assert h[1]["train_loss"] < h[0]["train_loss"] and h[1]["val_loss"] < h[0]["val_loss"]
     # predicting background everywhere scores about 0.22 mIoU on 4 classes
     assert h[1]["val_miou"] > 0.4, h
-    assert len(h[1]["val_iou"]) == 4 and h[1]["val_pixel_acc"] > 0.8
+    # every class found (pixel accuracy is no test here: background alone scores about 0.88)
+    assert len(h[1]["val_iou"]) == 4 and min(h[1]["val_iou"]) > 0.1, h
+    assert 0.0 <= h[1]["val_pixel_acc"] <= 1.0
 
 
 def test_run_folder_contents(shapes_run):

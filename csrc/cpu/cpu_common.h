@@ -1,4 +1,5 @@
-// Pieces shared by the CPU kernels: per-channel moments, activation dispatch, task sizes.
+// Pieces shared by the CPU kernels: per-channel moments, activation helpers and dispatch, the
+// run-time choice of the AVX2 clone, task sizes.
 #pragma once
 
 #include <ATen/Parallel.h>
