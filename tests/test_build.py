@@ -56,15 +56,16 @@ def test_package_works_without_the_extension():
 
 
 @pytest.mark.skipif(not _library.HAS_EXTENSION, reason="extension not built")
-def test_baseline_isa_kernels_match_reference():
-    """The CPU kernels run an AVX2 clone where the CPU has it; URESNET_CPU_ISA=baseline keeps the
-    SSE2 build, which must compute the same (here in a subprocess: the choice is made once)."""
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_capped_isa_kernels_match_reference(isa):
+    """The CPU kernels run AVX-512 / AVX2 clones where the CPU has them; URESNET_CPU_ISA caps the
+    choice, and every level must compute the same (in a subprocess: the choice is made once)."""
     tests = os.path.dirname(__file__)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          os.path.join(tests, "test_shuffle_upsample.py"), os.path.join(tests, "test_pixel_shuffle_bn.py"),
          "-k", "batch_norm_passes_match_formula or (matches_reference and cpu and contiguous and float32)"],
         capture_output=True, text=True, timeout=600, cwd=tests,
-        env={**os.environ, "URESNET_CPU_ISA": "baseline", "TRITON_INTERPRET": "0"})
+        env={**os.environ, "URESNET_CPU_ISA": isa, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

@@ -140,7 +140,7 @@ void for_each_conv_plane(const at::Tensor& x, const at::Tensor& weight, Mode mod
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const opmath_t* wp = weight.const_data_ptr<opmath_t>();
   const int64_t stride = g.OW + 2;
-  parallel_for_best_isa(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_best_isa</*AllowAVX512=*/true>(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(g.OH * g.OW));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
