@@ -82,20 +82,28 @@ inline Span valid_span(const Geometry& g, int64_t dy, int64_t dx, int64_t r0, in
   return {std::max(r0, -dy), std::min(r1, g.H - dy), std::max<int64_t>(0, -dx), std::min(g.W, g.W - dx)};
 }
 
-// Calls f(src, ld, p, np) once per tap and block: src holds input channels [c0, c0 + K) for
-// the np output pixels from flat pixel p on, as (K x np) with leading dimension ld (NCHW) or
-// (np x K) (channels_last). When the tap's valid span covers whole rows that is the input itself
-// (contiguous in both layouts); else a copy of the span's rows shifted by the tap, zero where the
-// tap reads padding, so that one GEMM covers the block (a GEMM per row would re-read the weights
-// once per row: the cost that dominates small maps with many channels).
+// Calls f(src, ld, p, np) for the output pixels [p, p + np) of a tap's valid span, src holding
+// input channels [c0, c0 + K) of the matching input pixels as (K x np) with leading dimension ld
+// (NCHW) or (np x K) (channels_last). A span of whole rows is one run, contiguous in both layouts.
+// Otherwise: one run per row, reading the input in place, while the tap's weight matrix
+// (weight_bytes) is small enough to stay in cache between the rows' GEMMs; past that, one run
+// over a copy of the span's rows shifted by the tap, zero where the tap reads padding (the rows'
+// GEMMs would each re-read the weights from memory: the cost that dominates small maps with many
+// channels, e.g. 16x16 with 1024 -> 512).
 template <typename T, typename F>
 void with_tap_input(const Geometry& g, const Span& s, const T* xin, int64_t cin_tot, int64_t c0, int64_t K,
-                    int64_t dy, int64_t dx, std::vector<T>& buf, F&& f) {
-  const int64_t W = g.W, HW = g.HW(), p = s.oh0 * W;
-  if (s.ow0 == 0 && s.ow1 == W) {
+                    int64_t dy, int64_t dx, int64_t weight_bytes, std::vector<T>& buf, F&& f) {
+  constexpr int64_t kCachedWeightBytes = 256 << 10;
+  const int64_t W = g.W, HW = g.HW();
+  const auto in_place = [&](int64_t p, int64_t np) {
     const int64_t q = p + dy * W + dx;  // input pixel of output pixel p
-    if (g.channels_last) return f(xin + q * cin_tot + c0, cin_tot, p, (s.oh1 - s.oh0) * W);
-    return f(xin + c0 * HW + q, HW, p, (s.oh1 - s.oh0) * W);
+    if (g.channels_last) f(xin + q * cin_tot + c0, cin_tot, p, np);
+    else f(xin + c0 * HW + q, HW, p, np);
+  };
+  if (s.ow0 == 0 && s.ow1 == W) return in_place(s.oh0 * W, (s.oh1 - s.oh0) * W);
+  if (weight_bytes <= kCachedWeightBytes) {
+    for (int64_t oh = s.oh0; oh < s.oh1; ++oh) in_place(oh * W + s.ow0, s.ow1 - s.ow0);
+    return;
   }
   const int64_t np = (s.oh1 - s.oh0) * W;
   buf.assign(static_cast<size_t>(np * K), T(0));
@@ -108,7 +116,7 @@ void with_tap_input(const Geometry& g, const Span& s, const T* xin, int64_t cin_
       for (int64_t k = 0; k < K; ++k) std::copy(xin + (c0 + k) * HW + in, xin + (c0 + k) * HW + in + len,
                                                 buf.data() + k * np + out);
   }
-  f(buf.data(), g.channels_last ? K : np, p, np);
+  f(buf.data(), g.channels_last ? K : np, s.oh0 * W, np);
 }
 
 // out (cout_tot channels) = [bias or 0] + sum_b sum_taps w_b[tap] * in(shifted by sign * offset);
@@ -152,8 +160,9 @@ void conv_taps(const T* in, int64_t cin_tot, T* out, int64_t cout_tot, const Geo
             const Span s = valid_span(g, dy, dx, r0, r1);
             if (s.empty()) continue;  // the tap reads only padding here
             const T* wt = b.w + (ti * b.k + tj) * b.M * b.K;
-            with_tap_input(g, s, xin, cin_tot, b.in_c0, b.K, dy, dx, buf, [&](const T* src, int64_t ld, int64_t p,
-                                                                           int64_t np) {
+            const int64_t weight_bytes = b.M * b.K * int64_t(sizeof(T));
+            with_tap_input(g, s, xin, cin_tot, b.in_c0, b.K, dy, dx, weight_bytes, buf,
+                           [&](const T* src, int64_t ld, int64_t p, int64_t np) {
               // channels_last: C'(M x np) += W(M x K) * X(K x np), pixels are columns of stride ld;
               // NCHW: C(np x M) += X(np x K) * W^T(K x M), pixels are rows of stride 1.
               if (cl && !b.w_in_out)
@@ -214,7 +223,9 @@ void weight_grads(const T* x, int64_t cin, const T* gp, int64_t ctot, const Geom
       for (int64_t n = 0; n < g.N; ++n) {
         const T* xn = x + n * cin * HW;
         const T* gn = gp + n * ctot * HW;
-        with_tap_input(g, s, xn, cin, 0, cin, dy, dx, buf, [&](const T* src, int64_t ld, int64_t p, int64_t np) {
+        // Here the GEMMs accumulate into the (M x cin) gradient: that is the matrix re-read per row.
+        with_tap_input(g, s, xn, cin, 0, cin, dy, dx, b.M * cin * int64_t(sizeof(T)), buf,
+                       [&](const T* src, int64_t ld, int64_t p, int64_t np) {
           if (g.channels_last)  // C'(cin x M) += X'(cin x np) * G(np x M), G stored (M x np) ld ctot
             gemm_acc<T>(false, true, cin, b.M, np, src, ld, gn + p * ctot + b.out_c0, ctot, c, cin);
           else  // X stored (np x cin) ld, G stored (np x M) ld HW
