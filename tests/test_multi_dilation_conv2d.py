@@ -150,3 +150,33 @@ def test_cpu_default_leaves_channels_last_to_onednn():
     assert last_used(OP) == "cpu"
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out_cpu, expected)
+
+
+@pytest.mark.skipif("cpu" not in uresnet_ops.available_backends(OP), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype,c_in,width", [(torch.float64, 192, 192), (torch.float32, 320, 224)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize("layout_name", ["contiguous", "channels_last"])
+def test_cpu_kernel_wide_weights_match_reference(dtype, c_in, width, layout_name):
+    """Taps whose weight matrix exceeds 256 KiB and whose valid region is not whole rows run one
+    GEMM over a shifted, zero-filled copy of the input (small ones run a GEMM per row): the
+    forward, the transposed pass and the weight gradients of that path against the reference."""
+    torch.manual_seed(7)
+    x = layout(torch.randn(2, c_in, 7, 9, dtype=dtype), layout_name).requires_grad_()
+    weights = [(torch.randn(width, c_in, k, k, dtype=dtype) / (c_in * k * k) ** 0.5).requires_grad_()
+               for k in (1, 3, 3)]
+    biases = [torch.randn(width, dtype=dtype).requires_grad_() for _ in weights]
+    dilations = [1, 2, 5]  # partial rows and columns on a 7x9 map
+    with uresnet_ops.use_backend("cpu", OP):
+        out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, "relu")
+    assert last_used(OP) == "cpu"
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in weights]
+    b64 = [b.detach().double().requires_grad_() for b in biases]
+    expected = reference.multi_dilation_conv2d(x64, w64, dilations, b64, "relu")
+    assert_close(out, expected, dtype, scale=5)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out.to(dtype))
+    expected.backward(grad_out)
+    assert_close(x.grad, x64.grad, dtype, scale=10)
+    for got, want in zip(weights + biases, w64 + b64):
+        assert_close(got.grad, want.grad, dtype, scale=50)
