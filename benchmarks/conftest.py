@@ -140,6 +140,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "backends": {op: cases.implementations(op, opts.device)[:-2] for op in cases.OPS},
         "default_backend": {op: uresnet_ops.get_backend(op, opts.device).name for op in cases.OPS},
         "ceilings": timing.device_ceilings(opts.device),
+        # CPU timings of eager chains depend on the allocator (fresh pages fault): record it.
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "cpu_isa_cap": os.environ.get("URESNET_CPU_ISA"),
     }
 
 

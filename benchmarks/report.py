@@ -69,7 +69,9 @@ def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
                 f"compiled kernels: {'yes' if info.get('extension_built') else 'no'}.  ",
                 f"Measured ceilings: copy {ceil.get('copy_GBps', float('nan')):.1f} GB/s, "
                 f"{ceil.get('matmul_dtype', '')} matmul {ceil.get('matmul_TFLOPs', float('nan')):.2f} TFLOP/s.  ",
-                f"Default backends: {info.get('default_backend')}.", ""]
+                f"Default backends: {info.get('default_backend')}.  ",
+                f"Allocator environment: {info.get('allocator_env') or 'default'}"
+                f"{', CPU ISA capped at ' + info['cpu_isa_cap'] if info.get('cpu_isa_cap') else ''}.", ""]
     out += ["Ratios are baseline time / implementation time: **>1 means faster** than the eager "
             "(`×eager`) or torch.compile'd (`×compiled`) reference chain. `% ceil` is the higher of "
             "GB/s vs copy bandwidth (BW) and TFLOP/s vs matmul throughput (FLOP); over 100% means the ceiling "
