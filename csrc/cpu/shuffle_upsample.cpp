@@ -129,6 +129,48 @@ void shifted_moments(const T* v, int64_t len, T& mean, T& m2) {
   m2 = std::max<T>(t2 - t1 * t1 / static_cast<T>(len), 0);
 }
 
+// Nearest x2 by parity (DESIGN.md; tests/test_shuffle_upsample.py proves the identity): output
+// row 2i+a reads two low-resolution rows, top (i-1 for a=0, i for a=1) and bottom (the next),
+// with the 3x3 kernel's rows summed into two (a=0: w0 | w1+w2, a=1: w0+w1 | w2); output column
+// 2j+b likewise reads columns j-1, j (b=0) or j, j+1 (b=1). 8 multiply-adds per output pair
+// instead of 18, read straight from a zero-bordered low-resolution plane.
+struct ParityTaps {
+  // [a][top/bottom][even-left, even-right, odd-left, odd-right]
+  template <typename T>
+  static void of(const T* w, T out[2][2][4]) {
+    for (int a = 0; a < 2; ++a)
+      for (int tb = 0; tb < 2; ++tb) {
+        T u[3];
+        for (int kw = 0; kw < 3; ++kw) {
+          const T r0 = w[kw], r1 = w[3 + kw], r2 = w[6 + kw];
+          u[kw] = a == 0 ? (tb == 0 ? r0 : r1 + r2) : (tb == 0 ? r0 + r1 : r2);
+        }
+        out[a][tb][0] = u[0], out[a][tb][1] = u[1] + u[2], out[a][tb][2] = u[0] + u[1], out[a][tb][3] = u[2];
+      }
+  }
+};
+
+// row[2j], row[2j+1] (+)= the parity sums over the low-resolution rows top, bottom (zero-bordered:
+// index 0 is column -1).
+template <bool Accumulate, typename T>
+C10_ALWAYS_INLINE void conv_row_nearest2(T* C10_RESTRICT row, const T* C10_RESTRICT top,
+                                         const T* C10_RESTRICT bottom, const T (&t)[2][4], int64_t W) {
+  for (int64_t j = 0; j < W; ++j) {
+    const T even = t[0][0] * top[j] + t[0][1] * top[j + 1] + t[1][0] * bottom[j] + t[1][1] * bottom[j + 1];
+    const T odd = t[0][2] * top[j + 1] + t[0][3] * top[j + 2] + t[1][2] * bottom[j + 1] + t[1][3] * bottom[j + 2];
+    row[2 * j] = Accumulate ? row[2 * j] + even : even;
+    row[2 * j + 1] = Accumulate ? row[2 * j + 1] + odd : odd;
+  }
+}
+
+// Copies a plane of x into the interior of a zero-bordered (H+2) x (W+2) buffer.
+template <typename scalar_t, typename opmath_t>
+void pad_plane(const scalar_t* x, int64_t sH, int64_t sW, const Geometry& g, opmath_t* buf) {
+  std::fill(buf, buf + (g.H + 2) * (g.W + 2), opmath_t(0));
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = 0; w < g.W; ++w) buf[(h + 1) * (g.W + 2) + w + 1] = static_cast<opmath_t>(x[h * sH + w * sW]);
+}
+
 // Calls epilogue(n, co, plane) for every output plane of conv3x3_grouped(upsample(x), weight),
 // plane being that (OH x OW) conv output in opmath in a per-thread buffer, from a thread of the
 // parallel region (the epilogue may index per-thread accumulators by at::get_thread_num()).
@@ -139,20 +181,34 @@ void for_each_conv_plane(const at::Tensor& x, const at::Tensor& weight, Mode mod
   const Taps<opmath_t> rows(g.H, g.s, mode), cols(g.W, g.s, mode);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const opmath_t* wp = weight.const_data_ptr<opmath_t>();
-  const int64_t stride = g.OW + 2;
+  const bool parity = mode == Mode::Nearest && g.s == 2;
+  // per input plane: the upsampled plane, or for parity the low-resolution one, zero-bordered
+  const int64_t stride = parity ? g.W + 2 : g.OW + 2, plane_size = parity ? (g.H + 2) * stride : g.padded();
   parallel_for_best_isa</*AllowAVX512=*/true>(0, g.N * g.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> up(static_cast<size_t>(g.Cg * g.padded())), conv(static_cast<size_t>(g.OH * g.OW));
+    std::vector<opmath_t> in(static_cast<size_t>(g.Cg * plane_size)), conv(static_cast<size_t>(g.OH * g.OW));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / g.groups, c0 = (task % g.groups) * g.Cg;
-      for (int64_t ci = 0; ci < g.Cg; ++ci)
-        upsample_plane<scalar_t, opmath_t>(xp + n * x.stride(0) + (c0 + ci) * x.stride(1), x.stride(2), x.stride(3),
-                                           g, rows, cols, mode, up.data() + ci * g.padded());
+      for (int64_t ci = 0; ci < g.Cg; ++ci) {
+        const scalar_t* src = xp + n * x.stride(0) + (c0 + ci) * x.stride(1);
+        if (parity) pad_plane(src, x.stride(2), x.stride(3), g, in.data() + ci * plane_size);
+        else upsample_plane<scalar_t, opmath_t>(src, x.stride(2), x.stride(3), g, rows, cols, mode,
+                                                in.data() + ci * plane_size);
+      }
       for (int64_t co = c0; co < c0 + g.Cg; ++co) {
         const opmath_t* w = wp + co * g.Cg * 9;
         for (int64_t oh = 0; oh < g.OH; ++oh) {
           opmath_t* row = conv.data() + oh * g.OW;
           for (int64_t ci = 0; ci < g.Cg; ++ci) {
-            const opmath_t* src = up.data() + ci * g.padded() + oh * stride;
+            if (parity) {
+              opmath_t t[2][2][4];
+              ParityTaps::of(w + ci * 9, t);  // cheap next to the row: 24 adds
+              const int64_t a = oh % 2, top = oh / 2 - 1 + a;  // low-res row of the top tap
+              const opmath_t* p = in.data() + ci * plane_size + (top + 1) * stride;
+              if (ci == 0) conv_row_nearest2<false>(row, p, p + stride, t[a], g.W);
+              else conv_row_nearest2<true>(row, p, p + stride, t[a], g.W);
+              continue;
+            }
+            const opmath_t* src = in.data() + ci * plane_size + oh * stride;
             if (ci == 0) conv3x3_row<false>(row, src, stride, w, g.OW);
             else conv3x3_row<true>(row, src, stride, w + ci * 9, g.OW);
           }
