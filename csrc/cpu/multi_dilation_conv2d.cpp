@@ -258,55 +258,17 @@ void activation_grad_inplace(const T* grad, T* pre, int64_t numel, Activation ac
 
 // ---- argument checks and the shared setup ---------------------------------------------------
 
-struct Plan {
+struct Plan : MultiDilationLayout {
   Geometry g;
-  at::MemoryFormat fmt;
   at::ScalarType compute;  // float32 (also for half inputs) or float64
-  int64_t cin, ctot;
-  std::vector<int64_t> widths, offsets;
-  bool has_bias;
-  Activation act;
 };
 
 Plan make_plan(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, at::TensorList biases,
                c10::string_view activation) {
-  TORCH_CHECK(x.dim() == 4, kOp, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), kOp,
-              ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), kOp, ": argument 'x' must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(!weights.empty(), kOp, ": argument 'weights' must hold at least one branch, got none");
-  TORCH_CHECK(weights.size() == dilations.size(), kOp, ": 'weights' has ", weights.size(),
-              " branches but 'dilations' has ", dilations.size(), " entries");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), kOp, ": 'biases' must be empty or have one entry "
-              "per branch (", weights.size(), "), got ", biases.size());
   Plan plan;
-  plan.cin = x.size(1);
-  plan.ctot = 0;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 4 && w.size(1) == plan.cin && w.size(2) == w.size(3) && w.size(2) % 2 == 1, kOp,
-                ": argument 'weights[", i, "]' must have shape (C_out, ", plan.cin, ", k, k) with odd k, got ",
-                w.sizes());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), kOp, ": argument 'weights[", i,
-                "]' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-                w.scalar_type(), ", ", w.device());
-    TORCH_CHECK(dilations[i] >= 1, kOp, ": argument 'dilations[", i, "]' must be >= 1, got ", dilations[i]);
-    if (!biases.empty()) {
-      const auto& b = biases[i];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), kOp, ": argument 'biases[", i, "]' must have shape (",
-                  w.size(0), ",), got ", b.sizes());
-      TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), kOp, ": argument 'biases[", i,
-                  "]' must have x's dtype and device");
-    }
-    plan.offsets.push_back(plan.ctot);
-    plan.widths.push_back(w.size(0));
-    plan.ctot += w.size(0);
-  }
-  plan.has_bias = !biases.empty();
-  plan.act = parse_activation(activation, kOp);
-  plan.g = {x.size(0), x.size(2), x.size(3), false};
-  plan.fmt = x.suggest_memory_format();
-  plan.g.channels_last = plan.fmt == at::MemoryFormat::ChannelsLast;
+  static_cast<MultiDilationLayout&>(plan) =
+      check_multi_dilation(kOp, x, weights, dilations, biases, activation, c10::DeviceType::CPU);
+  plan.g = {x.size(0), x.size(2), x.size(3), plan.fmt == at::MemoryFormat::ChannelsLast};
   plan.compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // BLAS takes 32-bit sizes and leading dimensions.
   const int64_t limit = std::numeric_limits<int>::max();

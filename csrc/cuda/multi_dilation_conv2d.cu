@@ -421,58 +421,21 @@ __global__ void __launch_bounds__(kGemmThreads)
 
 // ---- host side -------------------------------------------------------------------------------
 
-struct Plan {
-  int64_t N, cin, H, W, ctot;
-  std::vector<int64_t> widths, offsets;
-  bool has_bias;
-  Activation act;
-  at::MemoryFormat fmt;
+struct Plan : MultiDilationLayout {
+  int64_t N, H, W;
 };
 
 Plan make_plan(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
                at::TensorList biases, c10::string_view activation) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
-              ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.is_cuda(), op, ": argument 'x' must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(!weights.empty(), op, ": argument 'weights' must hold at least one branch, got none");
-  TORCH_CHECK(weights.size() == dilations.size(), op, ": 'weights' has ", weights.size(),
-              " branches but 'dilations' has ", dilations.size(), " entries");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": 'biases' must be empty or have one entry "
-              "per branch (", weights.size(), "), got ", biases.size());
   Plan p;
+  static_cast<MultiDilationLayout&>(p) =
+      check_multi_dilation(op, x, weights, dilations, biases, activation, c10::DeviceType::CUDA);
   p.N = x.size(0);
-  p.cin = x.size(1);
   p.H = x.size(2);
   p.W = x.size(3);
-  p.ctot = 0;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 4 && w.size(1) == p.cin && w.size(2) == w.size(3) && w.size(2) % 2 == 1, op,
-                ": argument 'weights[", i, "]' must have shape (C_out, ", p.cin, ", k, k) with odd k, got ",
-                w.sizes());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": argument 'weights[", i,
-                "]' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-                w.scalar_type(), ", ", w.device());
-    TORCH_CHECK(dilations[i] >= 1, op, ": argument 'dilations[", i, "]' must be >= 1, got ", dilations[i]);
-    // Offsets up to (k/2)*d stay far from int64 overflow.
-    TORCH_CHECK(dilations[i] <= (int64_t{1} << 40) / w.size(2), op, ": argument 'dilations[", i,
+  for (size_t i = 0; i < weights.size(); ++i)  // offsets up to (k/2)*d stay far from int64 overflow
+    TORCH_CHECK(dilations[i] <= (int64_t{1} << 40) / weights[i].size(2), op, ": argument 'dilations[", i,
                 "]' is too large, got ", dilations[i]);
-    if (!biases.empty()) {
-      const auto& b = biases[i];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, ": argument 'biases[", i, "]' must have shape (",
-                  w.size(0), ",), got ", b.sizes());
-      TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), op, ": argument 'biases[", i,
-                  "]' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-                  b.scalar_type(), ", ", b.device());
-    }
-    p.offsets.push_back(p.ctot);
-    p.widths.push_back(w.size(0));
-    p.ctot += w.size(0);
-  }
-  p.has_bias = !biases.empty();
-  p.act = parse_activation(activation, op);
-  p.fmt = x.suggest_memory_format();
   return p;
 }
 
