@@ -22,6 +22,26 @@ def case(dtype, param_dtype=torch.float32, n=3, c=5, r=2, h=7, w=9):
     return x, r, p
 
 
+def assert_graph_replay_matches_eager(step, refill):
+    """Warm ``step`` up on a side stream (Triton compiles and autotunes, allocator pools), capture
+    it in a CUDA graph, ``refill()`` its inputs in place, replay, and compare the captured
+    outputs with a fresh eager ``step()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    refill()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    for actual, want in zip(captured, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout_name", LAYOUTS)
@@ -140,23 +160,13 @@ def test_cuda_graph_capture_training_step(backend):
                                                                 "relu", 0.01)
         return (out, mean, var, *grads)
 
-    with uresnet_ops.use_backend(backend, OP):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (Triton compiles, allocator pools) outside the graph
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+    def refill():
         x.copy_(torch.randn_like(x) * 3 + 1)
         grad_out.copy_(torch.randn_like(grad_out))
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = step()
+
+    with uresnet_ops.use_backend(backend, OP):
+        assert_graph_replay_matches_eager(step, refill)
     assert last_used(OP) == backend
-    for actual, want in zip(captured, expected):
-        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
 
 
 # ---- multi_dilation_conv2d on the GPU ---------------------------------------------------------
@@ -231,23 +241,13 @@ def test_multi_dilation_cuda_graph_capture_training_step(backend):
             grad_out, x, weights, dilations, biases, "relu", 0.01)
         return (out, grad_x, *grad_w, *grad_b)
 
-    with uresnet_ops.use_backend(backend, MDC):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (Triton compiles and autotunes) outside the graph
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+    def refill():
         x.copy_(torch.randn_like(x))
         grad_out.copy_(torch.randn_like(grad_out))
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = step()
+
+    with uresnet_ops.use_backend(backend, MDC):
+        assert_graph_replay_matches_eager(step, refill)
     assert last_used(MDC) == backend
-    for actual, want in zip(captured, expected):
-        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
 
 
 # ---- shuffle_upsample on the GPU ------------------------------------------------------------
@@ -289,17 +289,5 @@ def test_shuffle_upsample_cuda_graph_capture(backend):
     args = [t[k] for k in ("dw_weight", "pw_weight", "pw_bias", "bn_weight", "bn_bias")]
     config = (True, 1e-5, cfg["scale_factor"], cfg["mode"], cfg["shuffle_groups"], "relu", 0.01)
     with uresnet_ops.use_backend(backend, SU):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config)
-    for actual, want in zip(captured, expected):
-        torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
+        assert_graph_replay_matches_eager(lambda: torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config),
+                                          lambda: x.copy_(torch.randn_like(x)))

@@ -101,6 +101,14 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _source_images(folder: Path) -> list[Path]:
+    """The images a dataset is indexed by: at least one, or a DataError naming the folder."""
+    images = _images_in(folder)
+    if not images:
+        raise DataError(f"no images in {folder}")
+    return images
+
+
 def _match(stems_from: list[Path], folder: Path, what: str) -> list[Path]:
     """For each file, the file with the same stem in ``folder`` (any image extension)."""
     by_stem = {p.stem: p for p in _images_in(folder)}
@@ -188,9 +196,7 @@ class BinaryFolder(Dataset):
 
     def __init__(self, root):
         root = Path(root)
-        self.images = _images_in(root / "images")
-        if not self.images:
-            raise DataError(f"no images in {root / 'images'}")
+        self.images = _source_images(root / "images")
         self.masks = _match(self.images, root / "masks", "mask")
 
     def __len__(self):
@@ -255,9 +261,7 @@ class SUNRGBD(Dataset):
 
     def __init__(self, root):
         root = Path(root)
-        self.rgb = _images_in(root / "rgb")
-        if not self.rgb:
-            raise DataError(f"no images in {root / 'rgb'}")
+        self.rgb = _source_images(root / "rgb")
         self.depth = _match(self.rgb, root / "depth", "depth map")
         self.labels = _match(self.rgb, root / "label", "label map")
 
