@@ -1,11 +1,15 @@
-// CPU kernels of uresnet_ops::_shuffle_upsample_conv_native(_backward): the first half of the
-// EUCB block, conv3x3_grouped(upsample(x)), with the upsample fused into the convolution.
-// uresnet_ops/shuffle_upsample.py composes the rest (BatchNorm folding, the shuffled 1x1 GEMM).
+// CPU kernels of uresnet_ops::_shuffle_upsample_conv_native(_backward) and of the backward's two
+// passes through BatchNorm (_shuffle_upsample_bn_sums_native, _shuffle_upsample_bn_backward_native):
+// the first half of the EUCB block, conv3x3_grouped(upsample(x)), with the upsample fused into the
+// convolution. uresnet_ops/shuffle_upsample.py composes the rest (BatchNorm folding, the shuffled
+// 1x1 GEMM).
 //
-// One task per (sample, conv group): its Cg input planes are upsampled into zero-bordered
-// buffers the size of one output plane (in cache), the 3x3 taps run as contiguous row AXPYs
-// over them, and the epilogue (per-channel moments, bias, activation) runs on each finished
-// plane before it is written once. The upsampled tensor never exists in memory.
+// One task per (sample, conv group). Nearest x2 reads its Cg input planes from zero-bordered
+// low-resolution copies by the parity identity; the other modes, and the backward, upsample
+// them into zero-bordered buffers the size of one output plane (in cache) and run the 3x3 taps
+// as contiguous row sweeps. The epilogue (per-channel moments, bias, activation, or the
+// BatchNorm terms) runs on each finished plane before it is written once. The upsampled tensor
+// never exists in memory.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
