@@ -93,10 +93,10 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     if running_mean is None or count == 0:
         return
     momentum = 0.0 if momentum is None else float(momentum)
-    with torch.no_grad():
+    with torch.no_grad():  # one foreach call: the update is per-call overhead on small shapes
         unbiased = var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        torch._foreach_lerp_([running_mean, running_var],
+                             [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

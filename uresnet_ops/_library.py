@@ -35,9 +35,11 @@ def define_op(name: str, schema: str, device_arg: int = 0) -> None:
 
     def kernel(*args):
         device_type = args[device_arg].device.type
-        # The front end already cast to the autocast dtype; the kernels see the final dtypes.
-        with torch.autocast(device_type, enabled=False):
-            return backends.dispatch(op, phase, device_type, args)
+        if torch.is_autocast_enabled(device_type):
+            # The front end already cast to the autocast dtype; the kernels see the final dtypes.
+            with torch.autocast(device_type, enabled=False):
+                return backends.dispatch(op, phase, device_type, args)
+        return backends.dispatch(op, phase, device_type, args)
 
     for key in ("CPU", "CUDA"):
         LIB.impl(name, kernel, key)

@@ -298,15 +298,15 @@ void backward_cpu_kernel(const at::Tensor& dy, const at::Tensor& x, const PixelS
       }
     }
   });
-  at::Tensor s = at::empty({2, C}, plan.mean.options().dtype(at::kDouble));
-  double* sp = s.mutable_data_ptr<double>();
+  at::Tensor s1 = at::empty({C}, plan.mean.options()), s2 = at::empty({C}, plan.mean.options());
+  opmath_t* s1p = s1.mutable_data_ptr<opmath_t>();
+  opmath_t* s2p = s2.mutable_data_ptr<opmath_t>();
   for (int64_t c = 0; c < C; ++c) {
     double t1 = 0, t2 = 0;
     for (int th = 0; th < nthreads; ++th) t1 += acc[(static_cast<size_t>(th) * C + c) * 2], t2 += acc[(static_cast<size_t>(th) * C + c) * 2 + 1];
-    sp[c] = t1, sp[C + c] = t2;
+    s1p[c] = static_cast<opmath_t>(t1), s2p[c] = static_cast<opmath_t>(t2);
   }
-  const at::Tensor st = s.to(plan.mean.scalar_type());
-  BackwardCoefficients k = backward_coefficients(plan, st.select(0, 0), st.select(0, 1), training, weight, x);
+  BackwardCoefficients k = backward_coefficients(plan, s1, s2, training, weight, x);
   grad_weight = k.grad_weight, grad_bias = k.grad_bias;
   const opmath_t* ka = k.a.const_data_ptr<opmath_t>();
   const opmath_t* kb = k.b.const_data_ptr<opmath_t>();
