@@ -136,3 +136,14 @@ def test_train_eval_predict_binary_folder(tmp_path, capsys):
     assert len(written) == 6
     mask = np.asarray(Image.open(written[0]))
     assert mask.shape == (24, 24) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
+    import uresnet_models.benchmark as model_bench
+    monkeypatch.setattr(model_bench, "shape", lambda size, device: (1, 64))  # a tiny step: fast here
+    path = tmp_path / "models.json"
+    status, out, _ = run(["bench", "--models", "uresnet", "--device", "cpu", "--rounds", "1", "--json", str(path)], capsys)
+    assert status == 0 and "uresnet(resnet34)" in out and "1x64x64" in out
+    (row,) = json.loads(path.read_text())["models"]
+    assert row["fused"]["impl"] == "fused" and row["reference"]["impl"] == "reference"
+    assert row["fused"]["median_s"] > 0 and row["reference"]["median_s"] > 0

@@ -112,16 +112,19 @@ def measure_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
                       median_s=statistics.median(times[impl]), peak_bytes=peaks.get(impl)) for impl in IMPLS)
 
 
-def print_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> None:
+def print_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> list[dict]:
     """The fused-vs-reference train-step table of ``models`` (names; default: all of MODELS,
-    plus "unet": ours vs smp's), one line per model as it is measured."""
+    plus "unet": ours vs smp's), one line per model as it is measured; returns the
+    measurements (one ``{"fused": ..., "reference": ...}`` per model, as :func:`measure` gives them)."""
     wanted = set(models or [n for n, _ in MODELS] + ["unet"])
+    rows = []
     out(f"{'model':<26} {'shape':<12} {'fused':>10} {'reference':>10} {'speedup':>8} {'mem fused':>10} "
         f"{'mem ref':>10} {'mem saved':>9}")
     for name, encoder in MODELS:
         if name not in wanted:
             continue
         fused, ref = measure_pair(name, encoder, device, size, rounds)
+        rows.append({"fused": fused, "reference": ref})
         mem = ("", "", "")
         if fused["peak_bytes"]:
             mem = (f"{fused['peak_bytes'] / 2**30:.2f}G", f"{ref['peak_bytes'] / 2**30:.2f}G",
@@ -134,6 +137,8 @@ def print_table(device: str, size: str, rounds: int = 3, models=None, out=print)
             ours, theirs = (measure(name, "resnet50", "fused", device, size, rounds) for name in ("unet", "smp:Unet"))
         except ImportError:
             out("segmentation_models_pytorch is not installed: no unet vs smp comparison")
-            return
+            return rows
+        rows.append({"fused": ours, "smp": theirs})
         out(f"unet(resnet50) {ours['median_s'] * 1e3:.0f}ms vs smp.Unet(resnet50) {theirs['median_s'] * 1e3:.0f}ms "
             f"(smp / ours: {theirs['median_s'] / ours['median_s']:.2f}x)")
+    return rows

@@ -177,6 +177,8 @@ def _device(name: str | None):
 def cmd_bench(args) -> int:
     import torch
     device = _device(args.device)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise CliError(f"--json {args.json}: the folder does not exist")
     if args.models is not None:  # the model-level train-step benchmark
         from .benchmark import MODELS, print_table
         known = [n for n, _ in MODELS] + ["unet"]
@@ -187,13 +189,13 @@ def cmd_bench(args) -> int:
         size = args.size or ("full" if device.type == "cuda" else "small")
         print(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
               f"{device.type} ({_device_name(device)}), size {size}", flush=True)
-        print_table(str(device), size, rounds=args.rounds, models=models, out=lambda line: print(line, flush=True))
+        rows = print_table(str(device), size, rounds=args.rounds, models=models,
+                           out=lambda line: print(line, flush=True))
+        _write_json(args.json, {"device": _device_name(device), "size": size, "rounds": args.rounds, "models": rows})
         return 0
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on CPU is slow and not what the kernels are tuned for", file=sys.stderr)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise CliError(f"--json {args.json}: the folder does not exist")
     size = args.size or ("full" if device.type == "cuda" else "small")
     ops = OPS if args.op == "all" else (args.op,)
     modes = MODES if args.mode == "all" else (args.mode,)
@@ -206,11 +208,15 @@ def cmd_bench(args) -> int:
                 continue  # no BatchNorm: the same as eval_fwd
             rows += time_impls(op, impls, SHAPES[size][op], device, dtype, mode, min_time=args.min_time)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": _device_name(device), "dtype": args.dtype, "size": size, "results": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"device": _device_name(device), "dtype": args.dtype, "size": size, "results": rows})
     return 0
+
+
+def _write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {path}")
 
 
 class DemoContext:

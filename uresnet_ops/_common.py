@@ -117,8 +117,10 @@ def batch_norm_forward(y: torch.Tensor, weight, bias, running_mean, running_var,
         var, mean = torch.var_mean(y.to(stat_dtype(y)), dim=dims, correction=0)
     else:
         mean, var = running_mean.to(stat_dtype(y)).clone(), running_var.to(stat_dtype(y)).clone()
-    out = F.batch_norm(y, None if training else running_mean, None if training else running_var,
-                       weight, bias, training, 0.0, eps)
+    # Statistics and parameters in the stat dtype: F.batch_norm rejects float32 ones with float64
+    # input (and float64 ones with half input), which the native kernels, and so the ops, accept.
+    weight, bias = (None if p is None else p.to(mean.dtype) for p in (weight, bias))
+    out = F.batch_norm(y, None if training else mean, None if training else var, weight, bias, training, 0.0, eps)
     return out, mean, var
 
 
