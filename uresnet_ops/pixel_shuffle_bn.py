@@ -13,7 +13,7 @@ from . import backends
 from ._common import (activation_backward, apply_activation, batch_norm_backward, batch_norm_forward,
                       check_batch_norm_args, check_tensor, memory_format, normalize, parse_activation,
                       stat_dtype, update_running_stats)
-from ._library import define_op, native_op
+from ._library import define_op, native_op, register_autograd
 
 OP = "pixel_shuffle_bn"
 _ARGS = ("Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -80,7 +80,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
             grad_bias if bias is not None else None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("uresnet_ops::" + OP, _backward, setup_context=_setup_context)
+register_autograd(OP, _backward, _setup_context)
 
 
 def _param_like(param, x, channels):

@@ -16,7 +16,7 @@ from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
                       batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
                       parse_activation, stat_dtype, update_running_stats)
-from ._library import define_op, native_op
+from ._library import define_op, native_op, register_autograd
 from .reference import upsample_conv3x3
 
 OP = "shuffle_upsample"
@@ -121,7 +121,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     return tuple(g if t is not None else None for g, t in zip(grads, given)) + (None,) * 9
 
 
-torch.library.register_autograd("uresnet_ops::" + OP, _backward, setup_context=_setup_context)
+register_autograd(OP, _backward, _setup_context)
 
 
 # --- reference backend: the chain of torch.nn.functional calls and ATen's backward formulas --
