@@ -246,10 +246,10 @@ inline PixelShuffleBNBackwardPlan plan_pixel_shuffle_bn_backward(
   plan.count = x.numel() / std::max<int64_t>(channels, 1);
   const auto st = stat_dtype(x);
   plan.mean = as_stat(mean, st);
-  std::tie(plan.scale, plan.shift) = scale_shift(plan.mean, var.to(st), weight, bias, eps);
+  const at::Tensor v = as_stat(var, st);
+  std::tie(plan.scale, plan.shift) = scale_shift(plan.mean, v, weight, bias, eps);
   if (x.is_cpu()) {
     plan.invstd = at::empty({channels}, plan.mean.options());
-    const at::Tensor v = as_stat(var, st);
     with_stat_type(st, [&](auto zero) {
       using T = decltype(zero);
       const T* vp = v.const_data_ptr<T>();
@@ -257,7 +257,7 @@ inline PixelShuffleBNBackwardPlan plan_pixel_shuffle_bn_backward(
       for (int64_t c = 0; c < channels; ++c) ip[c] = T(1) / std::sqrt(vp[c] + static_cast<T>(eps));
     });
   } else {
-    plan.invstd = var.to(st).add(eps).rsqrt_();
+    plan.invstd = v.add(eps).rsqrt_();
   }
   plan.grad_x = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
   return plan;

@@ -179,6 +179,7 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise CliError(f"--json {args.json}: the folder does not exist")
+    size = args.size or ("full" if device.type == "cuda" else "small")
     if args.models is not None:  # the model-level train-step benchmark
         from .benchmark import MODELS, print_table
         known = [n for n, _ in MODELS] + ["unet"]
@@ -186,7 +187,6 @@ def cmd_bench(args) -> int:
         unknown = sorted(set(models) - set(known))
         if unknown:
             raise CliError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-        size = args.size or ("full" if device.type == "cuda" else "small")
         print(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
               f"{device.type} ({_device_name(device)}), size {size}", flush=True)
         rows = print_table(str(device), size, rounds=args.rounds, models=models,
@@ -196,7 +196,6 @@ def cmd_bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
         print(f"note: {args.dtype} on CPU is slow and not what the kernels are tuned for", file=sys.stderr)
-    size = args.size or ("full" if device.type == "cuda" else "small")
     ops = OPS if args.op == "all" else (args.op,)
     modes = MODES if args.mode == "all" else (args.mode,)
     print(f"uresnet bench: {device.type} ({_device_name(device)}), {args.dtype}, size {size}")
@@ -586,11 +585,7 @@ def cmd_eval(args) -> int:
         print(f"{'class':<20} {'IoU':>7} {'Dice':>7}")
         for name, iou, dice in zip(names, metrics["iou"], metrics["dice"]):
             print(f"{name:<20} {iou:>7.4f} {dice:>7.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "format": cfg.format, "split": args.split, **metrics}, f,
-                      indent=1)
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"checkpoint": args.checkpoint, "format": cfg.format, "split": args.split, **metrics})
     return 0
 
 
