@@ -1,4 +1,5 @@
 """The backend registry: listing, selecting, plugging in, falling back."""
+import time
 import warnings
 
 import pytest
@@ -123,3 +124,112 @@ def test_registry_argument_errors():
             pass
     with pytest.raises(ValueError, match="unknown op"):
         uresnet_ops.available_backends("conv")
+
+
+@pytest.fixture
+def timed_backends():
+    """Two user backends for pixel_shuffle_bn on CPU that compute the reference, one slower by a
+    known 20 ms a call, and one that declines everything; counts their calls."""
+    ref = backends._registry["pixel_shuffle_bn"]["reference"]
+    calls = {"slow": 0, "quick": 0, "picky": 0}
+
+    def make(name, delay):
+        def forward(*args):
+            calls[name] += 1
+            time.sleep(delay)
+            return ref.forward(*args)
+        return forward
+
+    def picky(*args):
+        calls["picky"] += 1
+        return NotImplemented
+
+    uresnet_ops.register_backend("pixel_shuffle_bn", "slow", "cpu", make("slow", 0.02), ref.backward)
+    uresnet_ops.register_backend("pixel_shuffle_bn", "quick", "cpu", make("quick", 0.0), ref.backward)
+    uresnet_ops.register_backend("pixel_shuffle_bn", "picky", "cpu", picky, ref.backward)
+    order = backends.DEFAULT_ORDER["pixel_shuffle_bn"]["cpu"]
+    saved = list(order)
+    order[:] = ["slow", "picky", "quick"]  # the static order would run the slow one
+    backends.clear_auto_choices()
+    yield calls
+    order[:] = saved
+    backends.clear_auto_choices()
+    for name in ("slow", "quick", "picky"):
+        del backends._registry["pixel_shuffle_bn"][name]
+
+
+def _bn_args(channels=3):
+    return torch.zeros(channels), torch.ones(channels)
+
+
+def test_auto_measures_once_per_key_and_runs_the_fastest(timed_backends):
+    x = torch.randn(2, 12, 3, 5, requires_grad=True)
+    mean, var = _bn_args()
+    with uresnet_ops.use_backend("auto"):
+        y = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, mean, var, training=True)
+        assert last_used("pixel_shuffle_bn") == "quick"
+        measured = dict(timed_backends)
+        # each backend: one warm-up and AUTO_RUNS timed calls; the declining one once
+        assert measured["slow"] == 1 + backends.AUTO_RUNS and measured["picky"] == 1
+        assert measured["quick"] == 2 + backends.AUTO_RUNS  # ... and the real call
+        y.sum().backward()  # the backward follows the forward's backend
+        assert last_used("pixel_shuffle_bn", "backward") == "quick"
+        uresnet_ops.pixel_shuffle_bn(x.detach(), 2, None, None, mean, var, training=True)
+        assert timed_backends == {**measured, "quick": measured["quick"] + 1}  # cached: no timing
+        uresnet_ops.pixel_shuffle_bn(x.detach(), 2, None, None, mean, var, training=False)  # a new key
+        assert timed_backends["slow"] == measured["slow"] + 1 + backends.AUTO_RUNS
+    keys = backends.auto_choices()
+    assert len(keys) == 2 and set(keys.values()) == {"quick"}
+
+
+def test_auto_key_separates_shape_dtype_and_layout(timed_backends):
+    mean, var = _bn_args()
+    with uresnet_ops.use_backend("auto", op="pixel_shuffle_bn"):
+        for x in (torch.randn(2, 12, 3, 5), torch.randn(2, 12, 4, 5), torch.randn(2, 12, 4, 5).double(),
+                  torch.randn(2, 12, 4, 5).to(memory_format=torch.channels_last)):
+            uresnet_ops.pixel_shuffle_bn(x, 2, None, None, mean, var, training=False)
+    assert len(backends.auto_choices()) == 4
+
+
+def test_auto_timing_leaves_running_statistics_as_one_call_does(timed_backends):
+    x = torch.randn(4, 12, 3, 5)
+    expected_mean, expected_var = _bn_args()
+    uresnet_ops.reference.pixel_shuffle_bn(x, 2, None, None, expected_mean, expected_var, training=True)
+    mean, var = _bn_args()
+    uresnet_ops.set_backend("auto")
+    uresnet_ops.pixel_shuffle_bn(x, 2, None, None, mean, var, training=True)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
+
+
+def test_auto_does_not_time_while_compiling(timed_backends, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with uresnet_ops.use_backend("auto"):
+        uresnet_ops.pixel_shuffle_bn(torch.randn(2, 12, 3, 5), 2, None, None, *_bn_args(), training=False)
+    assert timed_backends == {"slow": 1, "quick": 0, "picky": 0}  # the default order, untimed
+    assert backends.auto_choices() == {}
+
+
+def test_auto_lets_a_backend_that_asks_who_was_chosen_run():
+    # multi_dilation's cpu backend declines channels_last unless asked for by name; under auto it
+    # is timed (and may win) as if asked for by name.
+    x = torch.randn(1, 4, 6, 7).to(memory_format=torch.channels_last)
+    weights = [torch.randn(3, 4, 1, 1), torch.randn(3, 4, 3, 3)]
+    backends.clear_auto_choices()
+    try:
+        with uresnet_ops.use_backend("auto"):
+            y = uresnet_ops.multi_dilation_conv2d(x, weights, [1, 2])
+        choice = next(iter(backends.auto_choices().values()))
+        assert last_used("multi_dilation_conv2d") == choice
+        torch.testing.assert_close(y, uresnet_ops.reference.multi_dilation_conv2d(x, weights, [1, 2]))
+    finally:
+        backends.clear_auto_choices()
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("URESNET_BACKEND", "auto")
+    backends.set_backend_from_environment()
+    assert backends._chosen_name("shuffle_upsample") == "auto"
+    monkeypatch.setenv("URESNET_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="URESNET_BACKEND.*unknown backend 'fastest'"):
+        backends.set_backend_from_environment()

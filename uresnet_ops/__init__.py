@@ -14,6 +14,9 @@ from .shuffle_upsample import shuffle_upsample
 from . import triton as _triton  # noqa: F401,E402  (registers the Triton backends where importable)
 from . import nn, reference  # noqa: E402
 from .fuse import fuse  # noqa: E402
+from .backends import set_backend_from_environment  # noqa: E402
+
+set_backend_from_environment()  # URESNET_BACKEND, once every backend is registered
 
 __version__ = "0.1.0"
 __all__ = [

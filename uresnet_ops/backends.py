@@ -8,6 +8,15 @@ calls it. Resolution order for an op on a device:
 2. :func:`set_backend` (for this op, then for all ops),
 3. the op's default order for the device (fastest measured first).
 
+The name ``"auto"`` (in either place, or ``URESNET_BACKEND=auto`` in the environment) measures
+instead: the first call of each key (op, device, and every argument's dtype, shape and layout,
+and the non-tensor arguments such as ``training``) times the forward of every backend that runs
+on the device and accepts the call, and the fastest runs that key from then on (the choice is
+kept for the process; :func:`auto_choices` lists it). Timing runs on copies of the arguments the
+op writes (running statistics), so they change nothing. While ``torch.compile`` traces or a CUDA
+graph captures, no timing happens: a key already measured keeps its choice, any other key takes
+the default order.
+
 A selected backend that does not run on the device (``"triton"`` for a CPU tensor, say) is
 passed over for that device, so ``set_backend("triton")`` does not break CPU code. A backend
 function may return ``NotImplemented`` for an argument combination it does not cover; the next
@@ -18,11 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
+import time
 import warnings
 from typing import Callable, Iterator
 
+import torch
+
 OPS = ("pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d")
+AUTO = "auto"  # the pseudo-backend that measures (see the module docstring)
+AUTO_RUNS = 3  # timed forward calls per backend, after one warm-up call (JIT compile, autotune)
 
 # The default order per device type, fastest measured first; "reference" always closes it.
 DEFAULT_ORDER: dict[str, dict[str, list[str]]] = {
@@ -45,6 +60,7 @@ _selected: dict[str | None, str] = {}  # op (None = every op) -> backend name
 _local = threading.local()  # .stack: list of (op or None, name) from use_backend
 _warned: set[tuple[str, str]] = set()
 _last_used: dict[tuple[str, str], str] = {}  # (op, phase) -> backend name, for tests and debugging
+_auto_cache: dict[tuple, str] = {}  # call key (see _call_key) -> the backend "auto" measured fastest
 
 
 def register_backend(op: str, name: str, device_type, forward: Callable,
@@ -80,12 +96,24 @@ def available_backends(op: str | None = None) -> list[str]:
 
 
 def set_backend(name: str | None, op: str | None = None) -> None:
-    """Make ``name`` the default backend (for ``op``, or for every op); ``None`` resets."""
+    """Make ``name`` the default backend (for ``op``, or for every op); ``None`` resets;
+    ``"auto"`` measures (see the module docstring)."""
     _check_name(name, op)
     if name is None:
         _selected.pop(op, None)
     else:
         _selected[op] = name
+
+
+def set_backend_from_environment() -> None:
+    """``set_backend(os.environ["URESNET_BACKEND"])`` when that variable is set and not empty."""
+    name = os.environ.get("URESNET_BACKEND", "")
+    if not name:
+        return
+    try:
+        set_backend(name)
+    except ValueError as error:
+        raise ValueError(f"environment variable URESNET_BACKEND: {error}") from None
 
 
 @contextlib.contextmanager
@@ -101,7 +129,9 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
 
 
 def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
-    """The backend that would run ``op`` for tensors on ``device_type`` right now."""
+    """The backend that would run ``op`` for tensors on ``device_type`` right now (under
+    ``"auto"``, whose choice depends on the call, the default order's first; :func:`last_used`
+    says what ran)."""
     return next(_candidates(_check_op(op), device_type, phase))
 
 
@@ -110,8 +140,23 @@ def last_used(op: str, phase: str = "forward") -> str | None:
     return _last_used.get((_check_op(op), phase))
 
 
+def auto_choices() -> dict[tuple, str]:
+    """What ``"auto"`` chose so far: call key -> backend name (a copy)."""
+    return dict(_auto_cache)
+
+
+def clear_auto_choices() -> None:
+    """Forget what ``"auto"`` measured (the next call of each key measures again)."""
+    _auto_cache.clear()
+
+
 def dispatch(op: str, phase: str, device_type: str, args: tuple):
     """Run ``op``'s ``phase`` ("forward" or "backward") with the resolved backend."""
+    if phase == "forward" and _chosen_name(op) == AUTO:
+        fastest = _auto_pick(op, device_type, args)
+        if fastest is not None:
+            with use_backend(fastest, op):  # as if asked for by name (a backend may ask)
+                return dispatch(op, phase, device_type, args)
     for backend in _candidates(op, device_type, phase):
         result = getattr(backend, phase)(*args)
         if result is not NotImplemented:
@@ -123,6 +168,8 @@ def dispatch(op: str, phase: str, device_type: str, args: tuple):
 def _candidates(op: str, device_type: str, phase: str) -> Iterator[Backend]:
     backends = _registry[op]
     chosen = _chosen_name(op)
+    if chosen == AUTO:
+        chosen = None  # not measured for this call: the default order
     order = DEFAULT_ORDER[op].get(device_type, ["reference"])
     names = ([chosen] if chosen else []) + [n for n in order if n != chosen]
     for name in names:
@@ -137,6 +184,68 @@ def _candidates(op: str, device_type: str, phase: str) -> Iterator[Backend]:
             continue
         if getattr(backend, phase) is not None:
             yield backend
+
+
+def _auto_pick(op: str, device_type: str, args: tuple) -> str | None:
+    """The backend "auto" runs for this call: measured on the key's first call, cached after."""
+    key = _call_key(op, device_type, args)
+    if key in _auto_cache:
+        return _auto_cache[key]
+    if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None  # no timing while tracing or capturing: the default order
+    timings = {}
+    for backend in list(_candidates(op, device_type, "forward")):
+        seconds = _time_forward(op, backend, device_type, args)
+        if seconds is not None:
+            timings[backend.name] = seconds
+    if not timings:
+        return None
+    _auto_cache[key] = min(timings, key=timings.get)
+    return _auto_cache[key]
+
+
+def _time_forward(op: str, backend: Backend, device_type: str, args: tuple) -> float | None:
+    """Median seconds of ``backend``'s forward on ``args``, or None when it declines. The
+    arguments the op writes are copied, so the caller's running statistics stay as they were."""
+    written = _written_args(op)
+    call_args = tuple(a.clone() if i in written and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+    stack = _stack()
+    stack.append((op, backend.name))  # a backend that asks who was chosen sees itself
+    try:
+        if backend.forward(*call_args) is NotImplemented:  # the warm-up: compiles, autotunes
+            return None
+        times = []
+        for _ in range(AUTO_RUNS):
+            _synchronize(device_type)
+            start = time.perf_counter()
+            backend.forward(*call_args)
+            _synchronize(device_type)
+            times.append(time.perf_counter() - start)
+    finally:
+        stack.pop()
+    return sorted(times)[len(times) // 2]
+
+
+def _call_key(op: str, device_type: str, args: tuple) -> tuple:
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            layout = ("channels_last" if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
+                      and not a.is_contiguous() else "contiguous" if a.is_contiguous() else "strided")
+            return (a.dtype, tuple(a.shape), layout, a.device.index)
+        if isinstance(a, (list, tuple)):
+            return tuple(describe(b) for b in a)
+        return a
+    return (op, device_type, *(describe(a) for a in args))
+
+
+def _written_args(op: str) -> set[int]:
+    schema = getattr(torch.ops.uresnet_ops, op).default._schema
+    return {i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write}
+
+
+def _synchronize(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _chosen_name(op: str) -> str | None:
@@ -162,9 +271,9 @@ def _check_op(op) -> str:
 def _check_name(name, op) -> None:
     if op is not None:
         _check_op(op)
-    if name is None:
+    if name is None or name == AUTO:
         return
     known = {n for o in ([op] if op else OPS) for n in _registry[o]}
     if name not in known:
         raise ValueError(f"uresnet_ops: unknown backend {name!r}"
-                         f"{' for ' + op if op else ''}; registered: {sorted(known)}")
+                         f"{' for ' + op if op else ''}; registered: {sorted(known)}, or {AUTO!r}")
