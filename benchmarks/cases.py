@@ -96,6 +96,7 @@ class Inputs:
     out_shape: tuple
     bytes: dict  # mode -> minimal bytes moved
     flops: dict  # mode -> nominal flops of the reference chain (None: memory-bound op)
+    useful_flops: dict  # mode -> flops no kernel can avoid (see useful_flops())
 
 
 def build(case: Case, mode: str, device, dtype: torch.dtype, seed: int = 0) -> Inputs:
@@ -146,9 +147,30 @@ def build(case: Case, mode: str, device, dtype: torch.dtype, seed: int = 0) -> I
         flops = 2 * n * h * w * c * per * sum(k * k for k in kernels)  # every tap, padding included
     else:
         raise ValueError(f"unknown op {case.op!r}")
+    per_mode = {m: 3 if m == "train_fwdbwd" else 1 for m in MODES}  # backward: twice the forward's flops
+    useful = useful_flops(case)
     return Inputs(args, kwargs, grads if grad else [], out_shape,
                   bytes={"eval_fwd": fwd, "train_fwd": fwd, "train_fwdbwd": fwd + bwd},
-                  flops={m: None if flops is None else flops * (3 if m == "train_fwdbwd" else 1) for m in MODES})
+                  flops={m: None if flops is None else flops * k for m, k in per_mode.items()},
+                  useful_flops={m: None if useful is None else useful * k for m, k in per_mode.items()})
+
+
+def useful_flops(case: Case) -> int | None:
+    """The forward's multiply-adds x 2 that no kernel can avoid (None: no arithmetic to speak of):
+    taps that read only zero padding left out; nearest-x2 upsampling's 3x3 taps merged into the
+    2x2 distinct source pixels each output reads (weights pre-summed per parity)."""
+    n, c, h, w = case.x_shape
+    kw = case.kw
+    if case.op == "pixel_shuffle_bn":
+        return None
+    if case.op == "shuffle_upsample":  # the depthwise 3x3 as 2x2, then the dense 1x1 conv
+        return 2 * n * (4 * h * w) * (4 * c + c * kw["cout"])
+    inside = 0  # over every tap of every branch: the outputs whose tap lands inside the image
+    for k, d in zip(kw["kernels"], kw["dilations"]):
+        for i in range(k):
+            for j in range(k):
+                inside += max(h - abs(i - k // 2) * d, 0) * max(w - abs(j - k // 2) * d, 0)
+    return 2 * n * c * kw["per_branch"] * inside
 
 
 def function(op: str, impl: str):

@@ -209,7 +209,8 @@ def run_bench(benchmark, bench_options, ceilings):
         info.update(op=case.op, shape=list(case.x_shape), case=case.label, params={k: v for k, v in case.params},
                     mode=mode, dtype=_dtype_name(dtype), implementation=impl, device=device.type,
                     device_name=ceilings["device"], torch_version=torch.__version__, bench_size=bench_options.size,
-                    bytes=inputs.bytes[mode], flops=inputs.flops[mode], rounds=rounds,
+                    bytes=inputs.bytes[mode], flops=inputs.flops[mode],
+                    useful_flops=inputs.useful_flops[mode], rounds=rounds,
                     timer="perf_counter+cuda_sync" if cuda else "perf_counter")
         if backend:
             # A backend may decline an argument combination (or have no backward): say what ran.

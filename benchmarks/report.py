@@ -6,7 +6,9 @@ Writes DIR/<name>.md and DIR/<name>.png (DIR defaults to the JSON's folder) and 
 markdown. Per group (op, shape, mode, dtype): each implementation's median time, the ratios
 eager/impl and compiled/impl (>1: faster than the eager / the torch.compile'd reference chain),
 achieved GB/s (minimal bytes: inputs read once, outputs written once) and TFLOP/s (nominal flops
-of the reference chain), and the higher of the two as % of the measured device ceiling.
+of the reference chain), the higher of the two as % of the measured device ceiling, and
+`% roofline`: the time a kernel at the roofline would take (minimal bytes at the copy
+bandwidth or useful flops at the matmul rate, whichever is longer) as % of the measured time.
 On CUDA the time is the CUDA-event median (``extra_info["device_median_s"]``).
 """
 from __future__ import annotations
@@ -51,11 +53,17 @@ def rows_of(group: list[dict], ceilings: dict) -> list[dict]:
         tflops = r["flops"] / t / 1e12 if r.get("flops") else None
         pct = [(100 * v / ceilings[k], name) for v, k, name in
                ((gbps, "copy_GBps", "BW"), (tflops, "matmul_TFLOPs", "FLOP")) if v and ceilings.get(k)]
+        # The roofline prediction: minimal bytes at copy bandwidth or useful flops at the
+        # matmul rate, whichever binds (scripts/roofline.py tabulates it for the H200).
+        limits = [v / ceilings[k] / s for v, k, s in ((r.get("bytes"), "copy_GBps", 1e9),
+                                                      (r.get("useful_flops"), "matmul_TFLOPs", 1e12))
+                  if v and ceilings.get(k)]
+        roofline = max(limits) if limits else None
         peak = r.get("peak_mem_bytes")
         rows.append(dict(impl=impl, ran=r.get("backend_ran"), t=t, gbps=gbps, tflops=tflops,
                          peak_mb=None if peak is None else peak / 2 ** 20,
                          vs_eager=eager / t if eager else None, vs_compiled=compiled / t if compiled else None,
-                         pct=max(pct) if pct else None))
+                         pct=max(pct) if pct else None, roofline_pct=100 * roofline / t if roofline else None))
     return rows
 
 
@@ -75,18 +83,22 @@ def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
     out += ["Ratios are baseline time / implementation time: **>1 means faster** than the eager "
             "(`×eager`) or torch.compile'd (`×compiled`) reference chain. `% ceil` is the higher of "
             "GB/s vs copy bandwidth (BW) and TFLOP/s vs matmul throughput (FLOP); over 100% means the ceiling "
-            "was measured low (a busy machine) or the op is not bound by it.", ""]
+            "was measured low (a busy machine) or the op is not bound by it. `% roofline` is the time a kernel "
+            "at the roofline would take (scripts/roofline.py's model at the measured ceilings) as % of the "
+            "measured time: 100% is as fast as the hardware allows.", ""]
     for name, group in groups.items():
         rows = rows_of(group, ceil)
         memory = any(r["peak_mb"] is not None for r in rows)  # CUDA: peak memory of one step
         out += [f"### {name}", "",
-                "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil |" + (" peak MiB |" if memory else ""),
-                "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else "")]
+                "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil | % roofline |"
+                + (" peak MiB |" if memory else ""),
+                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else "")]
         for r in rows:
             impl = r["impl"] if not r["ran"] or r["ran"] == r["impl"] else f"{r['impl']} (ran {r['ran']})"
             cells = [impl, fmt_time(r["t"]), _num(r["vs_eager"], "×"), _num(r["vs_compiled"], "×"),
                      _num(r["gbps"]), _num(r["tflops"], digits=3),
-                     f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–"]
+                     f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–",
+                     _num(r["roofline_pct"], "%", digits=1)]
             out.append("| " + " | ".join(cells + ([_num(r["peak_mb"], digits=1)] if memory else [])) + " |")
         out.append("")
     return "\n".join(out)

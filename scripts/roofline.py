@@ -4,8 +4,7 @@
     python scripts/roofline.py --check    # exit 1 when the committed file is out of date (CI)
 
 Per op, shape, mode and dtype: the minimal bytes (inputs read once, outputs written once, no
-intermediate written: benchmarks/cases.py), the useful FLOPs (taps that read only zero padding
-left out; nearest-x2 upsampling's 3x3 taps merged into the 2x2 distinct source pixels), the
+intermediate written) and the useful FLOPs (benchmarks/cases.py: useful_flops), the
 limit that binds and the time the kernel would take at the H200's ceilings. The kernels' own
 measured time is what the GPU benchmark adds next to it (benchmarks/report.py).
 """
@@ -44,34 +43,14 @@ DESIGN = {
 }
 
 
-def useful_flops(case: cases.Case) -> int:
-    """Multiply-adds x 2 that the op cannot avoid, forward."""
-    n, c, h, w = case.x_shape
-    kw = case.kw
-    if case.op == "pixel_shuffle_bn":
-        return 0
-    if case.op == "shuffle_upsample":
-        # depthwise 3x3 on nearest-x2: each output reads 2x2 distinct source pixels (weights
-        # pre-summed per parity); then the dense 1x1 conv at the output resolution.
-        return 2 * n * (4 * h * w) * (4 * c + c * kw["cout"])
-    total = 0
-    for k, d in zip(kw["kernels"], kw["dilations"]):
-        for i in range(k):
-            for j in range(k):
-                dy, dx = abs(i - k // 2) * d, abs(j - k // 2) * d
-                total += max(h - dy, 0) * max(w - dx, 0)  # outputs whose tap lands inside
-    return 2 * n * c * kw["per_branch"] * total
-
-
 def rows():
     for op in cases.OPS:
         for case in cases.cases(op, "full", "cuda"):
-            flops_fwd = useful_flops(case)
             for dtype in DTYPES:
                 for mode in case.modes():
                     inputs = cases.build(case, mode, "meta", dtype)
                     moved = inputs.bytes[mode]
-                    flops = flops_fwd * (3 if mode == "train_fwdbwd" else 1)
+                    flops = inputs.useful_flops[mode] or 0
                     nominal = inputs.flops[mode] or 0
                     t_mem, t_math = moved / COPY_BPS, flops / MATMUL_FLOPS[dtype]
                     yield dict(op=op, shape=case.label, mode=mode, dtype=str(dtype).replace("torch.", ""),

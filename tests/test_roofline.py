@@ -20,4 +20,19 @@ def test_multi_dilation_useful_flops_count_only_taps_inside_the_image():
     ones = torch.ones(1, 1, 7, 10, dtype=torch.float64)
     inside = sum(F.conv2d(ones, torch.ones(1, 1, k, k, dtype=torch.float64), padding=d * (k // 2), dilation=d).sum()
                  for k, d in zip((1, 3, 3), (1, 2, 8)))  # per output: the taps that land in the image
-    assert roofline.useful_flops(case) == 2 * 2 * 3 * 4 * int(inside)
+    assert roofline.cases.useful_flops(case) == 2 * 2 * 3 * 4 * int(inside)
+
+
+def test_benchmark_report_gives_the_share_of_the_roofline():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    ceilings = {"copy_GBps": 1000.0, "matmul_TFLOPs": 10.0}
+    group = [  # 1 GB at 1000 GB/s = 1 ms, 5 TFLOP at 10 TFLOP/s = 0.5 s: the flops bind
+        dict(implementation="cuda", median_s=1.0, bytes=1e9, flops=8e12, useful_flops=5e12),
+        dict(implementation="eager", median_s=2.0, bytes=1e9, flops=8e12, useful_flops=None),
+    ]
+    rows = {r["impl"]: r for r in report.rows_of(group, ceilings)}
+    assert rows["cuda"]["roofline_pct"] == 50.0
+    assert rows["eager"]["roofline_pct"] == 0.05  # without useful flops: 1 ms of bytes in 2 s
+    assert rows["cuda"]["vs_eager"] == 2.0
