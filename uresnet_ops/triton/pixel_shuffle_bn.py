@@ -15,8 +15,8 @@ from . import AVAILABLE, DEVICE_TYPES
 
 @triton.jit
 def _apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == "relu":
-        y = tl.maximum(y, 0.0)
+    if ACTIVATION == "relu":  # NaN stays NaN, as in ATen (tl.maximum alone would give 0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(y >= 0, y, y * negative_slope)
     elif ACTIVATION == "silu":
@@ -73,7 +73,9 @@ def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
     # The shift by the channel's first value keeps float32 sums accurate far from zero.
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    first, _ = _channel_offsets(c, 0, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
+    # (Named results: a reused `_` would be a loop-carried variable whose type changes, which
+    # the interpreter accepts and the sm_90 compiler rejects.)
+    first, _unused = _channel_offsets(c, 0, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
     shift = tl.load(x_ptr + first).to(tl.float32)
     lo = s * per
     hi = tl.minimum(lo + per, M)
@@ -82,7 +84,7 @@ def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
     for start in range(lo, hi, BLOCK):
         e = start + tl.arange(0, BLOCK)
         mask = e < hi
-        x_off, _ = _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
+        x_off, _o_off = _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
         v = tl.where(mask, tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
         acc1 += v
         acc2 += v * v
