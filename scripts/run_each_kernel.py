@@ -4,7 +4,7 @@ would run a float32 reference in TF32): the workload that scripts/gpu_check.sh r
 backends and under compute-sanitizer. ``--device cpu`` runs the same calls on the C++ CPU
 kernels, a dry run of this script on a machine without a GPU.
 
-    python3 scripts/run_each_kernel.py [--device cuda|cpu] [--backend cuda|triton|cpu]
+    python3 scripts/run_each_kernel.py [--device cuda|cpu] [--backend cuda|triton|cpu] [--dtype float32 ...]
 
 Exits non-zero when a kernel did not run (another backend answered) or disagreed with the
 reference; prints one line per call.
@@ -85,6 +85,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--backend", choices=("cuda", "triton", "cpu"), help="default: the device's C++ kernels")
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "float64", "float16", "bfloat16"),
+                        help="default: float32 float64, and float16 bfloat16 on cuda")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("run_each_kernel: no CUDA device here; use --device cpu for a dry run", file=sys.stderr)
@@ -95,7 +97,8 @@ def main(argv=None):
         print(f"run_each_kernel: backend {backend!r} is not available here "
               f"(available: {uresnet_ops.available_backends()})", file=sys.stderr)
         return 2
-    dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else [])
+    dtypes = ([getattr(torch, name) for name in args.dtype] if args.dtype else
+              [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else []))
     failures = 0
     print(f"run_each_kernel: {backend} kernels on {args.device}; reference: float64")
     for dtype in dtypes:

@@ -110,7 +110,7 @@ def test_shuffle_upsample_grids_fit_cuda_limits(monkeypatch, mode, scale):
     # More than 65535 pixel tiles of one plane: grid axes 1 and 2 stop at 65535, axis 0 at 2^31 - 1.
     import uresnet_ops.triton.shuffle_upsample as su
     spies = spy_kernels(monkeypatch, su, run=False)  # the launches only: the shapes are large for the interpreter
-    h = w = math.isqrt(65536 * su._block(1)) + 1
+    h = w = math.isqrt(65536 * su._block(1, 8192, torch.float32)) + 1
     x = torch.randn(1, 1, h, w)
     weight = torch.randn(1, 1, 3, 3)
     su._forward(x, weight, torch.zeros(1), scale, mode, "none", 0.0, False)

@@ -150,6 +150,9 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn,
 
 
 _BLOCK = 1024
+# 8 warps: 4 elements per thread. At 4 warps (8 per thread, int64 offsets) the backward sums
+# spilled registers on sm_90 (scripts/gpu_resources.py).
+_NUM_WARPS = 8
 
 
 def _split(m, c, device):
@@ -179,7 +182,8 @@ def _batch_stats(x, r, c):
         return zeros, zeros.clone()
     splits, per = _split(m, c, x.device)
     part = torch.empty((c, splits, 4), dtype=torch.float32, device=x.device)
-    _stats_kernel[(c, splits)](x, part, m, per, splits, h, w, *x.stride(), R=r, BLOCK=_BLOCK)
+    _stats_kernel[(c, splits)](x, part, m, per, splits, h, w, *x.stride(), R=r, BLOCK=_BLOCK,
+                               num_warps=_NUM_WARPS)
     part = part.double()
     mean_shifted = part[:, :, 1].sum(1) / m
     var = (part[:, :, 2].sum(1) / m - mean_shifted ** 2).clamp_min(0)
@@ -202,7 +206,7 @@ def _forward(x, r, weight, bias, running_mean, running_var, training, eps, activ
     if total:
         _eval_forward_kernel[(triton.cdiv(total, _BLOCK),)](
             x, out, scale, shift, total, c, h, w, *x.stride(), *out.stride(), slope,
-            R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+            R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out, mean, var
 
 
@@ -221,7 +225,7 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         part = torch.empty((c, splits, 2), dtype=torch.float32, device=x.device)
         _backward_sums_kernel[(c, splits)](grad_out, x, scale, shift, mean, part, m, per, splits, h, w,
                                            *x.stride(), *grad_out.stride(), slope,
-                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         s1, s2 = part.double().sum(1).float().t().contiguous()
     else:
         s1 = s2 = torch.zeros_like(mean)
@@ -235,7 +239,7 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         coef = torch.stack([scale, shift, scale, b, d]).contiguous()
         _backward_input_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
             grad_out, x, grad_x, coef, x.numel(), c, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
-            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     param_dtype = x.dtype if weight is None else weight.dtype
     return grad_x, grad_w.to(param_dtype), s1.to(param_dtype)
 

@@ -49,9 +49,11 @@ _BORDER_BLOCK = 64  # border pixels per program
 _GX_BORDER_BLOCK = 64 if INTERPRET else 8  # its accumulator and offsets are (BLOCK, 16, 16)
 
 
-def _block(width, budget=8192):
+def _block(width, budget, dtype):
     """Low-res pixels per program (a power of 2) for an accumulator of (BLOCK, width) elements
-    (width and budget powers of 2)."""
+    of ``dtype`` (width and budget powers of 2; float64 takes half as many)."""
+    if dtype == torch.float64:
+        budget //= 2
     return 32 if INTERPRET else max(1, min(128, budget // width))
 
 
@@ -474,7 +476,7 @@ def _forward(x, weight, bias, s, mode, activation, slope, stats):
         if out.numel() == 0:
             return out, empty, empty.clone()
     wf = _parity_weights(weight, s, mode)
-    block = _block(16 * _ssp(s))
+    block = _block(16 * _ssp(s), 8192, weight.dtype)
     t = triton.cdiv(h * w, block)
     part = torch.empty((n, c, t, 4), dtype=weight.dtype, device=x.device) if stats else empty
     b = weight if bias is None else bias.contiguous()
@@ -521,7 +523,7 @@ def _backward(grad, x, weight, s, mode):
     bilinear = mode == "bilinear"
     weight = weight.contiguous()
     wb, p, k, kk = _window_weights(weight, s, mode)
-    block = _block(kk, 2048)  # (BLOCK, KK) accumulator and int64 offsets
+    block = _block(kk, 2048, weight.dtype)  # (BLOCK, KK) accumulator and int64 offsets
     t = triton.cdiv(h * w, block)
     _grad_x_kernel[(n * c * t,)](grad, wb, grad_x, c, cg, h, w, oh, ow, t, *grad.stride(),
                                  S=s, P=p, K=k, KK=kk, BLOCK=block)
@@ -531,7 +533,7 @@ def _backward(grad, x, weight, s, mode):
         _grad_x_border_kernel[(n * c * tb,)](grad, weight, grad_x, c, cg, h, w, oh, ow, nb, tb, *grad.stride(),
                                              BLOCK=_GX_BORDER_BLOCK)
     ssp = _ssp(s)
-    block = _block(16 * ssp, 4096)
+    block = _block(16 * ssp, 2048, weight.dtype)
     t = triton.cdiv(h * w, block)
     per, nch = _chunks(t, n * c, x.device)
     part = torch.empty((n, c, nch, cg, 16, ssp), dtype=weight.dtype, device=x.device)
