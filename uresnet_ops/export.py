@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import reference
 from ._common import apply_activation, batch_norm_forward
 
-__all__ = ["DECOMPOSITIONS", "decompositions", "to_aten", "export_onnx"]
+__all__ = ["DECOMPOSITIONS", "decompositions", "to_aten"]
 
 _ops = torch.ops.uresnet_ops
 
@@ -76,6 +76,15 @@ def to_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     return program.run_decompositions(decompositions())
 
 
+def _legacy_onnx_symbolic(name: str):
+    def symbolic(g, *args):
+        raise RuntimeError(
+            f"uresnet_ops.{name}: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) "
+            "cannot export this package's fused ops; use torch.onnx.export(model, (x,), f, dynamo=True), "
+            "which writes them as standard ONNX operators (see uresnet_ops.export)")
+    return symbolic
+
+
 def _register_global() -> None:
     # The dynamo ONNX exporter decomposes every op it has no ONNX function for with
     # torch._decomp.decomposition_table; torch.compile and eager do not read this table.
@@ -83,6 +92,11 @@ def _register_global() -> None:
     table = global_decomposition_table["post_autograd"]
     for op, fn in DECOMPOSITIONS.items():
         table.setdefault(op, fn)
+    register_legacy = getattr(torch.onnx, "register_custom_op_symbolic", None)  # gone with the legacy exporter
+    if register_legacy is not None:
+        for op in DECOMPOSITIONS:
+            name = op._schema.name  # "uresnet_ops::<op>"
+            register_legacy(name, _legacy_onnx_symbolic(name.split("::")[1]), 9)
 
 
 _register_global()
