@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .blocks import pad_to_multiple
+from .blocks import crop_to, pad_to_multiple
 from .heads import ClassificationHead
 
 CONFIG_NAME = "config.json"
@@ -97,8 +97,7 @@ class SegmentationModel(ModelBase):
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x, self.output_stride)
         logits, deepest = self.forward_padded(padded)
-        if padded.shape[-2:] != x.shape[-2:]:
-            logits = logits[..., :h, :w]
+        logits = crop_to(logits, h, w)  # always (nothing to cut at a multiple): no branch on the size
         if self.aux_head is not None:
             return logits, self.aux_head(deepest)
         return logits

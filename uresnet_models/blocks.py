@@ -238,7 +238,15 @@ class UNetDecoder(nn.Module):
 
 # --------------------------------------------------------------------------- padding
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x`` zero-padded at the bottom and right so that H and W are multiples of ``multiple``."""
+    """``x`` zero-padded at the bottom and right so that H and W are multiples of ``multiple``.
+    Always padded (by 0 where it is one already): no branch on the size, so torch.export,
+    torch.jit.trace and ONNX capture one graph for every H, W."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+    return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
+
+
+def crop_to(x: torch.Tensor, h, w) -> torch.Tensor:
+    """The top-left ``h`` x ``w`` of ``x``, by F.pad with negative padding (a copy). Not a
+    slice: whether the slice's view is contiguous depends on whether anything was cut, and
+    torch.export guards on that, so its program would fail at sizes of the other kind."""
+    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))

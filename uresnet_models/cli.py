@@ -1,9 +1,10 @@
-"""The ``uresnet`` command line: ``demo | train | eval | predict | bench | list-models``.
+"""The ``uresnet`` command line: ``demo | train | eval | predict | export | bench | list-models``.
 
     uresnet demo                       # environment, op checks and speed, a short training run
     uresnet train --data synthetic --epochs 5 --out runs/shapes
     uresnet eval --checkpoint runs/shapes --data synthetic
     uresnet predict --checkpoint runs/shapes --input photos/ --out masks/
+    uresnet export --checkpoint runs/shapes --format onnx --dynamic --out shapes.onnx
     uresnet bench --op pixel_shuffle_bn --no-compile
     python -m uresnet demo             # the same without the console script
 
@@ -661,6 +662,32 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+    from . import export
+    from . import train as training
+    if not os.path.exists(args.checkpoint):
+        raise CliError(f"--checkpoint {args.checkpoint}: no such folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise CliError(f"--out {args.out}: the folder does not exist")
+    model, info, meta = training.load_checkpoint(args.checkpoint, "cpu")
+    size = args.image_size or meta.get("config", {}).get("image_size") or 64
+    h, w = (size, size) if isinstance(size, int) else size
+    if args.dynamic and min(h, w) < 2:
+        raise CliError(f"--image-size {h}x{w}: --dynamic needs H and W of at least 2")
+    example = torch.randn(2 if args.dynamic else 1, info.in_channels, h, w)
+    print(f"exporting {args.checkpoint} ({model.model_config['architecture']}) as {args.format}, input "
+          f"{'(N, ' if args.dynamic else '(1, '}{info.in_channels}, {'H, W) dynamic' if args.dynamic else f'{h}, {w})'}",
+          flush=True)
+    path = export.export_model(model, args.out, args.format, example=example, dynamic=args.dynamic)
+    # The check: a random input, of another size and batch where those are dynamic.
+    check = torch.randn(1, info.in_channels, h + 3, w + 5) if args.dynamic else example
+    difference = export.max_difference(model, path, args.format, check)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB); max difference vs eager on a random "
+          f"{'x'.join(map(str, check.shape))} input: {difference:.2e}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     """Errors as one line (no usage block, no traceback), exit status 2."""
@@ -692,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_eval_parser(sub)
     _add_predict_parser(sub)
+    _add_export_parser(sub)
 
     p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference")
     p.add_argument("--op", choices=("all", *OPS), default="all")
@@ -829,6 +857,22 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--color", action="store_true", help="write colour masks instead of class ids")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_export_parser(sub) -> None:
+    from .export import FORMATS
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, a torch.export program or an AOTInductor package",
+                       description="Writes the checkpoint's model (eval mode) with the fused ops lowered to standard "
+                       "ops: onnx (onnxruntime, TensorRT, OpenVINO), pt2 (torch.export.load) or aoti (AOTInductor "
+                       "package, CPU; slow to compile). None needs uresnet to load. Then runs the file on a random "
+                       "input and prints the largest difference from eager PyTorch.")
+    p.add_argument("--checkpoint", required=True, help="a run folder (its best/ is used) or a checkpoint folder")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--image-size", type=_image_size, help="the example input's N or HxW (default: the training "
+                   "size); without --dynamic the only size the file takes")
+    p.add_argument("--dynamic", action="store_true", help="any batch size and any H, W (one file for all sizes)")
+    p.set_defaults(func=cmd_export)
 
 
 def main(argv=None) -> int:

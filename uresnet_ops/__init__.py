@@ -14,6 +14,7 @@ from .shuffle_upsample import shuffle_upsample
 from . import triton as _triton  # noqa: F401,E402  (registers the Triton backends where importable)
 from . import nn, reference  # noqa: E402
 from .fuse import fuse  # noqa: E402
+from . import export  # noqa: E402,F401  (the decompositions: torch.export, AOTInductor, ONNX)
 from .backends import set_backend_from_environment  # noqa: E402
 
 set_backend_from_environment()  # URESNET_BACKEND, once every backend is registered
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d",
     "available_backends", "get_backend", "register_backend", "set_backend", "use_backend",
-    "nn", "reference", "fuse",
+    "nn", "reference", "fuse", "export",
 ]

@@ -22,8 +22,8 @@ from torch import nn
 from uresnet_ops.nn import EUCB
 
 from ..base import ModelBase, SegmentationModel
-from ..blocks import (BasicBlock, DoubleConv, UNetDecoder, Upsample, check_upsample, decoder_levels, fit_widths,
-                      pad_to_multiple)
+from ..blocks import (BasicBlock, DoubleConv, UNetDecoder, Upsample, check_upsample, crop_to, decoder_levels,
+                      fit_widths, pad_to_multiple)
 from ..encoders import ResNetStagesEncoder, UNetEncoder, resolve_encoder
 from ..heads import SegmentationHead
 from ..registry import register_model
@@ -159,5 +159,5 @@ class UResNetClassifier(ModelBase):
         if self.unet_encoder is not None:
             u = pad_to_multiple(x, self.unet_encoder.output_stride)  # zero padding: pooled, not cropped
             features = self.unet_encoder(u)
-            pooled.append(self.pool(self.unet_decoder(features[-1], features)[..., :x.shape[-2], :x.shape[-1]]))
+            pooled.append(self.pool(crop_to(self.unet_decoder(features[-1], features), *x.shape[-2:])))
         return self.fc(self.dropout(torch.flatten(torch.cat(pooled, dim=1), 1)))

@@ -1,0 +1,101 @@
+"""Exporting a model for deployment: ONNX, a torch.export program (``.pt2``) or an AOTInductor
+package, each lowered to standard ops and checked against eager PyTorch.
+
+    x = torch.randn(2, 3, 256, 256)
+    path = export_model(model, "model.onnx", "onnx", example=x)       # dynamic batch, H, W
+    print(max_difference(model, path, "onnx", torch.randn(1, 3, 97, 131)))
+
+The fused ops are replaced by their ATen chains (:func:`uresnet_ops.export.to_aten`), so none
+of the three files needs this package to load: ONNX runs in onnxruntime, the ``pt2`` program
+with ``torch.export.load`` and the AOTInductor package with ``torch._inductor.aoti_load_package``.
+With ``dynamic`` (the default) one file takes any batch size and any H, W.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import uresnet_ops
+
+FORMATS = ("onnx", "pt2", "aoti")
+
+
+def export_program(model: nn.Module, example: torch.Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` in eval mode, lowered to core ATen (fused ops included).
+    ``dynamic``: batch, H and W are symbolic (the example needs a batch of 2 or more: torch.export
+    specialises sizes of 0 and 1)."""
+    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+        raise ValueError(f"export: example must be an (N, C, H, W) tensor, got "
+                         f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+    if dynamic and min(example.shape[0], example.shape[2], example.shape[3]) < 2:
+        raise ValueError(f"export: a dynamic export needs an example with batch, H and W of at least 2, got "
+                         f"{tuple(example.shape)}")
+    auto = torch.export.Dim.AUTO
+    shapes = ({0: auto, 2: auto, 3: auto},) if dynamic else None
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    finally:
+        model.train(was_training)
+    return uresnet_ops.export.to_aten(program)
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, format: str, *, example: torch.Tensor,
+                 dynamic: bool = True) -> Path:
+    """Write ``model`` (eval mode) to ``path`` as ``format``: ``onnx`` (standard operators only),
+    ``pt2`` (``torch.export.save`` of the ATen program) or ``aoti`` (an AOTInductor package,
+    compiled for the example's device; minutes on a small CPU). Returns the path."""
+    if format not in FORMATS:
+        raise ValueError(f"export: format must be one of {list(FORMATS)}, got {format!r}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"export: the folder of {path} does not exist")
+    program = export_program(model, example, dynamic=dynamic)
+    if format == "onnx":
+        torch.onnx.export(program, (example,), dynamo=True, input_names=["image"], verbose=False).save(str(path))
+    elif format == "pt2":
+        torch.export.save(program, str(path))
+    else:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
+def load_exported(path: str | os.PathLike, format: str):
+    """A callable ``f(x) -> tuple of tensors`` running the exported file ``path``."""
+    if format not in FORMATS:
+        raise ValueError(f"load_exported: format must be one of {list(FORMATS)}, got {format!r}")
+    if format == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: tuple(torch.from_numpy(y) for y in session.run(None, {name: x.cpu().numpy()}))
+    run = torch.export.load(str(path)).module() if format == "pt2" else torch._inductor.aoti_load_package(str(path))
+    return lambda x: _as_tuple(run(x))
+
+
+def max_difference(model: nn.Module, path: str | os.PathLike, format: str, x: torch.Tensor) -> float:
+    """The largest absolute difference between the exported file's outputs and eager ``model``'s
+    (eval mode) on ``x``, over every output."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = _as_tuple(model(x))
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        got = load_exported(path, format)(x)
+    if len(got) != len(expected):
+        raise RuntimeError(f"the exported model returns {len(got)} outputs, eager {len(expected)}")
+    for g, e in zip(got, expected):
+        if g.shape != e.shape:
+            raise RuntimeError(f"the exported model returns shape {tuple(g.shape)}, eager {tuple(e.shape)}")
+    return max(float((g.to(e.device, e.dtype) - e).abs().max()) for g, e in zip(got, expected))
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)

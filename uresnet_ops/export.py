@@ -1,0 +1,102 @@
+"""Deployment: the fused ops written as standard ATen ops, for torch.export, AOTInductor and ONNX.
+
+The ops of this package are defined in Python (``torch.library``), so a program that calls
+them, an ``ExportedProgram`` saved with ``torch.export.save`` included, needs ``import
+uresnet_ops`` to load and run, and an AOTInductor package or an ONNX file cannot contain them.
+Each op is therefore given a decomposition: its reference chain (:mod:`uresnet_ops.reference`)
+in ATen ops, which computes what the op computes, in training (batch statistics) and in eval
+(running statistics). A program lowered with it needs nothing of this package::
+
+    program = torch.export.export(model.eval(), (x,), dynamic_shapes=...)
+    program = uresnet_ops.export.to_aten(program)   # ATen only: save, AOTInductor, ONNX
+    torch._inductor.aoti_compile_and_package(program, package_path="model.pt2")
+
+``import uresnet_ops`` also adds the decompositions to torch's global decomposition table,
+which ``torch.onnx.export(model, (x,), dynamo=True)`` reads: the ONNX exporter then writes each
+op as standard ONNX operators (BatchNormalization with running statistics, DepthToSpace,
+Resize, Conv, ...) and no custom domain. The TorchScript-based exporter (``dynamo=False``)
+cannot: it raises an error that names the supported call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._common import apply_activation, batch_norm_forward
+
+__all__ = ["DECOMPOSITIONS", "decompositions", "to_aten"]
+
+_ops = torch.ops.uresnet_ops
+
+
+def _pixel_shuffle_bn(x, upscale_factor, weight, bias, running_mean, running_var, training, eps,
+                      activation, negative_slope):
+    y, mean, var = batch_norm_forward(F.pixel_shuffle(x, upscale_factor), weight, bias, running_mean,
+                                      running_var, training, eps)
+    return apply_activation(y, activation, negative_slope), mean, var
+
+
+def _shuffle_upsample(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                      training, eps, scale_factor, mode, shuffle_groups, activation, negative_slope):
+    y, mean, var = batch_norm_forward(reference.upsample_conv3x3(x, dw_weight, scale_factor, mode), bn_weight,
+                                      bn_bias, running_mean, running_var, training, eps)
+    y = apply_activation(y, activation, negative_slope)
+    if shuffle_groups > 1:  # one group is the identity
+        y = F.channel_shuffle(y, shuffle_groups)
+    return (y if pw_weight is None else F.conv2d(y, pw_weight, pw_bias)), mean, var
+
+
+def _multi_dilation_conv2d(x, weights, dilations, biases, activation, negative_slope):
+    return reference.multi_dilation_conv2d(x, weights, dilations, biases or None, (activation, negative_slope))
+
+
+#: op overload -> its decomposition into ATen ops (the schemas' arguments, the ops' outputs).
+DECOMPOSITIONS = {
+    _ops.pixel_shuffle_bn.default: _pixel_shuffle_bn,
+    _ops.shuffle_upsample.default: _shuffle_upsample,
+    _ops.multi_dilation_conv2d.default: _multi_dilation_conv2d,
+}
+
+
+def decompositions():
+    """``torch.export.default_decompositions()`` (everything to core ATen) with this package's
+    ops added: the table for ``ExportedProgram.run_decompositions``."""
+    table = torch.export.default_decompositions()
+    for op, fn in DECOMPOSITIONS.items():
+        table[op] = fn
+    return table
+
+
+def to_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` lowered to core ATen, this package's ops included: it loads and runs
+    (``torch.export.load``, AOTInductor, ONNX) without uresnet_ops."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"to_aten: expected a torch.export.ExportedProgram, got {type(program).__name__}")
+    return program.run_decompositions(decompositions())
+
+
+def _legacy_onnx_symbolic(name: str):
+    def symbolic(g, *args):
+        raise RuntimeError(
+            f"uresnet_ops.{name}: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) "
+            "cannot export this package's fused ops; use torch.onnx.export(model, (x,), f, dynamo=True), "
+            "which writes them as standard ONNX operators (see uresnet_ops.export)")
+    return symbolic
+
+
+def _register_global() -> None:
+    # The dynamo ONNX exporter decomposes every op it has no ONNX function for with
+    # torch._decomp.decomposition_table; torch.compile and eager do not read this table.
+    from torch._decomp import global_decomposition_table
+    table = global_decomposition_table["post_autograd"]
+    for op, fn in DECOMPOSITIONS.items():
+        table.setdefault(op, fn)
+    register_legacy = getattr(torch.onnx, "register_custom_op_symbolic", None)  # gone with the legacy exporter
+    if register_legacy is not None:
+        for op in DECOMPOSITIONS:
+            name = op._schema.name  # "uresnet_ops::<op>"
+            register_legacy(name, _legacy_onnx_symbolic(name.split("::")[1]), 9)
+
+
+_register_global()
