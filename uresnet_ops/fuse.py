@@ -91,7 +91,17 @@ def _fuse_children(module, path, rep):
 
 
 def _fuse_tree(module, path, rep) -> nn.Module:
-    """Fuses inside ``module`` (children first), then ``module`` itself; returns its replacement."""
+    """Fuses inside ``module`` (children first), then ``module`` itself; returns its replacement,
+    whose state dict has the keys of ``module``'s (see :func:`_keep_original_keys`)."""
+    before = list(module.state_dict(keep_vars=True).items())
+    new = _fuse_subtree(module, path, rep)
+    renames = _renames(before, list(new.state_dict(keep_vars=True).items()))
+    if renames:
+        _keep_original_keys(new, renames)
+    return new
+
+
+def _fuse_subtree(module, path, rep) -> nn.Module:
     if isinstance(module, _FUSED_TYPES):
         return module
     if _is_torchvision_aspp(module):
@@ -105,6 +115,47 @@ def _fuse_tree(module, path, rep) -> nn.Module:
     if type(module).__module__.startswith("torch.") or not module._modules:
         return module  # torch's own layers and containers, leaves: nothing to trace
     return _fuse_traced(module, path, rep)
+
+
+def _renames(before, after) -> dict:
+    """{key in ``after``: key in ``before``} for the state-dict entries (key, tensor) whose key
+    changed, matched by tensor identity (tied tensors in order)."""
+    keys = {}
+    for key, t in before:
+        keys.setdefault(id(t), []).append(key)
+    renames = {}
+    for key, t in after:
+        original = keys.get(id(t))
+        if not original:
+            raise RuntimeError(f"uresnet_ops.fuse: the fused state-dict entry {key!r} has no original "
+                               "(please report this as a bug)")
+        theirs = original.pop(0)
+        if theirs != key:
+            renames[key] = theirs
+    return renames
+
+
+class _RenameKeys:
+    """A state-dict hook renaming keys under the module's prefix (``mapping``: {old: new},
+    relative keys), keeping their order."""
+
+    def __init__(self, mapping: dict):
+        self.mapping = mapping
+
+    def __call__(self, module, state_dict, prefix, *args):
+        items = list(state_dict.items())
+        state_dict.clear()
+        for key, value in items:
+            local = key[len(prefix):] if key.startswith(prefix) else None
+            state_dict[prefix + self.mapping[local] if local in self.mapping else key] = value
+
+
+def _keep_original_keys(module, renames: dict) -> None:
+    """Hooks keeping a rewritten module's state-dict keys those of the module it replaced
+    (``renames``: {our key: their key}): ``state_dict()`` gives theirs and ``load_state_dict``
+    takes theirs, so checkpoints of the original load into the fused model and back, strictly."""
+    module.register_state_dict_post_hook(_RenameKeys(renames))
+    module.register_load_state_dict_pre_hook(_RenameKeys({theirs: ours for ours, theirs in renames.items()}))
 
 
 def _is_plain(module, cls) -> bool:
@@ -341,7 +392,23 @@ class _OneLevelTracer(fx.Tracer):
 
 
 def _trace(module) -> fx.Graph:
-    return _OneLevelTracer().trace(module)
+    """The graph of ``module``'s own forward, traced on a shallow copy whose own parameters and
+    buffers are clones: tracing runs the forward's tensor code for real (a BatchNorm subclass
+    counting ``num_batches_tracked``, say), and ``fuse`` must leave the model's state as it was.
+    Submodules are leaves: tracing does not call them."""
+    stand_in = copy.copy(module)
+    stand_in.__dict__ = dict(module.__dict__)
+    stand_in._modules = dict(module._modules)
+    with torch.no_grad():
+        stand_in._parameters = {k: None if p is None else nn.Parameter(p.clone(), p.requires_grad)
+                                for k, p in module._parameters.items()}
+        stand_in._buffers = {k: None if b is None else b.clone() for k, b in module._buffers.items()}
+    graph = _OneLevelTracer().trace(stand_in)
+    # Tensor constants the tracer stored on the stand-in (``_tensor_constant0``) go with the graph.
+    graph._uresnet_constants = {node.target: getattr(stand_in, node.target) for node in graph.nodes
+                                if node.op == "get_attr" and "." not in node.target
+                                and node.target not in module.__dict__ and not hasattr(module, node.target)}
+    return graph
 
 
 # call_function / call_method targets -> the module computing the same thing (for matching)
@@ -409,6 +476,8 @@ def _fuse_traced(module, path, rep):
     root._modules.update(new_modules)
     root._parameters.update(module._parameters)
     root._buffers.update(module._buffers)
+    for name, value in graph._uresnet_constants.items():
+        setattr(root, name, value)
     gm = fx.GraphModule(root, graph, type(module).__name__)
     gm.training = module.training
     # The graph keeps only what its forward uses; keep the rest too (except what was fused away).
