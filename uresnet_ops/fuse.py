@@ -34,6 +34,14 @@ __all__ = ["fuse", "FuseReport", "FuseEntry"]
 
 _FUSED_TYPES = (unn.PixelShuffleBN, unn.EUCB, unn.EUCBStar, unn.MultiDilationConv2d, unn.ASPP, unn.AtrousBlock)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.SiLU)
+_ACTIVATION_NOTE = "the fused ops take ReLU, LeakyReLU, SiLU"
+
+
+def _other_activation(module) -> str:
+    """The class name of a torch activation module the fused ops do not take ("" otherwise)."""
+    if _is_plain(module, _ACTIVATIONS) or type(module).__module__ != "torch.nn.modules.activation":
+        return ""
+    return type(module).__name__
 
 
 @dataclasses.dataclass
@@ -180,6 +188,7 @@ class _Match:
     build: object = None   # () -> fused module
     reason: str = ""
     mods: tuple = ()       # the modules the pattern covers
+    note: str = ""         # said with the fusion (an activation left out of it)
 
 
 def _names(mods):
@@ -221,11 +230,13 @@ def _match_pixel_shuffle(mods):
         return None
     ps, bn = mods[:2]
     act = mods[2] if len(mods) > 2 and _is_plain(mods[2], _ACTIVATIONS) else None
+    other = _other_activation(mods[2]) if len(mods) > 2 else ""
     used = [ps, bn] + ([act] if act else [])
     problem = "" if _is_plain(bn, nn.BatchNorm2d) else f"{type(bn).__name__} is not a plain BatchNorm2d"
     if problem:
         return _Match(_names(used), reason=problem, mods=tuple(used))
-    return _Match(_names(used), len(used), lambda: unn.PixelShuffleBN.from_modules(ps, bn, act), mods=tuple(used))
+    return _Match(_names(used), len(used), lambda: unn.PixelShuffleBN.from_modules(ps, bn, act), mods=tuple(used),
+                  note=f"{other} after it left out ({_ACTIVATION_NOTE})" if other else "")
 
 
 def _upsample_problem(up) -> str:
@@ -266,6 +277,9 @@ def _match_upsample(mods):
         if problem:
             break
         bn, i = mods[i + 1], i + 2
+        if i < len(mods) and _other_activation(mods[i]):
+            problem = f"activation {_other_activation(mods[i])} ({_ACTIVATION_NOTE})"
+            break
         act = mods[i] if i < len(mods) and _is_plain(mods[i], _ACTIVATIONS) else None
         i += act is not None
         shuffle = mods[i].groups if i < len(mods) and _is_plain(mods[i], nn.ChannelShuffle) else None
@@ -294,6 +308,10 @@ def _match_upsample(mods):
                                       "activation in every stage", mods=tuple(used))
     return _Match(pattern, len(used), lambda: unn.EUCBStar.from_modules(up, [s[:3] for s in stages], pw),
                   mods=tuple(used))
+
+
+def _with_note(detail, note):
+    return f"{detail}; {note}" if note else detail
 
 
 _CHAIN_MATCHERS = (_match_pixel_shuffle, _match_upsample)
@@ -341,7 +359,7 @@ def _fuse_sequential(seq, path, rep):
         seq._modules[keys[i]] = fused
         for k in keys[i + 1:i + n]:
             seq._modules[k] = nn.Identity()
-        rep._fused(FuseEntry(where, match.pattern, type(fused).__name__), match.mods)
+        rep._fused(FuseEntry(where, match.pattern, _with_note(type(fused).__name__, match.note)), match.mods)
         i += n
 
 
@@ -417,6 +435,9 @@ _FUNCTIONS = {
     torch.relu: lambda input: nn.ReLU(),
     F.silu: lambda input, inplace=False: nn.SiLU(),
     F.leaky_relu: lambda input, negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope),
+    F.gelu: lambda input, approximate="none": nn.GELU(approximate),  # seen, to be reported as not fused
+    F.relu6: lambda input, inplace=False: nn.ReLU6(),
+    F.hardswish: lambda input, inplace=False: nn.Hardswish(),
     F.pixel_shuffle: lambda input, upscale_factor: nn.PixelShuffle(upscale_factor),
     F.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
     torch.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
@@ -591,7 +612,8 @@ def _rewrite_chains(graph, module, new_modules, consumed, found, path, rep):
         for nd in reversed(nodes):
             graph.erase_node(nd)
             erased.add(nd)
-        found.append(FuseEntry(path, match.pattern + " in forward", f"{type(fused).__name__} ({name})", match.mods))
+        found.append(FuseEntry(path, match.pattern + " in forward",
+                               _with_note(f"{type(fused).__name__} ({name})", match.note), match.mods))
 
 
 @dataclasses.dataclass
@@ -623,11 +645,18 @@ def _branch(t, root, counts):
     if not flat or not isinstance(flat[0], nn.Conv2d):
         return None
     conv, rest = flat[0], flat[1:]
+    problem = ""
+    if rest and isinstance(rest[0], nn.Conv2d) and conv.groups == conv.in_channels > 1 and rest[0].kernel_size == (1, 1):
+        rest.pop(0)  # depthwise + pointwise: a separable branch
+        problem = "separable (depthwise + pointwise) convolution: multi_dilation_conv2d takes dense ones"
     bn = rest.pop(0) if rest and isinstance(rest[0], _BatchNorm) else None
+    if rest and _other_activation(rest[0]):
+        problem = problem or f"activation {_other_activation(rest[0])} ({_ACTIVATION_NOTE})"
+        rest.pop(0)
     act = rest.pop(0) if rest and _is_plain(rest[0], _ACTIVATIONS) else None
     if rest:
         return None
-    problem = _conv_problem(conv, None) or (bn is not None and _bn_problem(bn, conv.out_channels)) or ""
+    problem = problem or _conv_problem(conv, None) or (bn is not None and _bn_problem(bn, conv.out_channels)) or ""
     hooked = [type(m).__name__ for m in flat if m._forward_hooks or m._forward_pre_hooks]
     shared = _shared_stateful([nd for nd, _ in nodes], root, counts)
     problem = problem or (f"forward hooks on {', '.join(hooked)}" if hooked else "") or (
