@@ -7,10 +7,12 @@ One process, or several under ``torchrun`` (DDP; batch size is per process):
   (:class:`uresnet_models.data.Transformed`), so N processes with batch B/N see the same
   batches as one process with batch B; validation is sharded without padding and its counts
   all-reduced, so the metrics are exactly those of one process;
-* BatchNorm is synchronised: ``PixelShuffleBN`` modules get ``sync=True`` (the fused op's own
-  sync path), plain ``BatchNorm2d`` become ``SyncBatchNorm`` on GPUs (timm's converter, which
-  also knows timm's norm+act layers) and, on CPU where ``torch.nn.SyncBatchNorm`` refuses to
-  run, ``PixelShuffleBN`` with factor 1 (the same module, state dict unchanged);
+* BatchNorm is synchronised: the fused modules (``PixelShuffleBN``, ``EUCB``, ``EUCBStar``,
+  ``MultiDilationConv2d``, ``ASPP``) get ``sync=True`` (the fused ops' own sync path, for the
+  BatchNorms they run), every other plain ``BatchNorm2d`` becomes ``SyncBatchNorm`` on GPUs
+  (timm's converter, which also knows timm's norm+act layers) and, on CPU where
+  ``torch.nn.SyncBatchNorm`` refuses to run, ``PixelShuffleBN`` with factor 1 (the same module,
+  state dict unchanged);
 * only rank 0 prints, logs and writes checkpoints.
 
 An output folder holds ``best/`` and ``last/`` (``model.safetensors`` + ``config.json`` from
@@ -124,24 +126,38 @@ def setup_distributed(device: str | None = None) -> Dist:
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm use the statistics of the whole distributed batch (see the module doc)."""
     from uresnet_ops.nn import PixelShuffleBN
+    fused_bns = set()  # the BatchNorms a fused op runs itself: its ``sync`` synchronises them
     for m in model.modules():
-        if isinstance(m, PixelShuffleBN):
+        if isinstance(m, PixelShuffleBN) or hasattr(m, "fused_batch_norms"):
             m.sync = True
+            fused_bns.update(id(bn) for bn in getattr(m, "fused_batch_norms", list)())
     if device.type != "cpu":
-        from timm.layers import convert_sync_batchnorm
-        return convert_sync_batchnorm(model)
-    return _cpu_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm as convert
+    else:
+        convert = _cpu_sync_batchnorm
+    return _convert_batchnorms(model, fused_bns, convert)
+
+
+def _convert_batchnorms(module: nn.Module, keep: set, convert: Callable) -> nn.Module:
+    """``convert(module)``, leaving the BatchNorms whose ids are in ``keep`` as they are."""
+    if id(module) in keep:
+        return module
+    if not any(id(m) in keep for m in module.modules()):
+        return convert(module)
+    for name, child in module.named_children():
+        module._modules[name] = _convert_batchnorms(child, keep, convert)
+    return module
 
 
 def _cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Plain ``BatchNorm2d`` -> ``PixelShuffleBN`` with factor 1 and ``sync=True`` (same state dict)."""
     from uresnet_ops.nn import PixelShuffleBN
+    if type(module) is nn.BatchNorm2d:  # subclasses (norm+act layers) keep local statistics
+        fused = PixelShuffleBN.from_modules(nn.PixelShuffle(1), module)
+        fused.sync = True
+        return fused
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:  # subclasses (norm+act layers) keep local statistics
-            fused = PixelShuffleBN.from_modules(nn.PixelShuffle(1), child)
-            fused.sync = True
-            setattr(module, name, fused)
-        else:
-            _cpu_sync_batchnorm(child)
+        module._modules[name] = _cpu_sync_batchnorm(child)
     return module
 
 

@@ -1,16 +1,26 @@
-"""SyncBatchNorm semantics for pixel_shuffle_bn (DESIGN.md §3.1): in training, every process
-normalises with the statistics of the whole distributed batch.
+"""SyncBatchNorm semantics for the BatchNorm inside the fused ops (DESIGN.md §3.1): in
+training, every process normalises with the statistics of the whole distributed batch.
 
+pixel_shuffle_bn:
 Forward: local per-channel (count, mean, M2) -> all_gather -> merged exactly (Chan's formula,
 float64) -> the op normalises with those statistics through its eval-mode path (whatever backend
 runs it). Backward: the op's eval-mode backward gives dy'*scale and the local sums
 sum(dy') / sum(dy'*xhat); the sums are all-reduced and the batch-statistics terms added.
 Parameter gradients stay local, as in ``torch.nn.SyncBatchNorm`` (DDP reduces them).
+
+shuffle_upsample: the upsample + 3x3 conv runs through the op itself in eval mode with unit
+statistics (exactly the conv, forward and backward), BatchNorm + activation through
+``sync_pixel_shuffle_bn`` with factor 1, then channel shuffle and 1x1 conv in ATen. The conv output
+and the activation are materialised (the plain chain's memory), where the fused training op
+recomputes the conv instead. multi_dilation_conv2d's per-branch BatchNorm already runs as
+``pixel_shuffle_bn`` with factor 1 on the op's output (:func:`uresnet_ops.nn.fused_conv_branches`),
+which takes the sync path unchanged.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ._common import memory_format, parse_activation, stat_dtype, update_running_stats
 
@@ -31,6 +41,23 @@ def sync_pixel_shuffle_bn(x, upscale_factor, weight=None, bias=None, running_mea
     act, slope = parse_activation(activation, "pixel_shuffle_bn")
     return _SyncPixelShuffleBN.apply(x, weight, bias, upscale_factor, running_mean, running_var, momentum,
                                      float(eps), act, slope, process_group)
+
+
+def sync_shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_bias=None, running_mean=None,
+                          running_var=None, momentum=0.1, eps=1e-5, scale_factor=2, mode="nearest", shuffle_groups=1,
+                          activation="relu", process_group=None):
+    """Training-mode ``shuffle_upsample`` with batch statistics over every process of
+    ``process_group`` (default: the world)."""
+    from .shuffle_upsample import shuffle_upsample
+    c = x.shape[1]
+    zeros = torch.zeros(c, dtype=stat_dtype(x), device=x.device)
+    conv = shuffle_upsample(x, dw_weight, None, running_mean=zeros, running_var=torch.ones_like(zeros),
+                            training=False, eps=0.0, scale_factor=scale_factor, mode=mode, activation="none")
+    y = sync_pixel_shuffle_bn(conv, 1, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation,
+                              process_group)
+    if shuffle_groups > 1:
+        y = F.channel_shuffle(y, shuffle_groups)
+    return y if pw_weight is None else F.conv2d(y, pw_weight, pw_bias)
 
 
 def _channel_view(x, r):

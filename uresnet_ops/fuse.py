@@ -34,6 +34,14 @@ __all__ = ["fuse", "FuseReport", "FuseEntry"]
 
 _FUSED_TYPES = (unn.PixelShuffleBN, unn.EUCB, unn.EUCBStar, unn.MultiDilationConv2d, unn.ASPP, unn.AtrousBlock)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.SiLU)
+_ACTIVATION_NOTE = "the fused ops take ReLU, LeakyReLU, SiLU"
+
+
+def _other_activation(module) -> str:
+    """The class name of a torch activation module the fused ops do not take ("" otherwise)."""
+    if _is_plain(module, _ACTIVATIONS) or type(module).__module__ != "torch.nn.modules.activation":
+        return ""
+    return type(module).__name__
 
 
 @dataclasses.dataclass
@@ -91,7 +99,17 @@ def _fuse_children(module, path, rep):
 
 
 def _fuse_tree(module, path, rep) -> nn.Module:
-    """Fuses inside ``module`` (children first), then ``module`` itself; returns its replacement."""
+    """Fuses inside ``module`` (children first), then ``module`` itself; returns its replacement,
+    whose state dict has the keys of ``module``'s (see :func:`_keep_original_keys`)."""
+    before = list(module.state_dict(keep_vars=True).items())
+    new = _fuse_subtree(module, path, rep)
+    renames = _renames(before, list(new.state_dict(keep_vars=True).items()))
+    if renames:
+        _keep_original_keys(new, renames)
+    return new
+
+
+def _fuse_subtree(module, path, rep) -> nn.Module:
     if isinstance(module, _FUSED_TYPES):
         return module
     if _is_torchvision_aspp(module):
@@ -105,6 +123,47 @@ def _fuse_tree(module, path, rep) -> nn.Module:
     if type(module).__module__.startswith("torch.") or not module._modules:
         return module  # torch's own layers and containers, leaves: nothing to trace
     return _fuse_traced(module, path, rep)
+
+
+def _renames(before, after) -> dict:
+    """{key in ``after``: key in ``before``} for the state-dict entries (key, tensor) whose key
+    changed, matched by tensor identity (tied tensors in order)."""
+    keys = {}
+    for key, t in before:
+        keys.setdefault(id(t), []).append(key)
+    renames = {}
+    for key, t in after:
+        original = keys.get(id(t))
+        if not original:
+            raise RuntimeError(f"uresnet_ops.fuse: the fused state-dict entry {key!r} has no original "
+                               "(please report this as a bug)")
+        theirs = original.pop(0)
+        if theirs != key:
+            renames[key] = theirs
+    return renames
+
+
+class _RenameKeys:
+    """A state-dict hook renaming keys under the module's prefix (``mapping``: {old: new},
+    relative keys), keeping their order."""
+
+    def __init__(self, mapping: dict):
+        self.mapping = mapping
+
+    def __call__(self, module, state_dict, prefix, *args):
+        items = list(state_dict.items())
+        state_dict.clear()
+        for key, value in items:
+            local = key[len(prefix):] if key.startswith(prefix) else None
+            state_dict[prefix + self.mapping[local] if local in self.mapping else key] = value
+
+
+def _keep_original_keys(module, renames: dict) -> None:
+    """Hooks keeping a rewritten module's state-dict keys those of the module it replaced
+    (``renames``: {our key: their key}): ``state_dict()`` gives theirs and ``load_state_dict``
+    takes theirs, so checkpoints of the original load into the fused model and back, strictly."""
+    module.register_state_dict_post_hook(_RenameKeys(renames))
+    module.register_load_state_dict_pre_hook(_RenameKeys({theirs: ours for ours, theirs in renames.items()}))
 
 
 def _is_plain(module, cls) -> bool:
@@ -129,6 +188,7 @@ class _Match:
     build: object = None   # () -> fused module
     reason: str = ""
     mods: tuple = ()       # the modules the pattern covers
+    note: str = ""         # said with the fusion (an activation left out of it)
 
 
 def _names(mods):
@@ -170,11 +230,13 @@ def _match_pixel_shuffle(mods):
         return None
     ps, bn = mods[:2]
     act = mods[2] if len(mods) > 2 and _is_plain(mods[2], _ACTIVATIONS) else None
+    other = _other_activation(mods[2]) if len(mods) > 2 else ""
     used = [ps, bn] + ([act] if act else [])
     problem = "" if _is_plain(bn, nn.BatchNorm2d) else f"{type(bn).__name__} is not a plain BatchNorm2d"
     if problem:
         return _Match(_names(used), reason=problem, mods=tuple(used))
-    return _Match(_names(used), len(used), lambda: unn.PixelShuffleBN.from_modules(ps, bn, act), mods=tuple(used))
+    return _Match(_names(used), len(used), lambda: unn.PixelShuffleBN.from_modules(ps, bn, act), mods=tuple(used),
+                  note=f"{other} after it left out ({_ACTIVATION_NOTE})" if other else "")
 
 
 def _upsample_problem(up) -> str:
@@ -215,6 +277,9 @@ def _match_upsample(mods):
         if problem:
             break
         bn, i = mods[i + 1], i + 2
+        if i < len(mods) and _other_activation(mods[i]):
+            problem = f"activation {_other_activation(mods[i])} ({_ACTIVATION_NOTE})"
+            break
         act = mods[i] if i < len(mods) and _is_plain(mods[i], _ACTIVATIONS) else None
         i += act is not None
         shuffle = mods[i].groups if i < len(mods) and _is_plain(mods[i], nn.ChannelShuffle) else None
@@ -243,6 +308,10 @@ def _match_upsample(mods):
                                       "activation in every stage", mods=tuple(used))
     return _Match(pattern, len(used), lambda: unn.EUCBStar.from_modules(up, [s[:3] for s in stages], pw),
                   mods=tuple(used))
+
+
+def _with_note(detail, note):
+    return f"{detail}; {note}" if note else detail
 
 
 _CHAIN_MATCHERS = (_match_pixel_shuffle, _match_upsample)
@@ -290,7 +359,7 @@ def _fuse_sequential(seq, path, rep):
         seq._modules[keys[i]] = fused
         for k in keys[i + 1:i + n]:
             seq._modules[k] = nn.Identity()
-        rep._fused(FuseEntry(where, match.pattern, type(fused).__name__), match.mods)
+        rep._fused(FuseEntry(where, match.pattern, _with_note(type(fused).__name__, match.note)), match.mods)
         i += n
 
 
@@ -341,7 +410,23 @@ class _OneLevelTracer(fx.Tracer):
 
 
 def _trace(module) -> fx.Graph:
-    return _OneLevelTracer().trace(module)
+    """The graph of ``module``'s own forward, traced on a shallow copy whose own parameters and
+    buffers are clones: tracing runs the forward's tensor code for real (a BatchNorm subclass
+    counting ``num_batches_tracked``, say), and ``fuse`` must leave the model's state as it was.
+    Submodules are leaves: tracing does not call them."""
+    stand_in = copy.copy(module)
+    stand_in.__dict__ = dict(module.__dict__)
+    stand_in._modules = dict(module._modules)
+    with torch.no_grad():
+        stand_in._parameters = {k: None if p is None else nn.Parameter(p.clone(), p.requires_grad)
+                                for k, p in module._parameters.items()}
+        stand_in._buffers = {k: None if b is None else b.clone() for k, b in module._buffers.items()}
+    graph = _OneLevelTracer().trace(stand_in)
+    # Tensor constants the tracer stored on the stand-in (``_tensor_constant0``) go with the graph.
+    graph._uresnet_constants = {node.target: getattr(stand_in, node.target) for node in graph.nodes
+                                if node.op == "get_attr" and "." not in node.target
+                                and node.target not in module.__dict__ and not hasattr(module, node.target)}
+    return graph
 
 
 # call_function / call_method targets -> the module computing the same thing (for matching)
@@ -350,6 +435,9 @@ _FUNCTIONS = {
     torch.relu: lambda input: nn.ReLU(),
     F.silu: lambda input, inplace=False: nn.SiLU(),
     F.leaky_relu: lambda input, negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope),
+    F.gelu: lambda input, approximate="none": nn.GELU(approximate),  # seen, to be reported as not fused
+    F.relu6: lambda input, inplace=False: nn.ReLU6(),
+    F.hardswish: lambda input, inplace=False: nn.Hardswish(),
     F.pixel_shuffle: lambda input, upscale_factor: nn.PixelShuffle(upscale_factor),
     F.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
     torch.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
@@ -409,6 +497,8 @@ def _fuse_traced(module, path, rep):
     root._modules.update(new_modules)
     root._parameters.update(module._parameters)
     root._buffers.update(module._buffers)
+    for name, value in graph._uresnet_constants.items():
+        setattr(root, name, value)
     gm = fx.GraphModule(root, graph, type(module).__name__)
     gm.training = module.training
     # The graph keeps only what its forward uses; keep the rest too (except what was fused away).
@@ -522,7 +612,8 @@ def _rewrite_chains(graph, module, new_modules, consumed, found, path, rep):
         for nd in reversed(nodes):
             graph.erase_node(nd)
             erased.add(nd)
-        found.append(FuseEntry(path, match.pattern + " in forward", f"{type(fused).__name__} ({name})", match.mods))
+        found.append(FuseEntry(path, match.pattern + " in forward",
+                               _with_note(f"{type(fused).__name__} ({name})", match.note), match.mods))
 
 
 @dataclasses.dataclass
@@ -554,11 +645,18 @@ def _branch(t, root, counts):
     if not flat or not isinstance(flat[0], nn.Conv2d):
         return None
     conv, rest = flat[0], flat[1:]
+    problem = ""
+    if rest and isinstance(rest[0], nn.Conv2d) and conv.groups == conv.in_channels > 1 and rest[0].kernel_size == (1, 1):
+        rest.pop(0)  # depthwise + pointwise: a separable branch
+        problem = "separable (depthwise + pointwise) convolution: multi_dilation_conv2d takes dense ones"
     bn = rest.pop(0) if rest and isinstance(rest[0], _BatchNorm) else None
+    if rest and _other_activation(rest[0]):
+        problem = problem or f"activation {_other_activation(rest[0])} ({_ACTIVATION_NOTE})"
+        rest.pop(0)
     act = rest.pop(0) if rest and _is_plain(rest[0], _ACTIVATIONS) else None
     if rest:
         return None
-    problem = _conv_problem(conv, None) or (bn is not None and _bn_problem(bn, conv.out_channels)) or ""
+    problem = problem or _conv_problem(conv, None) or (bn is not None and _bn_problem(bn, conv.out_channels)) or ""
     hooked = [type(m).__name__ for m in flat if m._forward_hooks or m._forward_pre_hooks]
     shared = _shared_stateful([nd for nd, _ in nodes], root, counts)
     problem = problem or (f"forward hooks on {', '.join(hooked)}" if hooked else "") or (

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ._common import parse_activation
 from .multi_dilation_conv2d import multi_dilation_conv2d
-from .distributed import sync_active, sync_pixel_shuffle_bn
+from .distributed import sync_active, sync_pixel_shuffle_bn, sync_shuffle_upsample
 from .pixel_shuffle_bn import pixel_shuffle_bn
 from .shuffle_upsample import shuffle_upsample
 
@@ -147,8 +147,12 @@ class EUCB(_RemapStateDict, nn.Module):
     """EMCAD's efficient up-convolution block: upsample -> depthwise 3x3 -> BatchNorm ->
     activation -> channel shuffle -> 1x1 conv, as one op. Attribute names follow EMCAD
     (``up_dwc``, ``pwc``); the state dict of ``nn.Sequential(Upsample, Conv2d(groups=C),
-    BatchNorm2d, ReLU, ChannelShuffle, Conv2d)`` loads too."""
+    BatchNorm2d, ReLU, ChannelShuffle, Conv2d)`` loads too.
+
+    ``sync`` / ``process_group``: the BatchNorm's statistics in training, as for
+    :class:`PixelShuffleBN` (set by the trainer under DDP)."""
     _KEY_PREFIXES = {"1.": "up_dwc.1.", "2.": "up_dwc.2.", "5.": "pwc.0."}
+    sync, process_group = False, None
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, mode: str = "nearest",
                  shuffle_groups: int = 1, activation="relu"):
@@ -177,17 +181,32 @@ class EUCB(_RemapStateDict, nn.Module):
         module.pwc = nn.Sequential(pw)
         return _set_mode(module, conv.training, upsample, conv, bn, pw, *([act] if act is not None else []))
 
+    def fused_batch_norms(self) -> list:
+        """The BatchNorms the fused op runs (synchronised by ``sync``, not by SyncBatchNorm)."""
+        return [self.up_dwc[2]]
+
     def forward(self, x):
         bn, pw = self.up_dwc[2], self.pwc[0]
-        return shuffle_upsample(x, self.up_dwc[1].weight, pw.weight, pw.bias, bn.weight, bn.bias,
-                                scale_factor=self.scale_factor, mode=self.mode, shuffle_groups=self.shuffle_groups,
-                                activation=self.activation, **batch_norm_args(bn))
+        return _shuffle_upsample(self, x, self.up_dwc[1].weight, pw.weight, pw.bias, bn, scale_factor=self.scale_factor,
+                                 mode=self.mode, shuffle_groups=self.shuffle_groups, activation=self.activation)
+
+
+def _shuffle_upsample(module, x, dw_weight, pw_weight, pw_bias, bn, **config):
+    """shuffle_upsample with ``bn``'s parameters and statistics; synchronised when ``module``
+    asks for it under torch.distributed."""
+    args = batch_norm_args(bn)
+    if sync_active(module.process_group, module.sync, args["training"]):
+        del args["training"]
+        return sync_shuffle_upsample(x, dw_weight, pw_weight, pw_bias, bn.weight, bn.bias, **args, **config,
+                                     process_group=module.process_group)
+    return shuffle_upsample(x, dw_weight, pw_weight, pw_bias, bn.weight, bn.bias, **args, **config)
 
 
 class EUCBStar(nn.Module):
     """U-ResNet's improved EUCB: upsample, then ``stages`` x (grouped 3x3 conv with
     ``groups`` groups (default C/4) -> BatchNorm -> activation -> channel shuffle), then a 1x1
     conv. Each stage is one fused op; only the first upsamples."""
+    sync, process_group = False, None
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, mode: str = "bilinear",
                  stages: int = 2, groups: int | None = None, activation="relu"):
@@ -220,14 +239,17 @@ class EUCBStar(nn.Module):
         shared = [m for stage in stages for m in stage if m is not None]
         return _set_mode(module, stages[0][0].training, upsample, pw, *shared)
 
+    def fused_batch_norms(self) -> list:
+        return [stage[1] for stage in self.stages]
+
     def forward(self, x):
         last = len(self.stages) - 1
         for i, (conv, bn, _) in enumerate(self.stages):
-            x = shuffle_upsample(x, conv.weight, self.pwc.weight if i == last else None,
-                                 self.pwc.bias if i == last else None, bn.weight, bn.bias,
-                                 scale_factor=self.scale_factor if i == 0 else 1,
-                                 mode=self.mode if i == 0 else "nearest", shuffle_groups=self.groups,
-                                 activation=self.activation, **batch_norm_args(bn))
+            x = _shuffle_upsample(self, x, conv.weight, self.pwc.weight if i == last else None,
+                                  self.pwc.bias if i == last else None, bn,
+                                  scale_factor=self.scale_factor if i == 0 else 1,
+                                  mode=self.mode if i == 0 else "nearest", shuffle_groups=self.groups,
+                                  activation=self.activation)
         return x
 
 
@@ -236,10 +258,12 @@ def _branch_conv(in_channels, out_channels, kernel_size, dilation, bias):
                      dilation=dilation, bias=bias)
 
 
-def fused_conv_branches(x, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d] | None, activation):
+def fused_conv_branches(x, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d] | None, activation,
+                        sync: bool = False, process_group=None):
     """``cat([act(bn_i(conv_i(x)))])`` through one multi_dilation_conv2d: eval-mode
     BatchNorm is folded into the weights; batch-statistics BatchNorm runs on the whole output
-    at once (it is per channel), fused with the activation."""
+    at once (it is per channel), fused with the activation, with the statistics of every
+    process under torch.distributed when ``sync`` or ``process_group`` asks for it."""
     dilations = [c.dilation[0] for c in convs]
     weights, biases = [c.weight for c in convs], [c.bias for c in convs]
     if bns is None:
@@ -257,8 +281,12 @@ def fused_conv_branches(x, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNor
     params = [None if bns[0].weight is None else torch.cat([bn.weight for bn in bns]),
               None if bns[0].bias is None else torch.cat([bn.bias for bn in bns])]
     running_mean, running_var = cat("running_mean"), cat("running_var")
-    out = pixel_shuffle_bn(y, 1, *params, running_mean, running_var, args[0]["training"], args[0]["momentum"],
-                           args[0]["eps"], activation)
+    if sync_active(process_group, sync, args[0]["training"]):
+        out = sync_pixel_shuffle_bn(y, 1, *params, running_mean, running_var, args[0]["momentum"], args[0]["eps"],
+                                    activation, process_group)
+    else:
+        out = pixel_shuffle_bn(y, 1, *params, running_mean, running_var, args[0]["training"], args[0]["momentum"],
+                               args[0]["eps"], activation)
     if running_mean is not None and args[0]["training"]:  # write the updated statistics back
         with torch.no_grad():
             for a, m, v in zip(args, running_mean.split([bn.num_features for bn in bns]),
@@ -272,6 +300,7 @@ class MultiDilationConv2d(nn.Module):
     """Parallel dilated convolutions (with per-branch BatchNorm and activation) whose outputs
     are concatenated, as one op. ``branches[i]`` is ``Sequential(Conv2d, BatchNorm2d,
     activation)`` (no BatchNorm when ``norm=False``), so that plain layout's state dict loads."""
+    sync, process_group = False, None
 
     def __init__(self, in_channels: int, out_channels_per_branch, kernel_sizes=(1, 3, 3, 3),
                  dilations=(1, 6, 12, 18), norm: bool = True, activation="relu"):
@@ -306,9 +335,12 @@ class MultiDilationConv2d(nn.Module):
             for conv, bn, a in branches)
         return _set_mode(module, convs[0].training, *(m for b in branches for m in b if m is not None))
 
+    def fused_batch_norms(self) -> list:
+        return [b[1] for b in self.branches] if self.norm else []
+
     def forward(self, x):
-        bns = [b[1] for b in self.branches] if self.norm else None
-        return fused_conv_branches(x, [b[0] for b in self.branches], bns, self.activation)
+        return fused_conv_branches(x, [b[0] for b in self.branches], self.fused_batch_norms() or None, self.activation,
+                                   self.sync, self.process_group)
 
 
 class ASPP(nn.Module):
@@ -316,7 +348,10 @@ class ASPP(nn.Module):
     ``project``), so ``torchvision.models.segmentation.deeplabv3.ASPP`` state dicts load.
     The 1x1 and dilated branches run as one multi_dilation_conv2d; the image-pooling branch is
     constant over space, so its part of the projection is added as a per-image bias instead of
-    being concatenated."""
+    being concatenated. ``sync`` / ``process_group``: the branches' BatchNorm statistics in
+    training, as for :class:`PixelShuffleBN` (the pooling and projection BatchNorms are plain
+    modules, which the trainer makes SyncBatchNorm)."""
+    sync, process_group = False, None
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256):
         super().__init__()
@@ -347,9 +382,12 @@ class ASPP(nn.Module):
         module.project = aspp.project
         return _set_mode(module, aspp.training, aspp)
 
+    def fused_batch_norms(self) -> list:
+        return [b[1] for b in self.convs[:-1]]
+
     def forward(self, x):
-        branches = self.convs[:-1]
-        y = fused_conv_branches(x, [b[0] for b in branches], [b[1] for b in branches], "relu")
+        y = fused_conv_branches(x, [b[0] for b in self.convs[:-1]], self.fused_batch_norms(), "relu", self.sync,
+                                self.process_group)
         pooled = self.convs[-1](x)
         weight = self.project[0].weight
         split = y.shape[1]
