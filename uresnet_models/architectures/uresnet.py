@@ -158,7 +158,8 @@ class UResNetClassifier(ModelBase):
     def forward(self, x):
         if self.selected_upsampling:  # SU: bilinear x2 before the first convolution
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        pooled = [self.pool(self.encoder(x)[-1])]
+        # zero-padded to the encoder's stride as the segmentation models do (tresnet, dla, hrnet need it)
+        pooled = [self.pool(self.encoder(pad_to_multiple(x, self.encoder.output_stride))[-1])]
         if self.unet_encoder is not None:
             u = pad_to_multiple(x, self.unet_encoder.output_stride)  # zero padding: pooled, not cropped
             features = self.unet_encoder(u)
