@@ -581,15 +581,30 @@ def cmd_eval(args) -> int:
     metrics = training.evaluate(model, loader, task, device, amp=args.amp, channels_last=args.channels_last,
                                 progress=not args.no_progress)
     print(f"loss {metrics['loss']:.4f}  " + "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                                                     ("miou", "mdice", "pixel_acc", "top1", "top5") if k in metrics))
+                                                     ("miou", "iou_foreground", "mdice", "dice_foreground", "pixel_acc",
+                                                      "top1", "top5") if k in metrics))
+    if "iou_foreground" in metrics:
+        print("(miou: the mean of the background and foreground IoU; iou_foreground: the foreground's alone, what "
+              "torchmetrics' and smp's binary IoU report)")
     if "iou" in metrics:
-        names = info.class_names or [str(i) for i in range(len(metrics["iou"]))]
-        names = names + [str(i) for i in range(len(names), len(metrics["iou"]))]
+        names = _class_names(info, len(metrics["iou"]))
         print(f"{'class':<20} {'IoU':>7} {'Dice':>7}")
         for name, iou, dice in zip(names, metrics["iou"], metrics["dice"]):
             print(f"{name:<20} {iou:>7.4f} {dice:>7.4f}")
+    if "confusion_matrix" in metrics:
+        names = _class_names(info, len(metrics["class_accuracy"]))
+        width = max(6, *(len(n) for n in names)) + 1
+        print(f"{'class':<20} {'accuracy':>8}   confusion matrix (rows: true class, columns: predicted)")
+        print(" " * 31 + "".join(f"{n[:width - 1]:>{width}}" for n in names))
+        for name, acc, row in zip(names, metrics["class_accuracy"], metrics["confusion_matrix"]):
+            print(f"{name:<20} {acc:>8.4f}  " + "".join(f"{v:>{width}}" for v in row))
     _write_json(args.json, {"checkpoint": args.checkpoint, "format": cfg.format, "split": args.split, **metrics})
     return 0
+
+
+def _class_names(info, n: int) -> list[str]:
+    names = list(info.class_names or [])[:n]
+    return names + [str(i) for i in range(len(names), n)]
 
 
 def cmd_predict(args) -> int:
@@ -621,28 +636,34 @@ def cmd_predict(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     from torchvision import tv_tensors
-    with torch.no_grad():
-        for path in files:
-            image = read_image(path, "RGB")
-            x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
-            if info.depth_channels:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                matches = [f for f in os.listdir(args.depth) if os.path.splitext(f)[0] == stem]
-                if not matches:
-                    raise CliError(f"no depth map for {path} in {args.depth}")
-                depth = read_image(os.path.join(args.depth, matches[0]), "depth").unsqueeze(0)
-                x = torch.cat([x, F.interpolate(depth, size=x.shape[-2:], mode="nearest")[0]])
-            out = model(x.unsqueeze(0).to(device))
+    from tqdm.auto import tqdm
+
+    def load(path):
+        image = read_image(path, "RGB")
+        x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        if info.depth_channels:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            matches = [f for f in os.listdir(args.depth) if os.path.splitext(f)[0] == stem]
+            if not matches:
+                raise CliError(f"no depth map for {path} in {args.depth}")
+            depth = read_image(os.path.join(args.depth, matches[0]), "depth").unsqueeze(0)
+            x = torch.cat([x, F.interpolate(depth, size=x.shape[-2:], mode="nearest")[0]])
+        return path, image.shape[-2:], x
+
+    def run(batch):
+        with torch.no_grad():
+            out = model(torch.stack([x for _, _, x in batch]).to(device))
+        seg_all = out[0] if isinstance(out, (tuple, list)) else out
+        for j, (path, image_size, _) in enumerate(batch):
             stem = os.path.splitext(os.path.basename(path))[0]
             if info.task == "cls":
-                probs = out.float().softmax(1)[0].cpu()
+                probs = out[j].float().softmax(0).cpu()
                 k = int(probs.argmax())
                 name = info.class_names[k] if k < len(info.class_names) else str(k)
                 rows.append((path, k, name, float(probs[k])))
-                print(f"{path}: {name} ({probs[k]:.3f})")
+                bar.write(f"{path}: {name} ({probs[k]:.3f})")
                 continue
-            seg = out[0] if isinstance(out, (tuple, list)) else out
-            seg = F.interpolate(seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+            seg = F.interpolate(seg_all[j:j + 1].float(), size=image_size, mode="bilinear", align_corners=False)
             mask = predictions(seg)[0].cpu()
             if args.color:
                 pixels = training.colorize(mask).permute(1, 2, 0).numpy()
@@ -651,6 +672,20 @@ def cmd_predict(args) -> int:
             target = os.path.join(args.out, stem + ".png")
             Image.fromarray(pixels).save(target)
             rows.append((path, target))
+        bar.update(len(batch))
+
+    # consecutive images with the same model-input size share a forward pass
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=args.no_progress)
+    pending = []
+    for path in files:
+        item = load(path)
+        if pending and (len(pending) >= args.batch_size or pending[0][2].shape != item[2].shape):
+            run(pending)
+            pending = []
+        pending.append(item)
+    if pending:
+        run(pending)
+    bar.close()
     if info.task == "cls":
         import csv
         target = os.path.join(args.out, "predictions.csv")

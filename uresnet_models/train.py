@@ -277,6 +277,7 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
     info = task.info
     cm = ConfusionMatrix(info.num_classes, info.ignore_index) if info.task != "cls" else None
     topk = TopK((1, 5) if (info.aux_classes or info.num_classes) > 5 else (1,)) if info.task != "seg" else None
+    class_cm = ConfusionMatrix(info.aux_classes or info.num_classes, -1) if info.task != "seg" else None
     sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         batch = _to(batch, device, channels_last)
@@ -289,6 +290,7 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
             cm.update(predictions(seg.float()), batch["mask"])
         if topk is not None:
             topk.update(cls.float(), batch["label"])
+            class_cm.update(cls.argmax(1), batch["label"])
     model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -297,6 +299,10 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
         metrics.update(cm.all_reduce().compute())
     if topk is not None:
         metrics.update(topk.all_reduce().compute())
+        class_cm.all_reduce()
+        n = info.aux_classes or info.num_classes
+        metrics["class_accuracy"] = class_cm.class_accuracy()[:n].tolist()
+        metrics["confusion_matrix"] = class_cm.matrix[:n, :n].tolist()  # [true][predicted]
     return metrics
 
 
@@ -336,8 +342,8 @@ def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
 
 
 # --------------------------------------------------------------------------- logging
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_miou", "val_mdice", "val_pixel_acc", "val_top1",
-               "seconds")
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_miou", "val_mdice", "val_iou_foreground",
+               "val_pixel_acc", "val_top1", "seconds")
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -372,7 +378,9 @@ def plot_curves(history: list[dict], path: Path, log: Callable = print) -> Path 
     axes[2].plot(epochs, [h["lr"] for h in history], "o-")
     axes[2].set_yscale("log")
     axes[2].set_title("learning rate")
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, also on short runs
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -392,24 +400,74 @@ def colorize(mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     return colors.permute(2, 0, 1)
 
 
+def _to_pil(t: torch.Tensor, scale: int):
+    """A (3, H, W) float [0, 1] tensor as a PIL image enlarged ``scale`` times (nearest)."""
+    from PIL import Image
+    array = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
 @torch.no_grad()
 def save_samples(model: nn.Module, dataset, info: DataInfo, path: Path, device, count: int = 6) -> Path | None:
-    """A PNG grid: one row per sample, columns input / true mask / prediction."""
-    from torchvision.utils import save_image
-    if info.task == "cls":
-        return None
+    """A PNG of ``count`` validation samples. Segmentation: one row per sample with the columns
+    "input", "true mask" and "prediction" titled, and a legend of the class colours below;
+    classification: the inputs captioned with the true and the predicted class."""
+    from PIL import Image, ImageDraw
     model.eval()
-    tiles = []
     mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
-    for i in range(min(count, len(dataset))):
-        sample = dataset[i]
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    if not samples:
+        return None
+    h, w = samples[0]["image"].shape[-2:]
+    scale = max(1, -(-128 // max(h, w)))  # tiles at least 128 px: small inputs stay legible
+    tw, th, pad, line = w * scale, h * scale, 6, 14
+    names = _names(info)
+    if info.task == "cls":
+        cols = min(len(samples), 3)
+        rows_n = -(-len(samples) // cols)
+        canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows_n * (th + 2 * line + pad) + pad), "white")
+        draw = ImageDraw.Draw(canvas)
+        for k, sample in enumerate(samples):
+            out = model(sample["image"].unsqueeze(0).to(device))
+            pred = int(out.float().argmax(1)[0])
+            x0, y0 = pad + (k % cols) * (tw + pad), pad + (k // cols) * (th + 2 * line + pad)
+            canvas.paste(_to_pil(sample["image"][:3] * std + mean, scale), (x0, y0))
+            true = int(sample["label"])
+            draw.text((x0, y0 + th + 1), f"true: {names[true]}", fill="black")
+            draw.text((x0, y0 + th + line), f"pred: {names[pred]}", fill="darkgreen" if pred == true else "red")
+        canvas.save(path)
+        return path
+    n_classes = max(info.num_classes, 2)
+    legend_rows = -(-n_classes // 4)
+    canvas = Image.new("RGB", (3 * (tw + pad) + pad, line + pad + len(samples) * (th + pad) + legend_rows * line + pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(("input", "true mask", "prediction")):
+        draw.text((pad + c * (tw + pad), 2), title, fill="black")
+    for r, sample in enumerate(samples):
         out = model(sample["image"].unsqueeze(0).to(device))
         seg = out[0] if isinstance(out, (tuple, list)) else out
         pred = predictions(seg.float())[0].cpu()
-        rgb = (sample["image"][:3] * std + mean).clamp(0, 1)
-        tiles += [rgb, colorize(sample["mask"], info.ignore_index).float() / 255, colorize(pred).float() / 255]
-    save_image(torch.stack(tiles), path, nrow=3, padding=2, pad_value=1.0)
+        tiles = [sample["image"][:3] * std + mean, colorize(sample["mask"], info.ignore_index).float() / 255,
+                 colorize(pred).float() / 255]
+        for c, tile in enumerate(tiles):
+            canvas.paste(_to_pil(tile, scale), (pad + c * (tw + pad), line + pad + r * (th + pad)))
+    y0 = line + pad + len(samples) * (th + pad)
+    col_w = (canvas.width - pad) // 4
+    for c in range(n_classes):
+        x, y = pad + (c % 4) * col_w, y0 + (c // 4) * line
+        color = tuple(int(v) for v in PALETTE[c % len(PALETTE)])
+        draw.rectangle([x, y + 2, x + 9, y + 11], fill=color, outline="black")
+        draw.text((x + 13, y + 1), names[c][:max(4, col_w // 7)], fill="black")
+    canvas.save(path)
     return path
+
+
+def _names(info: DataInfo) -> list[str]:
+    n = max(info.aux_classes or 0, info.num_classes, 2)
+    names = list(info.class_names or [])[:n]
+    return names + [str(i) for i in range(len(names), n)]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -528,7 +586,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             row.update({f"val_{k}": v for k, v in metrics.items() if k != "loss"})
             history.append(row)
             say(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  val_loss {metrics['loss']:.4f}  "
-                + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in ("miou", "mdice", "pixel_acc", "top1") if k in metrics)
+                + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")
+                            if k in metrics)
                 + f"  lr {lr:.2e}  ({row['seconds']:.1f} s){'  *best' if improved else ''}")
             if env.main:
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
