@@ -12,6 +12,8 @@ Environment switches:
     TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0": A100, H100).
     MAX_JOBS                  parallel compile jobs (default 2).
     CUDA_HOME                 CUDA toolkit root (default /usr/local/cuda when that exists).
+    URESNET_BUILD_DIR         object files kept between builds (default build/temp): ninja
+                              recompiles only what changed.
 """
 import glob
 import os
@@ -118,7 +120,17 @@ def extension_setup():
     make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = make("uresnet_ops._C", sources, extra_compile_args=compile_args, extra_link_args=["-fopenmp"],
                      **kwargs)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
+    base = cpp_extension.BuildExtension.with_options(use_ninja=cpp_extension.is_ninja_available())
+
+    class build_ext(base):
+        """Object files (and ninja's build.ninja) in a persistent folder: pip's (editable) builds
+        otherwise use a fresh temporary one each time and recompile everything; here an
+        unchanged source tree relinks in seconds. ``URESNET_BUILD_DIR`` moves it."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.environ.get("URESNET_BUILD_DIR") or os.path.join(HERE, "build", "temp")
+
     return {"ext_modules": [extension], "cmdclass": {"build_ext": build_ext}}
 
 

@@ -5,17 +5,38 @@ blocks, Residual U-Net, U-Net) built from uresnet_ops modules and any timm encod
     model = uresnet_models.create_model("uresnet", encoder="resnet34", num_classes=19)
     uresnet_models.list_models("*resunet*")
     model.save_pretrained("ckpt/"); model = uresnet_models.from_pretrained("ckpt/")
-"""
-from .registry import (ENTRY_POINT_GROUP, UnknownModelError, count_parameters, create_model, is_model,
-                       list_models, model_entrypoint, register_model)
-from .base import ModelBase, SegmentationModel, from_pretrained  # noqa: E402
-from .encoders import DualEncoder, Encoder, TimmEncoder, create_encoder  # noqa: E402
-from . import architectures  # noqa: E402,F401  (registers the built-in architectures)
-from .architectures import DeResUNet, ResUNet, ResUNetAtrous, UNet, UResNet, UResNetClassifier  # noqa: E402
 
-__all__ = [
-    "create_model", "list_models", "register_model", "from_pretrained", "is_model", "model_entrypoint",
-    "count_parameters", "UnknownModelError", "ENTRY_POINT_GROUP",
-    "ModelBase", "SegmentationModel", "Encoder", "TimmEncoder", "DualEncoder", "create_encoder",
-    "UResNet", "UResNetClassifier", "DeResUNet", "ResUNetAtrous", "ResUNet", "UNet",
-]
+The names below are imported on first use, so that importing the package (and the ``uresnet``
+command's ``--help``) does not import torch.
+"""
+import importlib
+
+__version__ = "0.1.0"  # the same as uresnet_ops and pyproject.toml
+
+_EXPORTS = {
+    ".registry": ["create_model", "list_models", "register_model", "is_model", "model_entrypoint",
+                  "count_parameters", "UnknownModelError", "ENTRY_POINT_GROUP"],
+    ".base": ["ModelBase", "SegmentationModel", "from_pretrained"],
+    ".encoders": ["Encoder", "TimmEncoder", "DualEncoder", "create_encoder", "get_preprocessing"],
+    ".architectures": ["UResNet", "UResNetClassifier", "DeResUNet", "ResUNetAtrous", "ResUNet", "UNet"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = ("architectures", "base", "benchmark", "blocks", "cli", "data", "encoders", "heads", "losses",
+               "metrics", "registry", "train")
+
+__all__ = [name for names in _EXPORTS.values() for name in names] + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'uresnet_models' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

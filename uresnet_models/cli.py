@@ -182,7 +182,7 @@ def cmd_bench(args) -> int:
         raise CliError(f"--json {args.json}: the folder does not exist")
     size = args.size or ("full" if device.type == "cuda" else "small")
     if args.models is not None:  # the model-level train-step benchmark
-        from .benchmark import MODELS, print_table
+        from .benchmark import MODELS, print_table as print_model_table
         known = [n for n, _ in MODELS] + ["unet"]
         models = args.models.split(",") if args.models else known
         unknown = sorted(set(models) - set(known))
@@ -190,7 +190,7 @@ def cmd_bench(args) -> int:
             raise CliError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         print(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
               f"{device.type} ({_device_name(device)}), size {size}", flush=True)
-        rows = print_table(str(device), size, rounds=args.rounds, models=models,
+        rows = print_model_table(str(device), size, rounds=args.rounds, models=models,
                            out=lambda line: print(line, flush=True))
         _write_json(args.json, {"device": _device_name(device), "size": size, "rounds": args.rounds, "models": rows})
         return 0
@@ -447,7 +447,8 @@ def cmd_list_models(args) -> int:
             count = uresnet_models.count_parameters(name)
             import inspect
             default = inspect.signature(uresnet_models.model_entrypoint(name)).parameters.get("encoder")
-            encoder = "-" if default is None else str(default.default)
+            encoder = "-" if default is None or default.default is None else str(default.default)
+            encoder = "(own)" if default is not None and default.default is None else encoder
             print(f"{name:<18} {encoder:<18} {count / 1e6:>11.2f}M")
         except Exception as error:  # noqa: BLE001 - a broken plugin must not hide the others
             print(f"{name:<18} {'?':<18} {'error: ' + str(error)[:60]:>12}")
@@ -526,7 +527,8 @@ def cmd_train(args) -> int:
         early_stop=args.early_stop, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         seed=args.seed, deterministic=args.deterministic, workers=args.workers, device=args.device,
         out=args.out, resume=(os.path.join(args.out, "last") if args.resume == "auto" else args.resume),
-        progress=not args.no_progress)
+        progress=not args.no_progress, pretrained=args.pretrained, freeze_encoder=args.freeze_encoder,
+        check_data=not args.no_data_check)
     fit(cfg)
     return 0
 
@@ -567,11 +569,12 @@ def cmd_eval(args) -> int:
     cfg = _eval_config(meta, args)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dataset, info = training.build_data(cfg, args.split, train_transform=False)
+    # normalised as in training (the checkpoint's mean/std: the encoder's or the dataset's)
+    dataset, info = training.build_data(cfg, args.split, train_transform=False,
+                                        normalization=(saved_info.mean, saved_info.std))
     if (info.num_classes, info.task) != (saved_info.num_classes, saved_info.task):
         raise CliError(f"the checkpoint predicts {saved_info.num_classes} classes ({saved_info.task}) but "
                        f"{cfg.format} has {info.num_classes} ({info.task})")
-    info.mean, info.std = saved_info.mean, saved_info.std
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=training._default_workers(cfg))
     task = training.Task(info, cfg)
     print(f"evaluating {args.checkpoint} ({model.model_config['architecture']}, epoch {meta.get('epoch')}) on "
@@ -579,15 +582,30 @@ def cmd_eval(args) -> int:
     metrics = training.evaluate(model, loader, task, device, amp=args.amp, channels_last=args.channels_last,
                                 progress=not args.no_progress)
     print(f"loss {metrics['loss']:.4f}  " + "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                                                     ("miou", "mdice", "pixel_acc", "top1", "top5") if k in metrics))
+                                                     ("miou", "iou_foreground", "mdice", "dice_foreground", "pixel_acc",
+                                                      "top1", "top5") if k in metrics))
+    if "iou_foreground" in metrics:
+        print("(miou: the mean of the background and foreground IoU; iou_foreground: the foreground's alone, what "
+              "torchmetrics' and smp's binary IoU report)")
     if "iou" in metrics:
-        names = info.class_names or [str(i) for i in range(len(metrics["iou"]))]
-        names = names + [str(i) for i in range(len(names), len(metrics["iou"]))]
+        names = _class_names(info, len(metrics["iou"]))
         print(f"{'class':<20} {'IoU':>7} {'Dice':>7}")
         for name, iou, dice in zip(names, metrics["iou"], metrics["dice"]):
             print(f"{name:<20} {iou:>7.4f} {dice:>7.4f}")
+    if "confusion_matrix" in metrics:
+        names = _class_names(info, len(metrics["class_accuracy"]))
+        width = max(6, *(len(n) for n in names)) + 1
+        print(f"{'class':<20} {'accuracy':>8}   confusion matrix (rows: true class, columns: predicted)")
+        print(" " * 31 + "".join(f"{n[:width - 1]:>{width}}" for n in names))
+        for name, acc, row in zip(names, metrics["class_accuracy"], metrics["confusion_matrix"]):
+            print(f"{name:<20} {acc:>8.4f}  " + "".join(f"{v:>{width}}" for v in row))
     _write_json(args.json, {"checkpoint": args.checkpoint, "format": cfg.format, "split": args.split, **metrics})
     return 0
+
+
+def _class_names(info, n: int) -> list[str]:
+    names = list(info.class_names or [])[:n]
+    return names + [str(i) for i in range(len(names), n)]
 
 
 def cmd_predict(args) -> int:
@@ -619,28 +637,34 @@ def cmd_predict(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     from torchvision import tv_tensors
-    with torch.no_grad():
-        for path in files:
-            image = read_image(path, "RGB")
-            x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
-            if info.depth_channels:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                matches = [f for f in os.listdir(args.depth) if os.path.splitext(f)[0] == stem]
-                if not matches:
-                    raise CliError(f"no depth map for {path} in {args.depth}")
-                depth = read_image(os.path.join(args.depth, matches[0]), "depth").unsqueeze(0)
-                x = torch.cat([x, F.interpolate(depth, size=x.shape[-2:], mode="nearest")[0]])
-            out = model(x.unsqueeze(0).to(device))
+    from tqdm.auto import tqdm
+
+    def load(path):
+        image = read_image(path, "RGB")
+        x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        if info.depth_channels:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            matches = [f for f in os.listdir(args.depth) if os.path.splitext(f)[0] == stem]
+            if not matches:
+                raise CliError(f"no depth map for {path} in {args.depth}")
+            depth = read_image(os.path.join(args.depth, matches[0]), "depth").unsqueeze(0)
+            x = torch.cat([x, F.interpolate(depth, size=x.shape[-2:], mode="nearest")[0]])
+        return path, image.shape[-2:], x
+
+    def run(batch):
+        with torch.no_grad():
+            out = model(torch.stack([x for _, _, x in batch]).to(device))
+        seg_all = out[0] if isinstance(out, (tuple, list)) else out
+        for j, (path, image_size, _) in enumerate(batch):
             stem = os.path.splitext(os.path.basename(path))[0]
             if info.task == "cls":
-                probs = out.float().softmax(1)[0].cpu()
+                probs = out[j].float().softmax(0).cpu()
                 k = int(probs.argmax())
                 name = info.class_names[k] if k < len(info.class_names) else str(k)
                 rows.append((path, k, name, float(probs[k])))
-                print(f"{path}: {name} ({probs[k]:.3f})")
+                bar.write(f"{path}: {name} ({probs[k]:.3f})")
                 continue
-            seg = out[0] if isinstance(out, (tuple, list)) else out
-            seg = F.interpolate(seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+            seg = F.interpolate(seg_all[j:j + 1].float(), size=image_size, mode="bilinear", align_corners=False)
             mask = predictions(seg)[0].cpu()
             if args.color:
                 pixels = training.colorize(mask).permute(1, 2, 0).numpy()
@@ -649,6 +673,20 @@ def cmd_predict(args) -> int:
             target = os.path.join(args.out, stem + ".png")
             Image.fromarray(pixels).save(target)
             rows.append((path, target))
+        bar.update(len(batch))
+
+    # consecutive images with the same model-input size share a forward pass
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=args.no_progress)
+    pending = []
+    for path in files:
+        item = load(path)
+        if pending and (len(pending) >= args.batch_size or pending[0][2].shape != item[2].shape):
+            run(pending)
+            pending = []
+        pending.append(item)
+    if pending:
+        run(pending)
+    bar.close()
     if info.task == "cls":
         import csv
         target = os.path.join(args.out, "predictions.csv")
@@ -697,8 +735,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = _Parser(prog="uresnet", description="Fused U-Net/ResNet ops and models: demo, training, evaluation, "
                      "inference and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"uresnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="environment, op checks and speed, then a short training run (no downloads)",
@@ -707,11 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "and times a train step with the fused ops vs the reference ones.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (32 steps each; default 5)")
     p.add_argument("--out", default="uresnet-demo", help="folder for the checkpoint, logs and PNGs (default: "
                    "./uresnet-demo)")
-    p.add_argument("--speed-rounds", type=_positive_int, default=5, help="timed train steps per implementation")
+    p.add_argument("--speed-rounds", type=_positive_int, default=5, help="timed train steps per implementation "
+                   "(default 5)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, one per core; on cores "
                    "busy with other jobs 1 can be several times faster)")
     p.set_defaults(func=cmd_demo)
@@ -721,20 +762,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_export_parser(sub)
 
-    p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference")
-    p.add_argument("--op", choices=("all", *OPS), default="all")
+    p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference",
+                       description="Median time of each op on every backend that runs here, next to the eager "
+                       "reference chain and torch.compile of it (ratios: >1 is faster than the baseline); with "
+                       "--models, a training step of whole models with the fused ops vs the reference backends. "
+                       "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
+    p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="default: float32")
     p.add_argument("--size", choices=("small", "full"), help="default: full on CUDA, small on CPU")
-    p.add_argument("--mode", choices=("all", *MODES), default="train_fwd")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement")
+    p.add_argument("--mode", choices=("all", *MODES), default="train_fwd", help="default: train_fwd")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement "
+                   "(default 0.3)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--models", nargs="?", const="", metavar="NAMES",
                    help="instead of the ops: the model train-step benchmark (fused vs reference backends) of "
                         "these comma-separated models (default: resunet_atrous, deresunet, uresnet, and unet vs "
                         "segmentation_models_pytorch when installed)")
-    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models)")
+    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models; default 3)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list-models", help="registered model names (with --params: parameter counts)")
@@ -766,7 +813,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_train_parser(sub) -> None:
-    from .data import FORMATS
+    from .constants import FORMATS, LOSSES
     p = sub.add_parser("train", help="train a segmentation or classification model",
                        description="Train a model on a dataset read from a local folder (or synthetic shapes). "
                        "Writes best/ and last/ checkpoints, log.csv, log.json, curves.png and samples.png to --out. "
@@ -776,7 +823,12 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--model", default="uresnet", help="registered name (uresnet list-models); default uresnet")
     g.add_argument("--encoder", help="timm encoder name, or 'none' for the seed's own; default: the model's")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="extra create_model argument, repeatable (e.g. base_channels=16, upsample=eucb_star)")
+                   help="extra create_model argument, repeatable (e.g. base_channels=16, upsample=eucb_star, "
+                   "encoder_kwargs={'dynamic_img_size':True})")
+    g.add_argument("--pretrained", action="store_true", help="start from the timm encoder's pretrained weights "
+                   "(downloaded once, then cached); the images are normalised as those weights expect")
+    g.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and heads (the encoder's "
+                   "weights and BatchNorm statistics stay as they are; usually with --pretrained)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="dataset folder, or 'synthetic' (default)")
     g.add_argument("--format", choices=FORMATS, help="layout of --data (default: synthetic)")
@@ -791,31 +843,34 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="held out when the folder has no train/ and "
                    "val/ (default 0.1)")
     g.add_argument("--no-augment", action="store_true", help="no flip, brightness/contrast or random crop")
+    g.add_argument("--no-data-check", action="store_true", help="skip reading every file once before training "
+                   "(sizes, readability, label range)")
     g.add_argument("--workers", type=int, help="data loader processes (default 0 for synthetic, else up to 4)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="default 10")
     g.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4, the seeds')")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    g.add_argument("--loss", choices=("ce", "bce_dice", "dice", "jaccard"),
-                   help="segmentation loss (default: ce; bce_dice for one binary channel)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="default adam")
+    g.add_argument("--loss", choices=LOSSES,
+                   help="segmentation loss (default: ce; bce_dice for one binary channel); focal, tversky and "
+                   "lovasz (hinge for one channel, softmax otherwise) with their default parameters")
     g.add_argument("--bce-weight", type=float, default=0.5, help="BCE share of bce_dice (default 0.5)")
     g.add_argument("--aux-weight", type=float, default=0.4, help="weight of the classification loss of --task joint")
     g.add_argument("--steps-per-epoch", type=_positive_int, help="cap on training steps per epoch")
-    g.add_argument("--plateau-patience", type=int, default=3, help="ReduceLROnPlateau patience (epochs)")
-    g.add_argument("--plateau-factor", type=float, default=0.5, help="ReduceLROnPlateau factor")
+    g.add_argument("--plateau-patience", type=int, default=3, help="ReduceLROnPlateau patience (epochs; default 3)")
+    g.add_argument("--plateau-factor", type=float, default=0.5, help="ReduceLROnPlateau factor (default 0.5)")
     g.add_argument("--early-stop", type=int, default=0, metavar="EPOCHS",
                    help="stop after this many epochs without improvement (default 0: never)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/uresnet", help="output folder (default runs/uresnet)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="continue a run from its last/ checkpoint (default: the one in --out)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and initialisation (default 0)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     g.add_argument("--threads", type=_positive_int, help="CPU threads per process (default: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -823,7 +878,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
-    from .data import FORMATS
+    from .constants import FORMATS
     p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset",
                        description="Loss, IoU per class and mean, Dice, pixel accuracy (segmentation) or top-1 "
                        "(classification) of a checkpoint on a dataset split. The data options default to the "
@@ -833,9 +888,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--image-size", type=_image_size, help="resize to N or HxW (default: the training size)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")
     p.add_argument("--workers", type=int)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="default none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
@@ -855,7 +910,10 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--image-size", type=_image_size, help="model input size (default: the training size); "
                    "masks are written at the image's own size")
     p.add_argument("--color", action="store_true", help="write colour masks instead of class ids")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default 8; "
+                   "consecutive images of the same model-input size are batched)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
 
@@ -893,7 +951,7 @@ def main(argv=None) -> int:
     except OSError as error:
         return _fail(args, error, 1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"\nuresnet {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

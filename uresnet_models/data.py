@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .constants import FORMATS, IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
+
 IGNORE_INDEX = 255
-FORMATS = ("synthetic", "binary", "cityscapes", "sunrgbd", "cifar10", "imagefolder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE_NAMES = ("background", "circle", "square", "triangle")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -337,6 +337,50 @@ class ImageFolderClassification(Dataset):
 def _check_size(image, other, path):
     if tuple(image.shape[-2:]) != tuple(other.shape[-2:]):
         raise DataError(f"{path}: size {tuple(other.shape[-2:])} differs from its image's {tuple(image.shape[-2:])}")
+
+
+# --------------------------------------------------------------------------- checking
+def _image_files(dataset) -> list:
+    """The image (not mask) files of a file-based dataset, for the colour-mode check."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    files = (getattr(base, "images", None) or getattr(base, "rgb", None)
+             or [p for p, *_ in getattr(base, "pairs", None) or getattr(base, "samples", None) or []])
+    return [files[i] for i in indices] if indices is not None else list(files)
+
+
+def check_dataset(dataset: Dataset, info: DataInfo, max_errors: int = 10) -> list[str]:
+    """Read every sample once (decoding each file): unreadable or truncated files, masks whose
+    size differs from their image and labels outside ``0..num_classes-1`` (other than
+    ``ignore_index``) raise one :class:`DataError` listing up to ``max_errors`` of them.
+    Returns notes about what is accepted but converted (grayscale or RGBA images -> RGB)."""
+    from PIL import Image
+    errors = []
+    seg_classes = max(info.num_classes, 2) if info.task != "cls" else None
+    for i in range(len(dataset)):
+        try:
+            sample = dataset[i]
+        except DataError as error:
+            errors.append(str(error))
+        else:
+            mask = sample.get("mask")
+            if seg_classes is not None and mask is not None:
+                bad = mask[(mask != info.ignore_index) & ((mask < 0) | (mask >= seg_classes))]
+                if bad.numel():
+                    errors.append(f"sample {i}: label {int(bad[0])} outside 0..{seg_classes - 1} "
+                                  f"(and not the ignore index {info.ignore_index})")
+        if len(errors) >= max_errors:
+            break
+    if errors:
+        more = " (stopped at the first {})".format(max_errors) if len(errors) >= max_errors else ""
+        raise DataError(f"{len(errors)} bad sample(s){more}: " + "; ".join(errors))
+    modes: dict[str, list] = {}
+    for path in _image_files(dataset):
+        with Image.open(path) as img:
+            if img.mode != "RGB":
+                modes.setdefault(img.mode, []).append(Path(path).name)
+    return [f"{len(names)} image(s) in mode {mode} (e.g. {names[0]}) are converted to RGB"
+            + (" (grayscale: the channel is repeated)" if mode in ("L", "I;16", "I", "1") else "")
+            for mode, names in sorted(modes.items())]
 
 
 # --------------------------------------------------------------------------- building

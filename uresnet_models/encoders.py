@@ -4,7 +4,8 @@ DeResUNet, and the seeds' own small encoders.
 Every encoder is an ``nn.Module`` whose ``forward(x)`` returns a list of feature maps, shallow
 to deep, and which has ``channels`` (their widths), ``reductions`` (their strides relative to
 the input, from timm's ``feature_info.reduction()``) and ``output_stride`` (the deepest
-reduction: the models pad their input to a multiple of it).
+reduction: the models pad their input to a multiple of it). Features are always NCHW and
+exactly ``input size / reduction`` (see :class:`TimmEncoder`).
 """
 from __future__ import annotations
 
@@ -12,19 +13,48 @@ import difflib
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BasicBlock, DoubleConv, ResBlock
 
 __all__ = ["Encoder", "TimmEncoder", "DualEncoder", "UNetEncoder", "ResidualUNetEncoder", "ResNetStagesEncoder",
-           "resolve_encoder", "scaled_widths",
-           "create_encoder"]
+           "resolve_encoder", "scaled_widths", "create_encoder", "get_preprocessing", "timm_name"]
+
+TIMM_PREFIX = "tu-"  # segmentation_models_pytorch's prefix for timm encoders, accepted as an alias
+
+
+def timm_name(name: str) -> str:
+    """A timm model name without smp's ``tu-`` prefix."""
+    return name[len(TIMM_PREFIX):] if isinstance(name, str) and name.startswith(TIMM_PREFIX) else name
+
+
+def get_preprocessing(encoder) -> dict | None:
+    """The input normalisation an encoder was trained with, from timm's ``pretrained_cfg``:
+    ``{"mean": (...), "std": (...), "input_range": (0, 1)}`` (images scaled to [0, 1], then
+    ``(x - mean) / std`` per channel). ``encoder``: a timm name (``tu-`` accepted) or an
+    :class:`Encoder`; ``None`` for an encoder without one (the seeds' own)."""
+    if isinstance(encoder, Encoder):
+        return encoder.preprocessing
+    if not isinstance(encoder, str):
+        return None
+    import timm
+    cfg = timm.get_pretrained_cfg(timm_name(encoder))
+    return _preprocessing(cfg.to_dict() if cfg is not None else {})
+
+
+def _preprocessing(pretrained_cfg: dict) -> dict | None:
+    mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+    if mean is None or std is None:
+        return None
+    return {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std), "input_range": (0, 1)}
 
 
 class Encoder(nn.Module):
     """Base class: subclasses set ``channels`` and ``reductions`` and return a feature list."""
     channels: list[int]
     reductions: list[int]
+    preprocessing: dict | None = None  # mean/std the weights expect (timm encoders); None: none known
 
     @property
     def output_stride(self) -> int:
@@ -34,11 +64,18 @@ class Encoder(nn.Module):
 class TimmEncoder(Encoder):
     """Any timm model created with ``features_only=True`` (``in_chans=in_channels``). Its
     ``feature_info`` gives the widths and reductions: resnet, efficientnet and mobilenetv3 start
-    at 1/2, convnext at 1/4; the decoders follow whatever it reports."""
+    at 1/2, convnext at 1/4; the decoders follow whatever it reports. ``timm_kwargs`` go to
+    ``timm.create_model`` (e.g. ``dynamic_img_size=True`` or ``img_size=`` for ViT-style models).
+
+    The features come out NCHW (timm's NHWC ones, swin, mambaout, sequencer..., are permuted)
+    and each exactly ``input size / reduction``: encoders with unpadded ("valid") convolutions
+    (inception_v3, legacy_xception) give smaller maps, which are resized bilinearly onto that
+    grid, so every decoder level and the logits line up with the input."""
 
     def __init__(self, name: str, in_channels: int = 3, pretrained: bool = False, out_indices=None, **timm_kwargs):
         super().__init__()
         import timm
+        name = timm_name(name)
         if not isinstance(name, str) or not timm.is_model(name):
             close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else " (see timm.list_models())"
@@ -55,12 +92,23 @@ class TimmEncoder(Encoder):
                 raise ValueError(f"timm encoder {name!r} cannot be created with features_only=True "
                                  f"(in_chans={in_channels}): {type(error).__name__}: {error}") from error
             raise
-        self.name = name
+        self.name, self.timm_kwargs = name, dict(timm_kwargs)
         self.channels = list(self.model.feature_info.channels())
         self.reductions = list(self.model.feature_info.reduction())
+        self.channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
+        self.preprocessing = _preprocessing(dict(getattr(self.model, "pretrained_cfg", None) or {}))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(x))
+        h, w = x.shape[-2:]
+        features = []
+        for f, r in zip(self.model(x), self.reductions):
+            if self.channels_last_output:
+                f = f.permute(0, 3, 1, 2)
+            size = (-(-h // r), -(-w // r))
+            if tuple(f.shape[-2:]) != size:  # valid padding: stretch the map over the input's extent
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            features.append(f)
+        return features
 
 
 def _weights_error(name: str, error: Exception) -> RuntimeError:
@@ -84,6 +132,7 @@ class DualEncoder(Encoder):
         self.rgb, self.depth, self.rgb_channels = rgb, depth, rgb_channels
         self.channels = [a + b for a, b in zip(rgb.channels, depth.channels)]
         self.reductions = list(rgb.reductions)
+        self.preprocessing = rgb.preprocessing  # the depth channels are not normalised
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         rgb, depth = x[:, :self.rgb_channels], x[:, self.rgb_channels:]
@@ -160,19 +209,29 @@ def create_encoder(name, in_channels: int = 3, pretrained: bool = False, **timm_
     return TimmEncoder(name, in_channels, pretrained, **timm_kwargs)
 
 
-def resolve_encoder(encoder, in_channels: int, pretrained: bool, own=None, what: str = "this architecture") -> Encoder:
+def resolve_encoder(encoder, in_channels: int, pretrained: bool, own=None, what: str = "this architecture",
+                    encoder_kwargs: dict | None = None) -> Encoder:
     """The encoder an architecture asked for: a timm name (or an :class:`Encoder`), or, for
-    ``None``, the seed's own encoder built by ``own()`` (no pretrained weights exist for it)."""
+    ``None``, the seed's own encoder built by ``own()`` (no pretrained weights exist for it).
+    ``encoder_kwargs``: extra ``timm.create_model`` arguments of a timm encoder."""
+    if encoder_kwargs is not None and not isinstance(encoder_kwargs, dict):
+        raise TypeError(f"encoder_kwargs must be a dict of timm.create_model arguments, got "
+                        f"{type(encoder_kwargs).__name__}")
     if encoder is None:
         if own is None:
             raise ValueError(f"{what} needs an encoder: pass a timm model name (e.g. encoder='resnet34')")
         if pretrained:
             raise ValueError(f"pretrained=True needs a timm encoder: {what}'s built-in encoder (encoder=None) has "
                              "no pretrained weights")
+        if encoder_kwargs:
+            raise ValueError(f"encoder_kwargs {encoder_kwargs} are timm arguments: {what}'s built-in encoder "
+                             "(encoder=None) takes none")
         return own()
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    return create_encoder(encoder, in_channels, pretrained)
+    if isinstance(encoder, Encoder) and encoder_kwargs:
+        raise ValueError("encoder_kwargs apply to an encoder given by name, not to an Encoder instance")
+    return create_encoder(encoder, in_channels, pretrained, **(encoder_kwargs or {}))
 
 
 def scaled_widths(widths, scale: float, minimum: int = 16, multiple: int = 8) -> tuple:

@@ -1,5 +1,6 @@
-"""Output heads: the 1x1 segmentation head of every seed, and the classification head
-(global average pool -> linear) of U-ResNet's classifier and of the ``aux_classes`` option."""
+"""Output heads: the 1x1 segmentation head of every seed, the classification head (global
+average pool -> linear) of U-ResNet's classifier and of the ``aux_classes`` option, and the
+output activation that ``model.predict`` applies."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +26,34 @@ class ClassificationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+ACTIVATIONS = ("identity", "sigmoid", "softmax", "logsoftmax", "tanh")
+
+
+class Activation(nn.Module):
+    """The activation of ``create_model(..., activation=)``: ``None``/``"identity"``,
+    ``"sigmoid"``, ``"softmax"`` / ``"logsoftmax"`` (over the class dimension, 1), ``"tanh"``
+    or any callable (applied to the logits tensor)."""
+
+    def __init__(self, activation=None):
+        super().__init__()
+        if activation is None or activation == "identity":
+            self.fn, self.name = None, "identity"
+        elif isinstance(activation, str):
+            fns = {"sigmoid": torch.sigmoid, "softmax": lambda x: x.softmax(1),
+                   "logsoftmax": lambda x: x.log_softmax(1), "tanh": torch.tanh}
+            if activation not in fns:
+                raise ValueError(f"activation={activation!r}: expected None, a callable or one of "
+                                 f"{', '.join(map(repr, ACTIVATIONS))}")
+            self.fn, self.name = fns[activation], activation
+        elif callable(activation):
+            self.fn, self.name = activation, getattr(activation, "__name__", type(activation).__name__)
+        else:
+            raise TypeError(f"activation must be None, a name or a callable, got {type(activation).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.fn is None else self.fn(x)
+
+    def extra_repr(self):
+        return self.name

@@ -1,16 +1,16 @@
-"""Segmentation losses: cross-entropy (with ``ignore_index``), soft Dice, soft Jaccard and the
-Cross-Building weighted BCE + Dice. Logits are (N, C, H, W); targets (N, H, W) class ids.
-``C == 1`` is the binary case (sigmoid; target 0/1), ``C > 1`` the multi-class one (softmax).
-Pixels equal to ``ignore_index`` count in no loss."""
+"""Segmentation losses: cross-entropy (with ``ignore_index``), soft Dice, soft Jaccard, the
+Cross-Building weighted BCE + Dice, focal loss, Tversky loss and the Lovász hinge / softmax
+losses. Logits are (N, C, H, W); targets (N, H, W) class ids. ``C == 1`` is the binary case
+(sigmoid; target 0/1), ``C > 1`` the multi-class one (softmax). Pixels equal to
+``ignore_index`` count in no loss."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import LOSSES  # noqa: F401  (re-exported)
 from .data import IGNORE_INDEX
-
-LOSSES = ("ce", "bce_dice", "dice", "jaccard")
 
 
 def _probs_and_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
@@ -59,6 +59,99 @@ def ce_loss(logits, target, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
 
 
+def focal_loss(logits, target, ignore_index: int = IGNORE_INDEX, gamma: float = 2.0,
+               alpha: float | None = None) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017), mean over the valid pixels: ``-(1 - p_t)^gamma log p_t``
+    with ``p_t`` the probability of the true class (softmax for C > 1; for C == 1 the sigmoid's
+    probability of the pixel's label, summed over the one channel), times ``alpha`` for the
+    foreground and ``1 - alpha`` for the background (binary only; ``None``: no weighting)."""
+    logits = logits.float()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    if logits.shape[1] == 1:
+        y = safe.float()
+        log_pt = -F.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="none")
+        weight = 1.0 if alpha is None else alpha * y + (1 - alpha) * (1 - y)
+    else:
+        if alpha is not None:
+            raise ValueError("focal_loss: alpha is for one binary channel; weight classes with ce instead")
+        log_pt = logits.log_softmax(1).gather(1, safe.unsqueeze(1))[:, 0]
+        weight = 1.0
+    per_pixel = -weight * (1 - log_pt.exp()).pow(gamma) * log_pt
+    return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
+
+
+def tversky_loss(logits, target, ignore_index: int = IGNORE_INDEX, alpha: float = 0.5, beta: float = 0.5,
+                 smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Tversky index, averaged over classes:
+    ``1 - (|P∩T| + s) / (|P∩T| + alpha |P \\ T| + beta |T \\ P| + s)`` (alpha weighs false positives,
+    beta false negatives; 0.5/0.5 is Dice, 1/1 Jaccard)."""
+    inter, p, t = soft_overlap(logits, target, ignore_index)
+    return 1 - ((inter + smooth) / (inter + alpha * (p - inter) + beta * (t - inter) + smooth)).mean()
+
+
+def _lovasz_grad(errors_sorted_truth: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss w.r.t. the sorted errors, for the
+    ground truth (0/1, float) in the order of decreasing errors (Berman et al. 2018, alg. 1)."""
+    gts = errors_sorted_truth.sum()
+    intersection = gts - errors_sorted_truth.cumsum(0)
+    union = gts + (1 - errors_sorted_truth).cumsum(0)
+    jaccard = 1 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def lovasz_hinge_loss(logits, target, ignore_index: int = IGNORE_INDEX, per_image: bool = True) -> torch.Tensor:
+    """Lovász hinge loss of one binary channel (N, 1, H, W): the Lovász extension of the
+    foreground Jaccard loss applied to the hinge errors ``1 - logit * sign`` (sign +1 for
+    foreground, -1 for background), per image then averaged (``per_image=False``: over the
+    whole batch at once)."""
+    if logits.shape[1] != 1:
+        raise ValueError(f"lovasz_hinge_loss takes one binary channel, got {logits.shape[1]}; use "
+                         "lovasz_softmax_loss for C > 1")
+    logits = logits.float()[:, 0]
+    groups = list(zip(logits, target)) if per_image else [(logits, target)]
+    losses = []
+    for lg, tg in groups:
+        valid = tg != ignore_index
+        lg, y = lg[valid], tg[valid].float()
+        if y.numel() == 0:
+            losses.append(lg.sum() * 0)
+            continue
+        errors = 1 - lg * (2 * y - 1)
+        errors_sorted, order = errors.sort(descending=True)
+        losses.append(torch.dot(F.relu(errors_sorted), _lovasz_grad(y[order])))
+    return torch.stack(losses).mean()
+
+
+def lovasz_softmax_loss(logits, target, ignore_index: int = IGNORE_INDEX, classes: str = "present") -> torch.Tensor:
+    """Lovász-softmax loss (C > 1): per class, the Lovász extension of the Jaccard loss on the
+    errors ``|onehot - softmax|`` over the valid pixels of the batch, averaged over the classes
+    present in the target (``classes="present"``) or all of them (``"all"``)."""
+    if logits.shape[1] < 2:
+        raise ValueError("lovasz_softmax_loss takes C > 1 logits; use lovasz_hinge_loss for one binary channel")
+    if classes not in ("present", "all"):
+        raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
+    probs = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    flat = target.reshape(-1)
+    valid = flat != ignore_index
+    probs, flat = probs[valid], flat[valid]
+    losses = []
+    for c in range(probs.shape[1]):
+        fg = (flat == c).float()
+        if classes == "present" and fg.sum() == 0:
+            continue
+        errors_sorted, order = (fg - probs[:, c]).abs().sort(descending=True)
+        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[order])))
+    return torch.stack(losses).mean() if losses else probs.sum() * 0
+
+
+def lovasz_loss(logits, target, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Lovász hinge for one binary channel, Lovász-softmax otherwise."""
+    if logits.shape[1] == 1:
+        return lovasz_hinge_loss(logits, target, ignore_index)
+    return lovasz_softmax_loss(logits, target, ignore_index)
+
+
 class BCEDiceLoss(nn.Module):
     """``bce_weight * BCE + (1 - bce_weight) * soft Dice`` (Cross-Building: 0.5 / 0.5)."""
 
@@ -83,10 +176,12 @@ class _Fn(nn.Module):
 
 
 def build_loss(name: str, *, ignore_index: int = IGNORE_INDEX, bce_weight: float = 0.5) -> nn.Module:
-    """A segmentation loss by name: ``ce``, ``bce_dice``, ``dice`` or ``jaccard``."""
+    """A segmentation loss by name: ``ce``, ``bce_dice``, ``dice``, ``jaccard``, ``focal``,
+    ``tversky`` or ``lovasz`` (each with its default parameters; the functions take others)."""
     if name == "bce_dice":
         return BCEDiceLoss(bce_weight, ignore_index)
-    fns = {"ce": ce_loss, "dice": dice_loss, "jaccard": jaccard_loss}
+    fns = {"ce": ce_loss, "dice": dice_loss, "jaccard": jaccard_loss, "focal": focal_loss, "tversky": tversky_loss,
+           "lovasz": lovasz_loss}
     if name not in fns:
         raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
     return _Fn(fns[name], ignore_index)

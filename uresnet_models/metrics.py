@@ -1,6 +1,14 @@
 """Metrics accumulated over a dataset: a confusion matrix for segmentation (IoU per class and
-mean, Dice, pixel accuracy) and top-k counts for classification. Both sum integer counts, so
-``all_reduce`` over processes gives exactly the single-process result."""
+mean, Dice, pixel accuracy) and for classification (per-class accuracy), and top-k counts.
+Both sum integer counts, so ``all_reduce`` over processes gives exactly the single-process
+result.
+
+The functional API computes per-image counts and reduces them as smp/torchmetrics do::
+
+    tp, fp, fn, tn = stat_scores(pred, target, num_classes)      # each (N images, C classes)
+    iou_score(tp, fp, fn, tn, reduction="micro")                 # or macro, weighted, *-imagewise, none
+    f1_score(...), dice_score(...), precision(...), recall(...), accuracy(...)
+"""
 from __future__ import annotations
 
 import torch
@@ -23,8 +31,11 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 class ConfusionMatrix:
-    """``matrix[t, p]`` counts pixels of true class t predicted as p (``ignore_index`` left out).
-    ``num_classes`` counts the binary case as 2 classes (background, foreground)."""
+    """``matrix[t, p]`` counts pixels (or images) of true class t predicted as p
+    (``ignore_index`` left out). ``num_classes`` counts the binary case as 2 classes
+    (background, foreground); :meth:`compute` then also reports the foreground's IoU and Dice
+    (``iou_foreground``, ``dice_foreground``: what torchmetrics' and smp's binary IoU/F1 are),
+    next to ``miou``, the mean over both classes."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = max(num_classes, 2), ignore_index
@@ -65,8 +76,17 @@ class ConfusionMatrix:
         """``miou``/``mdice`` (means over classes with a defined value), ``pixel_acc``, and the
         per-class lists ``iou``/``dice`` (NaN: class absent from targets and predictions)."""
         iou, dice = self.iou(), self.dice()
-        return {"miou": _nanmean(iou), "mdice": _nanmean(dice), "pixel_acc": self.pixel_accuracy(),
-                "iou": iou.tolist(), "dice": dice.tolist()}
+        out = {"miou": _nanmean(iou), "mdice": _nanmean(dice), "pixel_acc": self.pixel_accuracy(),
+               "iou": iou.tolist(), "dice": dice.tolist()}
+        if self.num_classes == 2:
+            out["iou_foreground"], out["dice_foreground"] = iou[1].item(), dice[1].item()
+        return out
+
+    def class_accuracy(self) -> torch.Tensor:
+        """Per-class accuracy (recall): TP / (samples of the class); NaN for an absent class."""
+        support = self.matrix.sum(1).double()
+        return torch.where(support > 0, self.matrix.diag().double() / support.clamp_min(1),
+                           torch.full_like(support, float("nan")))
 
 
 class TopK:
@@ -96,3 +116,87 @@ class TopK:
 def _nanmean(t: torch.Tensor) -> float:
     valid = t[~t.isnan()]
     return valid.mean().item() if valid.numel() else float("nan")
+
+
+# --------------------------------------------------------------------------- functional API
+REDUCTIONS = ("micro", "macro", "weighted", "micro-imagewise", "macro-imagewise", "none")
+
+
+def stat_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX):
+    """Per-image, per-class true/false positives/negatives ``(tp, fp, fn, tn)``, each an int64
+    (N, C) tensor. ``pred``: class ids (N, ...) or logits (N, C, ...) (argmax, or ``> 0`` for
+    one channel); ``target``: class ids (N, ...); pixels equal to ``ignore_index`` count in
+    none. ``num_classes``: 1 or 2 both give the binary case as 2 classes (background, foreground)."""
+    if pred.dim() == target.dim() + 1:
+        pred = predictions(pred)
+    if pred.shape != target.shape:
+        raise ValueError(f"stat_scores: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    c = max(num_classes, 2)
+    n = target.shape[0]
+    pred, target = pred.reshape(n, -1).long(), target.reshape(n, -1).long()
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    if ((target < 0) | (target >= c))[valid].any():
+        raise ValueError(f"stat_scores: target values outside 0..{c - 1} (and not the ignore index {ignore_index})")
+    classes = torch.arange(c, device=target.device).view(1, c, 1)
+    p = (pred.unsqueeze(1) == classes) & valid.unsqueeze(1)
+    t = (target.unsqueeze(1) == classes) & valid.unsqueeze(1)
+    tp = (p & t).sum(2)
+    fp = (p & ~t).sum(2)
+    fn = (~p & t).sum(2)
+    tn = valid.sum(1, keepdim=True) - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _reduce(fn, tp, fp, fn_, tn, reduction: str, zero_division: float):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+    tp, fp, fn_, tn = (x.double() for x in (tp, fp, fn_, tn))
+
+    def score(*counts):
+        num, den = fn(*counts)
+        return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, zero_division))
+
+    if reduction == "micro":
+        return score(tp.sum(), fp.sum(), fn_.sum(), tn.sum())
+    if reduction in ("macro", "weighted"):
+        per_class = score(tp.sum(0), fp.sum(0), fn_.sum(0), tn.sum(0))
+        if reduction == "macro":
+            return per_class.mean()
+        support = (tp + fn_).sum(0)
+        return (per_class * support).sum() / support.sum().clamp_min(1)
+    if reduction == "micro-imagewise":
+        return score(tp.sum(1), fp.sum(1), fn_.sum(1), tn.sum(1)).mean()
+    per_image_class = score(tp, fp, fn_, tn)
+    return per_image_class.mean() if reduction == "macro-imagewise" else per_image_class
+
+
+def iou_score(tp, fp, fn, tn, reduction: str = "micro", zero_division: float = 0.0) -> torch.Tensor:
+    """IoU (Jaccard) = TP / (TP + FP + FN), reduced by ``reduction``: ``micro`` (counts summed
+    over images and classes), ``macro`` (per class over the dataset, then the mean over
+    classes), ``weighted`` (as macro, weighted by each class's TP + FN), ``micro-imagewise`` /
+    ``macro-imagewise`` (per image, then the mean over images), ``none`` (N, C). A 0/0 score
+    is ``zero_division``."""
+    return _reduce(lambda tp, fp, fn, tn: (tp, tp + fp + fn), tp, fp, fn, tn, reduction, zero_division)
+
+
+def f1_score(tp, fp, fn, tn, reduction: str = "micro", zero_division: float = 0.0) -> torch.Tensor:
+    """F1 = Dice = 2 TP / (2 TP + FP + FN), reduced as in :func:`iou_score`."""
+    return _reduce(lambda tp, fp, fn, tn: (2 * tp, 2 * tp + fp + fn), tp, fp, fn, tn, reduction, zero_division)
+
+
+dice_score = f1_score
+
+
+def precision(tp, fp, fn, tn, reduction: str = "micro", zero_division: float = 0.0) -> torch.Tensor:
+    """Precision = TP / (TP + FP), reduced as in :func:`iou_score`."""
+    return _reduce(lambda tp, fp, fn, tn: (tp, tp + fp), tp, fp, fn, tn, reduction, zero_division)
+
+
+def recall(tp, fp, fn, tn, reduction: str = "micro", zero_division: float = 0.0) -> torch.Tensor:
+    """Recall (sensitivity) = TP / (TP + FN), reduced as in :func:`iou_score`."""
+    return _reduce(lambda tp, fp, fn, tn: (tp, tp + fn), tp, fp, fn, tn, reduction, zero_division)
+
+
+def accuracy(tp, fp, fn, tn, reduction: str = "micro", zero_division: float = 0.0) -> torch.Tensor:
+    """Accuracy = (TP + TN) / (TP + FP + FN + TN), reduced as in :func:`iou_score`."""
+    return _reduce(lambda tp, fp, fn, tn: (tp + tn, tp + fp + fn + tn), tp, fp, fn, tn, reduction, zero_division)

@@ -96,21 +96,29 @@ def _load_plugin(name: str) -> None:
         register_model(obj, name=name)  # a builder: register it under the entry point's name
 
 
+def _builtins() -> None:
+    """Register the built-in architectures (importing them is what registers them)."""
+    from . import architectures  # noqa: F401
+
+
 def list_models(pattern: str | Iterable[str] = "*") -> list[str]:
     """Sorted names of the registered models (plugins included) matching the shell-style
     wildcard ``pattern`` (or any of several patterns), e.g. ``list_models("*resunet*")``."""
+    _builtins()
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     names = set(_REGISTRY) | set(_plugins())
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def is_model(name: str) -> bool:
+    _builtins()
     return name in _REGISTRY or name in _plugins()
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     """The builder registered as ``name``; an unknown name raises :class:`UnknownModelError`
     suggesting close matches."""
+    _builtins()
     if name not in _REGISTRY:
         _load_plugin(name)
     if name not in _REGISTRY:
@@ -132,22 +140,33 @@ def _accepted(builder) -> tuple[set[str], bool]:
 
 
 def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_classes: int = 1,
-                 aux_classes: int | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
+                 aux_classes: int | None = None, pretrained: bool = False, activation=None, **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
     ``encoder``: a timm model name that supports ``features_only=True`` (or ``None`` for the
     seed's own encoder where the architecture has one); left out, the architecture's default.
     ``pretrained``: load the encoder's timm weights (needs them downloaded or cached).
     ``num_classes``: output channels (logits); ``aux_classes``: add a classification head on the
-    deepest feature, the model then returns ``(seg_logits, class_logits)``. Other keyword
-    arguments go to the architecture (e.g. ``upsample="eucb_star"``, ``decoder_channels``);
-    unknown ones raise a ``TypeError`` naming the accepted ones."""
+    deepest feature, the model then returns ``(seg_logits, class_logits)``. ``activation``:
+    ``None``, ``"sigmoid"``, ``"softmax"``, ``"logsoftmax"``, ``"tanh"`` or a callable, applied
+    by ``model.predict(x)`` (``forward`` always returns logits, which the losses take).
+    ``encoder_kwargs={...}`` (architectures with a timm encoder) go to ``timm.create_model``,
+    e.g. ``dict(dynamic_img_size=True)``. Other keyword arguments go to the architecture (e.g.
+    ``upsample="eucb_star"``, ``decoder_channels``); unknown ones raise a ``TypeError`` naming
+    the accepted ones.
+
+    ``model.model_config`` (saved as ``config.json``) holds every argument of the builder,
+    defaults included, so a checkpoint rebuilds the same model after a default changes."""
+    from .heads import Activation
     builder = model_entrypoint(name)
+    activation_module = Activation(activation)  # checked before the (possibly slow) build
     args = dict(in_channels=in_channels, num_classes=num_classes, aux_classes=aux_classes, pretrained=pretrained,
                 **kwargs)
     if encoder is not _DEFAULT:
         args["encoder"] = encoder
     accepted, var_kw = _accepted(builder)
+    if "encoder_kwargs" in args and "encoder_kwargs" not in accepted and not var_kw:
+        raise TypeError(f"create_model({name!r}): encoder_kwargs given, but {name} takes no timm encoder arguments")
     if not var_kw:
         unknown = [k for k in args if k not in accepted]
         # the common arguments may be left out by a builder as long as the caller kept their defaults
@@ -165,12 +184,38 @@ def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_class
     model = builder(**args)
     if not isinstance(model, nn.Module):
         raise TypeError(f"create_model({name!r}): the builder returned {type(model).__name__}, not an nn.Module")
-    config = {"architecture": name, "kwargs": {k: _jsonable(v) for k, v in args.items() if k != "pretrained"}}
+    resolved = {**_defaults(builder), **args}
+    config = {"architecture": name, "kwargs": model_kwargs(resolved)}
+    config["kwargs"]["activation"] = activation
     try:
         model.model_config = config
+        model.activation = activation_module
     except (AttributeError, TypeError):  # a module that forbids new attributes
         pass
     return model
+
+
+def _defaults(builder) -> dict:
+    """The keyword arguments of ``builder`` that have defaults, with them."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty}
+
+
+def model_kwargs(arguments: dict) -> dict:
+    """A builder's arguments as saved in ``config.json``: JSON values, ``pretrained`` left out
+    (weights come from the checkpoint), and a :class:`TimmEncoder` instance as its name and
+    ``encoder_kwargs``."""
+    from .encoders import TimmEncoder
+    out = {k: v for k, v in arguments.items() if k != "pretrained"}
+    encoder = out.get("encoder")
+    if isinstance(encoder, TimmEncoder):
+        out["encoder"] = encoder.name
+        out["encoder_kwargs"] = {**encoder.timm_kwargs, **(out.get("encoder_kwargs") or {})}
+    return {k: _jsonable(v) for k, v in out.items()}
 
 
 def _jsonable(value):
@@ -191,3 +236,9 @@ def count_parameters(model_or_name, trainable_only: bool = False, **kwargs) -> i
         with torch.device("meta"):
             model_or_name = create_model(model_or_name, **kwargs)
     return sum(p.numel() for p in model_or_name.parameters() if p.requires_grad or not trainable_only)
+
+
+def registered_name(builder) -> str | None:
+    """The name ``builder`` (a class or function) is registered under, if any."""
+    _builtins()
+    return next((name for name, b in _REGISTRY.items() if b is builder), None)

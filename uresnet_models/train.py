@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import DataInfo, Transformed, build_dataset, build_transform
+from .data import DataInfo, Transformed, build_dataset, build_transform, check_dataset
 from .losses import build_loss
 from .metrics import ConfusionMatrix, TopK, predictions
 
@@ -56,6 +56,8 @@ class TrainConfig:
     model: str = "uresnet"
     encoder: str | None = DEFAULT
     model_args: dict = field(default_factory=dict)
+    pretrained: bool = False          # the encoder's timm weights
+    freeze_encoder: bool = False      # train the decoder and heads only
     format: str = "synthetic"
     data: str | None = "synthetic"
     task: str | None = None           # synthetic only: seg, cls, joint
@@ -87,6 +89,7 @@ class TrainConfig:
     out: str = "runs/uresnet"
     resume: str | None = None
     progress: bool = True
+    check_data: bool = True           # read every file once before building the model
 
 
 # --------------------------------------------------------------------------- processes
@@ -172,13 +175,33 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------- data and model
-def build_data(cfg: TrainConfig, split: str, train_transform: bool | None = None):
+def encoder_preprocessing(cfg: TrainConfig) -> dict | None:
+    """The normalisation of the encoder ``cfg`` asks for (timm's ``pretrained_cfg``), or None
+    (the seeds' own encoders: the dataset's statistics are used)."""
+    import inspect
+
+    import uresnet_models
+    encoder = cfg.encoder
+    if encoder == DEFAULT:
+        default = inspect.signature(uresnet_models.model_entrypoint(cfg.model)).parameters.get("encoder")
+        encoder = None if default is None else default.default
+    return uresnet_models.get_preprocessing(encoder) if isinstance(encoder, str) else None
+
+
+def build_data(cfg: TrainConfig, split: str, train_transform: bool | None = None, normalization=None, raw=None):
     """The transformed dataset of ``split`` and its DataInfo (augmented when
-    ``train_transform``, by default for the train split)."""
+    ``train_transform``, by default for the train split). The image is normalised with
+    ``normalization`` (``(mean, std)``; default: the encoder's :func:`encoder_preprocessing`,
+    else the dataset's own statistics). ``raw``: the ``(dataset, info)`` already read."""
     length = cfg.train_samples if split == "train" else cfg.val_samples
-    raw, info = build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
-                              num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction,
-                              seed=cfg.seed)
+    raw, info = raw or build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
+                                     num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction,
+                                     seed=cfg.seed)
+    if normalization is None:
+        pre = encoder_preprocessing(cfg)
+        normalization = (pre["mean"], pre["std"]) if pre and len(pre["mean"]) == len(info.mean) else None
+    if normalization is not None:
+        info.mean, info.std = tuple(normalization[0]), tuple(normalization[1])
     size = None if cfg.format == "synthetic" else cfg.image_size  # synthetic data is made at that size
     train = split == "train" if train_transform is None else train_transform
     transform = build_transform(info, train=train, image_size=size, augment=cfg.augment)
@@ -201,7 +224,11 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise ValueError(f"uresnet_cls is a classifier; {info.format} (task {info.task}) needs a segmentation model")
     if info.aux_classes:
         kwargs["aux_classes"] = info.aux_classes
-    return uresnet_models.create_model(cfg.model, in_channels=in_channels, num_classes=info.num_classes, **kwargs)
+    model = uresnet_models.create_model(cfg.model, in_channels=in_channels, num_classes=info.num_classes,
+                                        pretrained=cfg.pretrained, **kwargs)
+    if cfg.freeze_encoder:
+        model.freeze_encoder()
+    return model
 
 
 def _loader(dataset, batch_size, sampler, workers, drop_last=False):
@@ -266,6 +293,7 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
     info = task.info
     cm = ConfusionMatrix(info.num_classes, info.ignore_index) if info.task != "cls" else None
     topk = TopK((1, 5) if (info.aux_classes or info.num_classes) > 5 else (1,)) if info.task != "seg" else None
+    class_cm = ConfusionMatrix(info.aux_classes or info.num_classes, -1) if info.task != "seg" else None
     sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         batch = _to(batch, device, channels_last)
@@ -278,6 +306,7 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
             cm.update(predictions(seg.float()), batch["mask"])
         if topk is not None:
             topk.update(cls.float(), batch["label"])
+            class_cm.update(cls.argmax(1), batch["label"])
     model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -286,6 +315,10 @@ def evaluate(model: nn.Module, loader, task: Task, device, *, amp: str = "none",
         metrics.update(cm.all_reduce().compute())
     if topk is not None:
         metrics.update(topk.all_reduce().compute())
+        class_cm.all_reduce()
+        n = info.aux_classes or info.num_classes
+        metrics["class_accuracy"] = class_cm.class_accuracy()[:n].tolist()
+        metrics["confusion_matrix"] = class_cm.matrix[:n, :n].tolist()  # [true][predicted]
     return metrics
 
 
@@ -308,7 +341,7 @@ def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainCo
 
 def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
     """The model, DataInfo and training.json of a checkpoint folder (or of a run folder's best/)."""
-    from .base import from_pretrained
+    from .base import from_pretrained, read_json
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -318,15 +351,15 @@ def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
     model = from_pretrained(path, device=device)
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file} not found (expected a checkpoint written by uresnet train)")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     data = meta["data"]
     info = DataInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
     return model.eval(), info, meta
 
 
 # --------------------------------------------------------------------------- logging
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_miou", "val_mdice", "val_pixel_acc", "val_top1",
-               "seconds")
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_miou", "val_mdice", "val_iou_foreground",
+               "val_pixel_acc", "val_top1", "seconds")
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -361,7 +394,9 @@ def plot_curves(history: list[dict], path: Path, log: Callable = print) -> Path 
     axes[2].plot(epochs, [h["lr"] for h in history], "o-")
     axes[2].set_yscale("log")
     axes[2].set_title("learning rate")
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, also on short runs
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -381,24 +416,74 @@ def colorize(mask: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     return colors.permute(2, 0, 1)
 
 
+def _to_pil(t: torch.Tensor, scale: int):
+    """A (3, H, W) float [0, 1] tensor as a PIL image enlarged ``scale`` times (nearest)."""
+    from PIL import Image
+    array = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
 @torch.no_grad()
 def save_samples(model: nn.Module, dataset, info: DataInfo, path: Path, device, count: int = 6) -> Path | None:
-    """A PNG grid: one row per sample, columns input / true mask / prediction."""
-    from torchvision.utils import save_image
-    if info.task == "cls":
-        return None
+    """A PNG of ``count`` validation samples. Segmentation: one row per sample with the columns
+    "input", "true mask" and "prediction" titled, and a legend of the class colours below;
+    classification: the inputs captioned with the true and the predicted class."""
+    from PIL import Image, ImageDraw
     model.eval()
-    tiles = []
     mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
-    for i in range(min(count, len(dataset))):
-        sample = dataset[i]
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    if not samples:
+        return None
+    h, w = samples[0]["image"].shape[-2:]
+    scale = max(1, -(-128 // max(h, w)))  # tiles at least 128 px: small inputs stay legible
+    tw, th, pad, line = w * scale, h * scale, 6, 14
+    names = _names(info)
+    if info.task == "cls":
+        cols = min(len(samples), 3)
+        rows_n = -(-len(samples) // cols)
+        canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows_n * (th + 2 * line + pad) + pad), "white")
+        draw = ImageDraw.Draw(canvas)
+        for k, sample in enumerate(samples):
+            out = model(sample["image"].unsqueeze(0).to(device))
+            pred = int(out.float().argmax(1)[0])
+            x0, y0 = pad + (k % cols) * (tw + pad), pad + (k // cols) * (th + 2 * line + pad)
+            canvas.paste(_to_pil(sample["image"][:3] * std + mean, scale), (x0, y0))
+            true = int(sample["label"])
+            draw.text((x0, y0 + th + 1), f"true: {names[true]}", fill="black")
+            draw.text((x0, y0 + th + line), f"pred: {names[pred]}", fill="darkgreen" if pred == true else "red")
+        canvas.save(path)
+        return path
+    n_classes = max(info.num_classes, 2)
+    legend_rows = -(-n_classes // 4)
+    canvas = Image.new("RGB", (3 * (tw + pad) + pad, line + pad + len(samples) * (th + pad) + legend_rows * line + pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(("input", "true mask", "prediction")):
+        draw.text((pad + c * (tw + pad), 2), title, fill="black")
+    for r, sample in enumerate(samples):
         out = model(sample["image"].unsqueeze(0).to(device))
         seg = out[0] if isinstance(out, (tuple, list)) else out
         pred = predictions(seg.float())[0].cpu()
-        rgb = (sample["image"][:3] * std + mean).clamp(0, 1)
-        tiles += [rgb, colorize(sample["mask"], info.ignore_index).float() / 255, colorize(pred).float() / 255]
-    save_image(torch.stack(tiles), path, nrow=3, padding=2, pad_value=1.0)
+        tiles = [sample["image"][:3] * std + mean, colorize(sample["mask"], info.ignore_index).float() / 255,
+                 colorize(pred).float() / 255]
+        for c, tile in enumerate(tiles):
+            canvas.paste(_to_pil(tile, scale), (pad + c * (tw + pad), line + pad + r * (th + pad)))
+    y0 = line + pad + len(samples) * (th + pad)
+    col_w = (canvas.width - pad) // 4
+    for c in range(n_classes):
+        x, y = pad + (c % 4) * col_w, y0 + (c // 4) * line
+        color = tuple(int(v) for v in PALETTE[c % len(PALETTE)])
+        draw.rectangle([x, y + 2, x + 9, y + 11], fill=color, outline="black")
+        draw.text((x + 13, y + 1), names[c][:max(4, col_w // 7)], fill="black")
+    canvas.save(path)
     return path
+
+
+def _names(info: DataInfo) -> list[str]:
+    n = max(info.aux_classes or 0, info.num_classes, 2)
+    names = list(info.class_names or [])[:n]
+    return names + [str(i) for i in range(len(names), n)]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -415,10 +500,22 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise ValueError("--epochs, --batch-size and --lr must be positive")
     seed_everything(cfg.seed, cfg.deterministic)
-    train_set, info = build_data(cfg, "train")
-    val_set, _ = build_data(cfg, "val")
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation samples")
+    splits = {}
+    for split in ("train", "val"):
+        length = cfg.train_samples if split == "train" else cfg.val_samples
+        splits[split] = build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
+                                      num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction,
+                                      seed=cfg.seed)
+        if len(splits[split][0]) == 0:
+            raise ValueError(f"empty dataset: no {split} samples in {cfg.data}")
+        if cfg.check_data and cfg.format not in ("synthetic", "cifar10"):
+            # every file read once now: a bad one is reported before the model is built, not mid-training
+            began = time.perf_counter()
+            for note in check_dataset(*splits[split]):
+                say(f"note: {note}")
+            say(f"checked the {len(splits[split][0])} {split} samples ({time.perf_counter() - began:.1f} s)")
+    train_set, info = build_data(cfg, "train", raw=splits["train"])
+    val_set, _ = build_data(cfg, "val", normalization=(info.mean, info.std), raw=splits["val"])
     task = Task(info, cfg)
     model = build_model(cfg, info).to(env.device)
     if cfg.channels_last:
@@ -427,7 +524,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         model = sync_batchnorm(model, env.device)
     optim_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     # The fused (single-kernel) Adam: on CPU it is about 3x faster than the per-tensor loop.
-    optimizer = optim_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = optim_cls([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
                           fused=env.device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
@@ -456,80 +553,123 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     val_shard = Subset(val_set, range(env.rank, len(val_set), env.world))  # no padding: exact metrics
     val_loader = _loader(val_shard, cfg.batch_size, None, workers)
     key = monitor_key(info)
-    say(f"training {cfg.model} on {info.format} ({info.task}, {info.num_classes} classes): {len(train_set)} train / "
-        f"{len(val_set)} val samples, {env.world} process(es) on {env.device}, loss {task.loss_name}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    for epoch in range(start, cfg.epochs + 1):
-        began = time.perf_counter()
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        net.train()
-        sums = torch.zeros(2, dtype=torch.float64)
-        steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and env.main))
-        for i, batch in enumerate(train_loader):
-            if i >= steps:
-                break
-            batch = _to(batch, env.device, cfg.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(env.device, cfg.amp):
-                loss = task.loss(step_net(batch["image"]), batch)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = batch["image"].shape[0]
-            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        if env.enabled:
-            dist.all_reduce(sums)
-        metrics = evaluate(model, val_loader, task, env.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                           progress=cfg.progress and env.main)
-        score = metrics.get(key, float("nan"))
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(score if not math.isnan(score) else -math.inf)
-        improved = score > best
-        if improved:
-            best, best_epoch, bad_epochs = score, epoch, 0
-        else:
-            bad_epochs += 1
-        row = {"epoch": epoch, "lr": lr, "train_loss": (sums[0] / sums[1]).item(), "val_loss": metrics["loss"],
-               "seconds": round(time.perf_counter() - began, 3)}
-        row.update({f"val_{k}": v for k, v in metrics.items() if k != "loss"})
-        history.append(row)
-        say(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  val_loss {metrics['loss']:.4f}  "
-            + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in ("miou", "mdice", "pixel_acc", "top1") if k in metrics)
-            + f"  lr {lr:.2e}  ({row['seconds']:.1f} s){'  *best' if improved else ''}")
-        if env.main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best,
-                     "best_epoch": best_epoch, "bad_epochs": bad_epochs}
-            save_checkpoint(out / "last", model, info, cfg, epoch, row, state)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"training {cfg.model} on {info.format} ({info.task}, {_plural(info.num_classes, 'class', 'classes')}): "
+        f"{len(train_set)} train / {len(val_set)} val samples, {env.world} process(es) on {env.device}, loss "
+        f"{task.loss_name}, {total / 1e6:.2f}M parameters"
+        + (f" ({trainable / 1e6:.2f}M trained: encoder frozen)" if trainable != total else ""))
+    epoch = start
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            began = time.perf_counter()
+            sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            net.train()
+            sums = torch.zeros(2, dtype=torch.float64)
+            steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                       disable=not (cfg.progress and env.main))
+            for i, batch in enumerate(train_loader):
+                if i >= steps:
+                    break
+                batch = _to(batch, env.device, cfg.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(env.device, cfg.amp):
+                    loss = task.loss(step_net(batch["image"]), batch)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                n = batch["image"].shape[0]
+                sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.close()
+            if env.enabled:
+                dist.all_reduce(sums)
+            metrics = evaluate(model, val_loader, task, env.device, amp=cfg.amp, channels_last=cfg.channels_last,
+                               progress=cfg.progress and env.main)
+            score = metrics.get(key, float("nan"))
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step(score if not math.isnan(score) else -math.inf)
+            improved = score > best
             if improved:
-                save_checkpoint(out / "best", model, info, cfg, epoch, row)
-            write_logs(out, history)
-        if cfg.early_stop and bad_epochs >= cfg.early_stop:
-            say(f"early stopping: no {key} improvement for {bad_epochs} epochs")
-            break
+                best, best_epoch, bad_epochs = score, epoch, 0
+            else:
+                bad_epochs += 1
+            row = {"epoch": epoch, "lr": lr, "train_loss": (sums[0] / sums[1]).item(), "val_loss": metrics["loss"],
+                   "seconds": round(time.perf_counter() - began, 3)}
+            row.update({f"val_{k}": v for k, v in metrics.items() if k != "loss"})
+            history.append(row)
+            say(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  val_loss {metrics['loss']:.4f}  "
+                + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")
+                            if k in metrics)
+                + f"  lr {lr:.2e}  ({row['seconds']:.1f} s){'  *best' if improved else ''}")
+            if env.main:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                         "best_epoch": best_epoch, "bad_epochs": bad_epochs}
+                save_checkpoint(out / "last", model, info, cfg, epoch, row, state)
+                if improved:
+                    save_checkpoint(out / "best", model, info, cfg, epoch, row)
+                write_logs(out, history)
+            if cfg.early_stop and bad_epochs >= cfg.early_stop:
+                say(f"early stopping: no {key} improvement for {bad_epochs} epochs")
+                break
+    except KeyboardInterrupt:
+        if env.main:
+            _save_interrupted(out, model, info, cfg, optimizer, scheduler, scaler, history, best, best_epoch,
+                              bad_epochs, epoch, say)
+        raise
     if env.main and history:
         plot_curves(history, out / "curves.png", say)
-        save_samples(model, val_set, info, out / "samples.png", env.device)
+        _samples_of_best(model, out, val_set, info, env.device)
         say(f"best {key} {best:.4f} at epoch {best_epoch}; checkpoints, logs and plots in {out}")
     if env.enabled:
         dist.barrier()
     return {"history": history, "best": best, "best_epoch": best_epoch, "out": out, "model": model, "info": info}
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _save_interrupted(out, model, info, cfg, optimizer, scheduler, scaler, history, best, best_epoch, bad_epochs,
+                      epoch, say) -> None:
+    """Ctrl-C: write last/ with the weights so far, marked as the end of the epoch before, so
+    that ``--resume`` repeats the interrupted epoch from its start with those weights."""
+    done = epoch - 1
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": done, "history": history, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+             "interrupted_in_epoch": epoch}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "last", model, info, cfg, done, history[-1] if history else {}, state)
+    say(f"\ninterrupted in epoch {epoch}: saved the weights so far and the optimizer state to {out / 'last'}; "
+        f"continue with the same command and --resume (epoch {epoch} is repeated from its start)")
+
+
+def _samples_of_best(model, out: Path, val_set, info, device) -> None:
+    """samples.png from the best/ checkpoint (the one eval and predict use), not the last epoch."""
+    from safetensors.torch import load_model
+    from .base import WEIGHTS_NAME
+    best_weights = out / "best" / WEIGHTS_NAME
+    if not best_weights.is_file():
+        save_samples(model, val_set, info, out / "samples.png", device)
+        return
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    load_model(model, str(best_weights), device=str(device))
+    save_samples(model, val_set, info, out / "samples.png", device)
+    model.load_state_dict(last)  # the returned model stays the last epoch's
+
+
 def _load_resume(folder: Path, model: nn.Module, device) -> dict:
     from safetensors.torch import load_model
-    from .base import CONFIG_NAME, WEIGHTS_NAME
+    from .base import CONFIG_NAME, WEIGHTS_NAME, read_json
     for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"cannot resume: {folder / name} not found (expected the last/ folder of a run)")
-    saved = json.loads((folder / CONFIG_NAME).read_text())
-    if saved != getattr(model, "model_config", None):
+    saved = read_json(folder / CONFIG_NAME)
+    if {k: saved.get(k) for k in ("architecture", "kwargs")} != getattr(model, "model_config", None):
         raise ValueError(f"cannot resume from {folder}: it holds {saved.get('architecture')} with "
                          f"{saved.get('kwargs')}, not the model asked for")
     load_model(model, str(folder / WEIGHTS_NAME), device=str(device))

@@ -131,8 +131,13 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
 def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
     """The backend that would run ``op`` for tensors on ``device_type`` right now (under
     ``"auto"``, whose choice depends on the call, the default order's first; :func:`last_used`
-    says what ran)."""
-    return next(_candidates(_check_op(op), device_type, phase))
+    says what ran; for meta tensors, the reference: it only computes shapes)."""
+    backend = next(_candidates(_check_op(op), device_type, phase), None)
+    if backend is None and device_type == "meta":
+        backend = _registry[op].get("reference")
+    if backend is None:
+        raise RuntimeError(f"uresnet_ops.{op}: no backend runs the {phase} on {device_type!r} tensors")
+    return backend
 
 
 def last_used(op: str, phase: str = "forward") -> str | None:

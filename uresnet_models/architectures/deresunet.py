@@ -28,13 +28,13 @@ class DeResUNet(SegmentationModel):
     def __init__(self, encoder: str = "resnet50", in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, depth_channels: int = 1,
                  depth_encoder: str | None = None, decoder_channels=None, upsample: str = "pixel_shuffle_bn",
-                 bottleneck_channels: int | None = None):
+                 bottleneck_channels: int | None = None, encoder_kwargs: dict | None = None):
         if not isinstance(depth_channels, int) or depth_channels < 0:
             raise ValueError(f"depth_channels must be a non-negative int, got {depth_channels!r}")
-        rgb = resolve_encoder(encoder, in_channels, pretrained, what="deresunet")
+        rgb = resolve_encoder(encoder, in_channels, pretrained, what="deresunet", encoder_kwargs=encoder_kwargs)
         if depth_channels:
             depth = resolve_encoder(encoder if depth_encoder is None else depth_encoder, depth_channels, pretrained,
-                                    what="deresunet")
+                                    what="deresunet", encoder_kwargs=encoder_kwargs)
             enc = DualEncoder(rgb, depth, in_channels)
         else:
             enc = rgb

@@ -20,9 +20,11 @@ class ResUNet(SegmentationModel):
 
     def __init__(self, encoder: str | None = None, in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
-                 encoder_channels=(64, 128, 256), upsample: str = "bilinear"):
+                 encoder_channels=(64, 128, 256), upsample: str = "bilinear",
+                 encoder_kwargs: dict | None = None):
         enc = resolve_encoder(encoder, in_channels, pretrained,
-                              own=lambda: ResidualUNetEncoder(in_channels, encoder_channels), what="resunet")
+                              own=lambda: ResidualUNetEncoder(in_channels, encoder_channels), what="resunet",
+                              encoder_kwargs=encoder_kwargs)
         super().__init__(num_classes, aux_classes, enc.channels[-1])
         check_upsample(upsample)
         self.encoder = enc

@@ -26,8 +26,9 @@ class ResUNetAtrous(SegmentationModel):
 
     def __init__(self, encoder: str = "resnet50", in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
-                 upsample: str = "transpose", atrous: bool = True, dilations=(1, 6, 12, 18)):
-        enc = resolve_encoder(encoder, in_channels, pretrained, what="resunet_atrous")
+                 upsample: str = "transpose", atrous: bool = True, dilations=(1, 6, 12, 18),
+                 encoder_kwargs: dict | None = None):
+        enc = resolve_encoder(encoder, in_channels, pretrained, what="resunet_atrous", encoder_kwargs=encoder_kwargs)
         super().__init__(num_classes, aux_classes, enc.channels[-1])
         check_upsample(upsample)
         self.encoder = enc

@@ -19,8 +19,8 @@ class UNet(SegmentationModel):
 
     def __init__(self, encoder: str = "resnet34", in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
-                 upsample: str = "transpose"):
-        enc = resolve_encoder(encoder, in_channels, pretrained, what="unet")
+                 upsample: str = "transpose", encoder_kwargs: dict | None = None):
+        enc = resolve_encoder(encoder, in_channels, pretrained, what="unet", encoder_kwargs=encoder_kwargs)
         super().__init__(num_classes, aux_classes, enc.channels[-1])
         check_upsample(upsample)
         self.encoder = enc

@@ -79,12 +79,14 @@ class UResNet(SegmentationModel):
     def __init__(self, encoder: str | None = None, in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, base_channels: int = 32,
                  upsample: str = "eucb", decoder_channels=None, residual_widths=(64, 128, 64, 32),
-                 residual_out_channels: int = 16, residual: bool = True, unet: bool = True):
+                 residual_out_channels: int = 16, residual: bool = True, unet: bool = True,
+                 encoder_kwargs: dict | None = None):
         check_upsample(upsample, UPSAMPLES)
         if not (residual or unet):
             raise ValueError("uresnet: at least one of residual and unet must be True")
         enc = resolve_encoder(encoder, in_channels, pretrained,
-                              own=lambda: UNetEncoder(in_channels, base_channels), what="uresnet")
+                              own=lambda: UNetEncoder(in_channels, base_channels), what="uresnet",
+                              encoder_kwargs=encoder_kwargs)
         super().__init__(num_classes, aux_classes, enc.channels[-1])
         self.encoder = enc if unet else None
         self.output_stride = enc.output_stride
@@ -128,7 +130,7 @@ class UResNetClassifier(ModelBase):
     def __init__(self, encoder: str | None = "resnet18", in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, base_channels: int = 32,
                  unet_depth: int = 4, upsample: str = "eucb_star", selected_upsampling: bool = True,
-                 dropout: float = 0.0, unet: bool = True):
+                 dropout: float = 0.0, unet: bool = True, encoder_kwargs: dict | None = None):
         super().__init__()
         if aux_classes is not None:
             raise ValueError("uresnet_cls is a classifier: use num_classes (aux_classes is for segmentation models)")
@@ -137,7 +139,8 @@ class UResNetClassifier(ModelBase):
         check_upsample(upsample, UPSAMPLES)
         self.num_classes, self.selected_upsampling = num_classes, selected_upsampling
         self.encoder = resolve_encoder(encoder, in_channels, pretrained,
-                                       own=lambda: ResNetStagesEncoder(in_channels), what="uresnet_cls")
+                                       own=lambda: ResNetStagesEncoder(in_channels), what="uresnet_cls",
+                                       encoder_kwargs=encoder_kwargs)
         features = self.encoder.channels[-1]
         if unet:
             self.unet_encoder = UNetEncoder(in_channels, base_channels, unet_depth)
@@ -155,7 +158,8 @@ class UResNetClassifier(ModelBase):
     def forward(self, x):
         if self.selected_upsampling:  # SU: bilinear x2 before the first convolution
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        pooled = [self.pool(self.encoder(x)[-1])]
+        # zero-padded to the encoder's stride as the segmentation models do (tresnet, dla, hrnet need it)
+        pooled = [self.pool(self.encoder(pad_to_multiple(x, self.encoder.output_stride))[-1])]
         if self.unet_encoder is not None:
             u = pad_to_multiple(x, self.unet_encoder.output_stride)  # zero padding: pooled, not cropped
             features = self.unet_encoder(u)
