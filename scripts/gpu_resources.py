@@ -294,7 +294,8 @@ def triton_report(jobs):
     by_kernel: dict = {}
     for launch, (error, usage) in zip(launches, results):
         if error is not None:
-            failures.append(f"{launch.kernel} [{launch.label}]: compile error: {error.splitlines()[0][:300]}")
+            lines_ = [line.strip() for line in error.splitlines() if line.strip()]
+            failures.append(f"{launch.kernel} [{launch.label}]: {lines_[0][:200]} {lines_[-1][:300]}")
             detail = error if len(error) < 4000 else error[:4000] + " ..."
             print(f"--- {launch.kernel} [{launch.label}] {launch.constexprs}\n{detail}\n", file=sys.stderr)
             continue
