@@ -114,7 +114,8 @@ def _launches(torch, triton, modules):
                           dict(BLOCK=block, num_warps=psbn._NUM_WARPS)))
         for act in activations:
             out.append(Launch("pixel_shuffle_bn._eval_forward_kernel", f"{tag} {act}",
-                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r), dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r),
+                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
             out.append(Launch("pixel_shuffle_bn._backward_sums_kernel", f"{tag} {act}",
                               (dt, dt, f32, f32, f32, f32, m, block, 1, h, w, *xs, *os_, 0.1, r),
                               dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
