@@ -149,10 +149,11 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn,
              mask=mask)
 
 
-_BLOCK = 1024
-# 8 warps: 4 elements per thread. At 4 warps (8 per thread, int64 offsets) the backward sums
-# spilled registers on sm_90 (scripts/gpu_resources.py).
-_NUM_WARPS = 8
+# 4 elements per thread (4 warps): with 8 per thread (1024 at 4 warps, int64 offsets), and
+# also at 1024 with 8 warps, the backward sums spilled registers on sm_90
+# (scripts/gpu_resources.py checks every configuration).
+_BLOCK = 512
+_NUM_WARPS = 4
 
 
 def _split(m, c, device):
