@@ -345,3 +345,12 @@ def test_predict_batches_and_shows_progress(tmp_path, capsys):
     assert status == 0, err
     assert batches == [2, 2, 1] and len(list((tmp_path / "masks").glob("*.png"))) == 5
     assert "predict" in err and "5/5" in err  # the progress bar (stderr)
+
+
+def test_compile_hides_the_cuda_home_warning_without_a_gpu():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}
+    code = ("import torch; from uresnet_models.cli import _quiet_cpp_extension_log; _quiet_cpp_extension_log(); "
+            "import torch.utils.cpp_extension")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "No CUDA runtime is found" not in proc.stderr, proc.stderr
