@@ -354,3 +354,7 @@ def test_compile_hides_the_cuda_home_warning_without_a_gpu():
             "import torch.utils.cpp_extension")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "No CUDA runtime is found" not in proc.stderr, proc.stderr
+
+
+def test_demo_output_folder_is_ignored_by_git():
+    assert "uresnet-demo/" in (ROOT / ".gitignore").read_text().split()

@@ -143,6 +143,16 @@ SWEEP = [
     ("hiera_tiny_224", {"img_size": (64, 96)}, (64, 96)), ("xcit_nano_12_p16_224", {}, ODD),
     ("mvitv2_tiny", {"img_size": 64}, (64, 64)), ("cpubone_nano", {}, ODD), ("iformer_t", {}, ODD),
     ("lcnetv2_small", {}, ODD), ("lowformer_b0", {}, ODD), ("csatv2", {}, ODD),             # csatv2: first at 1/8
+    ("convit_tiny", {"img_size": 64}, (64, 64)), ("vit_tiny_patch16_dinov3_qkvb", {"dynamic_img_size": True}, ODD),
+    ("gmlp_ti16_224", {"img_size": 64}, (64, 64)), ("pit_ti_224", {"img_size": 64}, (64, 64)),
+    ("visformer_tiny", {"img_size": 64}, (64, 64)), ("vit_tiny_r_s16_p8_224", {"dynamic_img_size": True}, ODD),
+    ("vit_relpos_small_patch16_224", {"img_size": 64}, (64, 64)), ("samvit_base_patch16", {"img_size": 64}, (64, 64)),
+    ("vitamin_small_224", {"img_size": 64}, (64, 64)),
+    ("swinv2_cr_tiny_224", {"img_size": (64, 96), "window_size": 2}, (64, 96)),
+    ("swinv2_tiny_window8_256", {"img_size": 64, "window_size": 2}, (64, 64)),             # NHWC
+    ("nextvit_small", {}, ODD), ("repghostnet_050", {}, ODD), ("swiftformer_xs", {}, ODD),
+    ("inception_v4", {}, (97, 131)), ("inception_resnet_v2", {}, (97, 131)), ("nasnetalarge", {}, (97, 131)),
+    ("efficientformer_l1", {}, (224, 224)), ("tiny_vit_5m_224", {}, (224, 224)),            # fixed 224, no img_size
 ]
 
 
