@@ -241,6 +241,8 @@ def test_encoder_normalisation_freeze_and_pretrained_flags(tmp_path, capsys):
     assert meta["config"]["freeze_encoder"] is True
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert config["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    card = (tmp_path / "run" / "best" / "README.md").read_text()
+    assert "| trained on | binary" in card and "encoder frozen" in card and "| val_miou |" in card
     status, _, err = run(["train", "--data", "synthetic", "--encoder", "none", "--pretrained", "--epochs", "1",
                           "--out", str(tmp_path / "x")], capsys)
     assert status == 2 and "pretrained=True needs a timm encoder" in err
