@@ -10,6 +10,7 @@ PY=${PYTHON:-python3}
 $PY -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 $PY -m pip install --quiet timm numpy tqdm safetensors matplotlib ninja pybind11 pytest pytest-benchmark segmentation-models-pytorch
 # --no-build-isolation: compile against the torch installed above, not a fresh copy in a build env.
+# The object files persist in build/temp (setup.py): a second run on an unchanged tree only relinks.
 start=$(date +%s)
 log=$(mktemp)
 MAX_JOBS=${MAX_JOBS:-2} $PY -m pip install -v --no-build-isolation --no-deps -e . > "$log" 2>&1 \

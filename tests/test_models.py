@@ -203,3 +203,121 @@ def test_compile(backend):
         ref = model(x)
         out = torch.compile(model, fullgraph=True, backend=backend)(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- issue 19
+def test_activation_and_predict():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 33, 41)
+    model = um.create_model("unet", encoder="test_resnet", num_classes=3, activation="softmax", **SMALL["unet"])
+    model.train()
+    probs = model.predict(x)
+    assert model.training  # restored
+    assert probs.shape == (2, 3, 33, 41) and torch.allclose(probs.sum(1), torch.ones(2, 33, 41), atol=1e-5)
+    assert not probs.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(probs, model.eval()(x).softmax(1))  # forward stays logits
+    assert model.model_config["kwargs"]["activation"] == "softmax"
+    sig = um.create_model("unet", encoder="test_resnet", activation="sigmoid", **SMALL["unet"]).predict(x)
+    assert 0 <= sig.min() and sig.max() <= 1
+    custom = um.create_model("unet", encoder="test_resnet", activation=lambda t: t * 0 + 7, **SMALL["unet"])
+    assert (custom.predict(x) == 7).all()
+    plain = um.create_model("unet", encoder="test_resnet", **SMALL["unet"]).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.predict(x), plain(x))
+    with pytest.raises(ValueError, match="activation='relu6'"):
+        um.create_model("unet", activation="relu6")
+    with pytest.raises(TypeError, match="activation"):
+        um.create_model("unet", activation=3)
+
+
+def test_freeze_and_unfreeze_encoder():
+    model = um.create_model("unet", encoder="test_resnet", num_classes=2, **SMALL["unet"])
+    model.freeze_encoder().train()
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)  # stays in eval after .train()
+    before = [m.running_mean.clone() for m in bns]
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    assert all(p.grad is None for p in model.encoder.parameters())
+    model.unfreeze_encoder()
+    assert all(p.requires_grad for p in model.encoder.parameters()) and all(m.training for m in bns)
+
+
+def test_config_holds_every_argument_with_its_default(tmp_path):
+    model = um.create_model("unet", encoder="test_resnet", num_classes=2)
+    kwargs = model.model_config["kwargs"]
+    assert kwargs["upsample"] == "transpose" and kwargs["decoder_channels"] is None and kwargs["in_channels"] == 3
+    assert "pretrained" not in kwargs
+    # an old config (arguments given only) still loads
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"architecture": "unet", "kwargs": {"encoder": "test_resnet", '
+                                          '"num_classes": 2}}')
+    assert um.from_pretrained(tmp_path).model_config["kwargs"]["upsample"] == "transpose"
+
+
+def test_save_pretrained_of_a_model_built_from_its_class(tmp_path):
+    model = um.UNet(encoder="test_resnet", num_classes=2, decoder_channels=(8, 8, 8, 8, 8)).eval()
+    model.save_pretrained(tmp_path)
+    again = um.from_pretrained(tmp_path).eval()
+    assert again.model_config["kwargs"]["decoder_channels"] == [8, 8, 8, 8, 8]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+    class Unregistered(um.ModelBase):
+        def __init__(self, width=3):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, width, 1)
+
+    with pytest.raises(RuntimeError, match="not a registered architecture"):
+        Unregistered().save_pretrained(tmp_path / "x")
+
+
+def test_model_card(tmp_path):
+    model = um.create_model("unet", encoder="test_resnet", num_classes=2, **SMALL["unet"])
+    model.save_pretrained(tmp_path, metrics={"val_miou": 0.8123, "epoch": 7})
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# unet on test_resnet")
+    for needle in ("| output classes | 2 |", "| val_miou | 0.8123 |", "| epoch | 7 |", "from_pretrained",
+                   "mean [0.5, 0.5, 0.5]", '"architecture": "unet"'):
+        assert needle in card, needle
+
+
+def test_corrupted_config_names_the_file(tmp_path):
+    um.create_model("unet", encoder="test_resnet", **SMALL["unet"]).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"architecture": "unet",\n "kwargs": }')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        um.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["uresnet", "deresunet", "resunet_atrous"])
+def test_meta_device_forward_and_backward(name):
+    with torch.device("meta"):
+        model = um.create_model(name, encoder="test_resnet" if name != "uresnet" else None, num_classes=2,
+                                **small(name, own_encoder=name == "uresnet"))
+        x = _input(name, n=2).requires_grad_(True)
+    y = model(x)
+    y.sum().backward()
+    assert y.device.type == "meta" and y.shape == (2, 2, 37, 45) and x.grad.shape == x.shape
+
+
+def test_hubconf_loads_locally():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    model = torch.hub.load(str(root), "unet", source="local", encoder="test_resnet", num_classes=2,
+                           decoder_channels=(8, 8, 8, 8, 8))
+    assert isinstance(model, um.UNet) and model.model_config["kwargs"]["encoder"] == "test_resnet"
+
+
+def test_py_typed_and_version():
+    import importlib.resources
+    import tomllib
+    from pathlib import Path
+    for package in ("uresnet_ops", "uresnet_models"):
+        assert importlib.resources.files(package).joinpath("py.typed").is_file()
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-data"]["uresnet_models"] == ["py.typed"]
+    assert um.__version__ == pyproject["project"]["version"] == uresnet_ops.__version__

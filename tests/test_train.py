@@ -178,3 +178,17 @@ def test_cpu_sync_batchnorm_keeps_the_state_dict():
     reference = make()
     reference.load_state_dict(before)
     torch.testing.assert_close(synced.train()(x), reference.train()(x), rtol=1e-4, atol=1e-4)  # alone: plain BN
+
+
+def test_curves_have_whole_epoch_ticks(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    from uresnet_models.train import plot_curves
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self),
+                                                                                      original(self, *a, **k)))
+    history = [dict(epoch=e, train_loss=1.0 / e, val_loss=1.0 / e, val_miou=0.1 * e, lr=1e-3) for e in (1, 2)]
+    plot_curves(history, tmp_path / "c.png")
+    ticks = [t for ax in figures[0].axes for t in ax.get_xticks() if 1 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -67,9 +67,12 @@ class ModelBase(nn.Module):
         """Write ``path/model.safetensors`` (the state dict, buffers included),
         ``path/config.json`` (how to rebuild the model) and ``path/README.md`` (a model card:
         architecture, encoder, classes, preprocessing, ``metrics`` and how to load it);
-        :func:`uresnet_models.from_pretrained` reads them back. Returns the folder."""
+        :func:`uresnet_models.from_pretrained` reads them back. ``config.json`` also records the
+        encoder's ``preprocessing`` (mean/std). Returns the folder."""
         from safetensors.torch import save_model
         config = self._config()
+        if self.preprocessing:  # for readers of the checkpoint; from_pretrained rebuilds it from the encoder
+            config = {**config, "preprocessing": self.preprocessing}
         try:
             text = json.dumps(config, indent=2, sort_keys=True)
         except TypeError as error:
@@ -146,8 +149,8 @@ def model_card(config: dict, model: nn.Module | None = None, metrics: dict | Non
     lines = [f"# {config['architecture']}" + (f" on {kwargs['encoder']}" if kwargs.get("encoder") else ""), "",
              "A `uresnet_models` checkpoint.", "", "| | |", "|---|---|",
              f"| architecture | `{config['architecture']}` |",
-             f"| encoder | `{kwargs.get('encoder')}`" + (f" ({kwargs['encoder_kwargs']})" if kwargs.get("encoder_kwargs")
-                                                        else "") + " |",
+             "| encoder | " + (f"`{kwargs['encoder']}`" if kwargs.get("encoder") else "the architecture's own")
+             + (f" ({kwargs['encoder_kwargs']})" if kwargs.get("encoder_kwargs") else "") + " |",
              f"| input channels | {kwargs.get('in_channels', '?')} |",
              f"| output classes | {kwargs.get('num_classes', '?')} |"]
     if kwargs.get("aux_classes"):

@@ -498,9 +498,22 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _quiet_cpp_extension_log() -> None:
+    """torch.compile imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
+    using CUDA_HOME=..." on a machine with a CUDA toolkit but no GPU: about building CUDA
+    extensions, nothing to do with a CPU compile, so not shown there."""
+    import logging
+
+    import torch
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def cmd_train(args) -> int:
     from .train import DEFAULT, TrainConfig, fit
     _set_threads(args.threads)
+    if args.compile:
+        _quiet_cpp_extension_log()
     fmt = args.format or ("synthetic" if args.data == "synthetic" else None)
     if fmt is None:
         raise CliError(f"--data {args.data}: give the dataset's --format "

@@ -96,9 +96,17 @@ def _load_plugin(name: str) -> None:
         register_model(obj, name=name)  # a builder: register it under the entry point's name
 
 
+_BUILTINS = {"uresnet": "UResNet", "uresnet_cls": "UResNetClassifier", "deresunet": "DeResUNet",
+             "resunet_atrous": "ResUNetAtrous", "resunet": "ResUNet", "unet": "UNet"}
+
+
 def _builtins() -> None:
-    """Register the built-in architectures (importing them is what registers them)."""
-    from . import architectures  # noqa: F401
+    """Make sure the built-in architectures are registered (``import uresnet_models`` does not
+    import them, so that the command line's ``--help`` needs no torch); one registered again
+    under the same name by the user stays the user's."""
+    from . import architectures
+    for name, cls in _BUILTINS.items():
+        _REGISTRY.setdefault(name, getattr(architectures, cls))
 
 
 def list_models(pattern: str | Iterable[str] = "*") -> list[str]:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import DataInfo, Transformed, build_dataset, build_transform, check_dataset
+from .data import DataError, DataInfo, Transformed, build_dataset, build_transform, check_dataset
 from .losses import build_loss
 from .metrics import ConfusionMatrix, TopK, predictions
 
@@ -329,8 +329,15 @@ def monitor_key(info: DataInfo) -> str:
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainConfig, epoch: int, metrics: dict,
                     state: dict | None = None) -> Path:
-    """``save_pretrained`` + ``training.json`` (+ ``state.pt`` for resuming)."""
+    """``save_pretrained`` (its README.md card with the data and the metrics) + ``training.json``
+    (+ ``state.pt`` for resuming)."""
+    from .base import CARD_NAME, model_card
     model.save_pretrained(folder)
+    training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {', '.join(map(str, info.class_names))})",
+                "epoch": epoch, "recipe": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, image size "
+                f"{cfg.image_size}, loss {cfg.loss or 'default'}" + (", encoder frozen" if cfg.freeze_encoder else "")}
+    card_config = json.loads((folder / "config.json").read_text())
+    (folder / CARD_NAME).write_text(model_card(card_config, model, metrics, training))
     meta = {"epoch": epoch, "metrics": metrics, "data": info.to_dict(),
             "config": {k: v for k, v in asdict(cfg).items()}}
     (folder / TRAINING_JSON).write_text(json.dumps(meta, indent=1, default=str) + "\n")
@@ -500,7 +507,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise ValueError("--epochs, --batch-size and --lr must be positive")
     seed_everything(cfg.seed, cfg.deterministic)
-    splits = {}
+    splits, bad = {}, []
     for split in ("train", "val"):
         length = cfg.train_samples if split == "train" else cfg.val_samples
         splits[split] = build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
@@ -511,9 +518,15 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         if cfg.check_data and cfg.format not in ("synthetic", "cifar10"):
             # every file read once now: a bad one is reported before the model is built, not mid-training
             began = time.perf_counter()
-            for note in check_dataset(*splits[split]):
-                say(f"note: {note}")
+            try:
+                for note in check_dataset(*splits[split]):
+                    say(f"note: {split}: {note}")
+            except DataError as error:
+                bad.append(f"{split}: {error}")
+                continue
             say(f"checked the {len(splits[split][0])} {split} samples ({time.perf_counter() - began:.1f} s)")
+    if bad:
+        raise DataError("; ".join(bad))
     train_set, info = build_data(cfg, "train", raw=splits["train"])
     val_set, _ = build_data(cfg, "val", normalization=(info.mean, info.std), raw=splits["val"])
     task = Task(info, cfg)
