@@ -105,7 +105,7 @@ def _fuse_tree(module, path, rep) -> nn.Module:
     new = _fuse_subtree(module, path, rep)
     renames = _renames(before, list(new.state_dict(keep_vars=True).items()))
     if renames:
-        _keep_original_keys(new, renames)
+        _keep_original_keys(new, renames, [key for key, _ in before])
     return new
 
 
@@ -145,25 +145,56 @@ def _renames(before, after) -> dict:
 
 class _RenameKeys:
     """A state-dict hook renaming keys under the module's prefix (``mapping``: {old: new},
-    relative keys), keeping their order."""
+    relative keys); with ``order`` (the new relative keys in order), those keys come in it."""
 
-    def __init__(self, mapping: dict):
+    def __init__(self, mapping: dict, order: list | None = None):
         self.mapping = mapping
+        self.rank = None if order is None else {key: i for i, key in enumerate(order)}
 
     def __call__(self, module, state_dict, prefix, *args):
         items = list(state_dict.items())
         state_dict.clear()
+        ours = []
         for key, value in items:
             local = key[len(prefix):] if key.startswith(prefix) else None
-            state_dict[prefix + self.mapping[local] if local in self.mapping else key] = value
+            if local is None:
+                if ours:  # this module's entries are contiguous: put them back in place
+                    state_dict.update(self._ordered(ours, prefix))
+                    ours = []
+                state_dict[key] = value
+            else:
+                ours.append((self.mapping.get(local, local), value))
+        state_dict.update(self._ordered(ours, prefix))
+
+    def _ordered(self, items, prefix):
+        if self.rank is not None:
+            items = sorted(items, key=lambda kv: self.rank.get(kv[0], len(self.rank)))
+        return [(prefix + key, value) for key, value in items]
 
 
-def _keep_original_keys(module, renames: dict) -> None:
+def _keep_original_keys(module, renames: dict, order: list) -> None:
     """Hooks keeping a rewritten module's state-dict keys those of the module it replaced
-    (``renames``: {our key: their key}): ``state_dict()`` gives theirs and ``load_state_dict``
+    (``renames``: {our key: their key}; ``order``: their keys in order): ``state_dict()`` gives
+    theirs, in their order, and ``load_state_dict``
     takes theirs, so checkpoints of the original load into the fused model and back, strictly."""
-    module.register_state_dict_post_hook(_RenameKeys(renames))
+    module.register_state_dict_post_hook(_RenameKeys(renames, order))
     module.register_load_state_dict_pre_hook(_RenameKeys({theirs: ours for ours, theirs in renames.items()}))
+    if isinstance(module, fx.GraphModule):
+        # A GraphModule pickles as its code and attributes, without hooks; each has a class of
+        # its own, so its pickling can bring them back.
+        type(module).__reduce__ = _reduce_with_renames
+        module._uresnet_renames = renames, order
+
+
+def _reduce_with_renames(module):
+    return _restore_renames, (fx.GraphModule.__reduce__(module), module._uresnet_renames)
+
+
+def _restore_renames(reduced, renames_and_order):
+    rebuild, args = reduced
+    module = rebuild(*args)
+    _keep_original_keys(module, *renames_and_order)
+    return module
 
 
 def _is_plain(module, cls) -> bool:
