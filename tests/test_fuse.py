@@ -474,3 +474,47 @@ def test_activations_left_out_are_reported(act):
                           nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1))
     _, report = uresnet_ops.fuse(chain, report=True)
     assert not report.fused and f"activation {type(act).__name__}" in report.skipped[0].detail, str(report)
+
+
+# ----------------------------------------------------------------------------- ASPP by structure
+class HandWrittenASPP(nn.Module):
+    """An ASPP nobody's library wrote: functional torch.relu, the pooling branch inline and in
+    the middle of the concatenation, a projection with a bias followed by BN and ReLU."""
+
+    def __init__(self, c=6, o=4, act=torch.relu):
+        super().__init__()
+        self.act = act
+        self.c1, self.b1 = nn.Conv2d(c, o, 1, bias=False), nn.BatchNorm2d(o)
+        self.c2, self.b2 = nn.Conv2d(c, o, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(o)
+        self.pool, self.pc, self.pb = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, o, 1, bias=False), nn.BatchNorm2d(o)
+        self.proj, self.pbn = nn.Conv2d(3 * o, o, 1), nn.BatchNorm2d(o)
+
+    def forward(self, x):
+        p = F.interpolate(torch.relu(self.pb(self.pc(self.pool(x)))), size=x.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        y = torch.cat([self.act(self.b1(self.c1(x))), p, self.act(self.b2(self.c2(x)))], 1)
+        return torch.relu(self.pbn(self.proj(y)))
+
+
+def test_hand_written_aspp_is_matched_by_structure():
+    plain = randomize_bn(HandWrittenASPP())
+    fused, report = assert_equivalent(plain, torch.randn(2, 6, 9, 8))
+    assert isinstance(fused.aspp_fused, ASPP) and fused.aspp_fused.pool_position == 1, str(report)
+    assert "per-image bias" in report.fused[0].detail and not report.skipped
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+def test_aspp_with_an_activation_the_op_lacks_is_reported():
+    plain = HandWrittenASPP(act=F.gelu)
+    fused, report = uresnet_ops.fuse(plain, report=True)
+    assert not report.fused and types(fused) == types(plain)
+    assert any("activation GELU" in e.detail for e in report.skipped), str(report)
+
+
+def test_smp_deeplabv3_aspp_pooling_as_bias():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    plain = randomize_bn(smp.DeepLabV3(encoder_name="resnet18", encoder_weights=None, classes=3))
+    fused, report = assert_equivalent(plain, torch.randn(2, 3, 40, 40), steps=("train", "eval"), tol=(1e-4, 1e-4))
+    assert isinstance(fused.decoder.aspp, ASPP) and [e.path for e in report.fused] == ["decoder.aspp"], str(report)
+    assert list(fused.state_dict()) == list(plain.state_dict())
