@@ -747,10 +747,21 @@ def _projection(node, root, counts, channels):
     return (users[0], project), ""
 
 
+@dataclasses.dataclass
+class _AsppMatch:
+    pattern: str
+    why: str = ""          # why it is passed over ("": it fuses)
+    build: object = None   # () -> the fused ASPP
+    input: fx.Node = None
+    user: fx.Node = None   # the projection's call, which the fused module replaces
+    erase: list = dataclasses.field(default_factory=list)  # the nodes it replaces, users first
+    modules: tuple = ()
+
+
 def _match_aspp(node, tensors, branches, root, counts):
-    """An ASPP: conv branches (one run) and one image-pooling branch on the same input,
-    concatenated, then a 1x1 projection. (build, nodes to erase, pattern) or (None, why, pattern)
-    where a pooling branch was found, or None."""
+    """An ASPP at cat ``node``: conv branches (one BatchNorm configuration and activation) and
+    one image-pooling branch on the same input, concatenated, then a 1x1 projection. None
+    without a pooling branch among conv branches."""
     convs = [b for b in branches if b is not None]
     if not convs:
         return None
@@ -760,28 +771,29 @@ def _match_aspp(node, tensors, branches, root, counts):
     if len(pools) != 1:
         return None
     position, (pool_nodes, pool_mods) = pools[0]
-    pattern = f"ASPP ({len(convs)} conv branches, dilations {[b.conv.dilation[0] for b in convs]}, image pooling)"
-    why = ""
+    match = _AsppMatch(f"ASPP ({len(convs)} conv branches, dilations {[b.conv.dilation[0] for b in convs]}, "
+                       "image pooling)")
     if len(tensors) != len(convs) + 1:
-        why = "an input of the concatenation is neither a conv branch nor the pooling branch"
+        match.why = "an input of the concatenation is neither a conv branch nor the pooling branch"
     elif any(b.problem for b in convs):
-        why = "; ".join(f"branch {i}: {b.problem}" for i, b in enumerate(convs) if b.problem)
+        match.why = "; ".join(f"branch {i}: {b.problem}" for i, b in enumerate(convs) if b.problem)
     elif len({b.key() for b in convs}) != 1:
-        why = "the branches differ in input, BatchNorm configuration, activation, dtype or device"
+        match.why = "the branches differ in input, BatchNorm configuration, activation, dtype or device"
+    if match.why:
+        return match
     pool_convs = [m for m in pool_mods if isinstance(m, nn.Conv2d)]
     pool_channels = pool_convs[-1].out_channels if pool_convs else convs[0].conv.in_channels
-    channels = sum(b.conv.out_channels for b in convs) + pool_channels
-    projection = None
-    if not why:
-        projection, why = _projection(node, root, counts, channels)
-    if why:
-        return None, why, pattern
-    user, project = projection
-    build = lambda: unn.ASPP.from_parts([(b.conv, b.bn, b.act) for b in convs], pool_mods, project,  # noqa: E731
-                                        position)
-    erase = [user, node] + [nd for b in reversed(convs) for nd in reversed(b.nodes)] + list(reversed(pool_nodes))
-    modules = tuple(m for b in convs for m in (b.conv, b.bn, b.act) if m is not None) + tuple(pool_mods) + (project,)
-    return (build, erase, pattern, x, user, modules)
+    projection, match.why = _projection(node, root, counts, sum(b.conv.out_channels for b in convs) + pool_channels)
+    if match.why:
+        return match
+    match.user, project = projection
+    match.input = x
+    match.build = lambda: unn.ASPP.from_parts([(b.conv, b.bn, b.act) for b in convs], pool_mods, project, position)
+    match.erase = ([match.user, node] + [nd for b in reversed(convs) for nd in reversed(b.nodes)]
+                   + list(reversed(pool_nodes)))
+    match.modules = (tuple(m for b in convs for m in (b.conv, b.bn, b.act) if m is not None) + tuple(pool_mods)
+                     + (project,))
+    return match
 
 
 def _erase_with_dead_inputs(graph, nodes):
@@ -795,25 +807,25 @@ def _erase_with_dead_inputs(graph, nodes):
 
 
 def _rewrite_aspp(graph, node, tensors, branches, module, counts, new_modules, consumed, found, path, rep):
-    """Fuses the ASPP at cat ``node`` if there is one; True when the cat is dealt with."""
+    """Fuses the ASPP at cat ``node`` if there is one: "fused", "reported" (passed over, with
+    why), or None (no ASPP)."""
     match = _match_aspp(node, tensors, branches, module, counts)
     if match is None:
-        return False
-    if match[0] is None:
-        rep.skipped.append(FuseEntry(path, match[2] + " in forward", match[1]))
-        return False  # the conv branches may still fuse on their own
-    build, erase, pattern, x, user, modules = match
-    fused = build()
+        return None
+    if match.why:
+        rep.skipped.append(FuseEntry(path, match.pattern + " in forward", match.why))
+        return "reported"  # its conv branches may still fuse on their own
+    fused = match.build()
     name = _free_name("aspp_fused", module, new_modules)
     new_modules[name] = fused
-    consumed.update(modules)
-    with graph.inserting_before(user):
-        new = graph.call_module(name, (x,))
-    user.replace_all_uses_with(new)
-    _erase_with_dead_inputs(graph, erase)
-    found.append(FuseEntry(path, pattern + " in forward", f"ASPP ({name}; the pooling branch as a per-image bias)",
-                           modules))
-    return True
+    consumed.update(match.modules)
+    with graph.inserting_before(match.user):
+        new = graph.call_module(name, (match.input,))
+    match.user.replace_all_uses_with(new)
+    _erase_with_dead_inputs(graph, match.erase)
+    found.append(FuseEntry(path, match.pattern + " in forward",
+                           f"ASPP ({name}; the pooling branch as a per-image bias)", match.modules))
+    return "fused"
 
 
 def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
@@ -825,10 +837,12 @@ def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
         if dim not in (1, -3) or not isinstance(tensors, (list, tuple)):
             continue
         branches = [_branch(t, module, counts) if tensors.count(t) == 1 else None for t in tensors]
-        if _rewrite_aspp(graph, node, tensors, branches, module, counts, new_modules, consumed, found, path, rep):
+        aspp = _rewrite_aspp(graph, node, tensors, branches, module, counts, new_modules, consumed, found, path, rep)
+        if aspp == "fused":
             continue
-        problems = [f"{_names([b.conv])}({b.conv.in_channels}, {b.conv.out_channels}): {b.problem}"
-                    for b in branches if b is not None and b.problem]
+        problems = [] if aspp == "reported" else [  # reported with the ASPP
+            f"{_names([b.conv])}({b.conv.in_channels}, {b.conv.out_channels}): {b.problem}"
+            for b in branches if b is not None and b.problem]
         new_tensors, j, fused_here = [], 0, []
         while j < len(tensors):
             b, k = branches[j], j + 1
