@@ -351,3 +351,170 @@ def test_fused_model_under_torch_compile():
     x = torch.randn(2, 16, 3, 4)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- state and keys (issue 17)
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def _assert_state(model, state):
+    tensors, modes = state
+    now = model.state_dict()
+    assert now.keys() == tensors.keys()
+    changed = [k for k in tensors if not torch.equal(now[k], tensors[k])]
+    assert not changed, f"{len(changed)} entries changed, e.g. {changed[:3]}"
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_fuse_leaves_the_state_of_timm_models_untouched(inplace, momentum, training):
+    # timm's BatchNormAct2d is a BatchNorm subclass with its own forward: tracing it used to run
+    # its num_batches_tracked update on the model's buffers (46 counters 0 -> 1 here).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_large_100", pretrained=False).train(training)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+    state = _state(model)
+    fused = uresnet_ops.fuse(model, inplace=inplace)
+    _assert_state(fused, state)
+    _assert_state(model, state)
+
+
+class _CountingBN(nn.BatchNorm2d):
+    """A BatchNorm subclass whose own forward touches its buffers (as timm's norm+act layers do)."""
+
+    def __init__(self, c):
+        super().__init__(c, momentum=None)
+        self.ps = nn.PixelShuffle(1)  # a child: fuse traces this forward
+
+    def forward(self, x):
+        self.num_batches_tracked.add_(1)
+        self.running_mean.add_(1.0)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tracing_does_not_run_on_the_model_buffers(inplace):
+    plain = nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2), nn.BatchNorm2d(2), nn.ReLU(), _CountingBN(2))
+    state = _state(plain)
+    fused, report = uresnet_ops.fuse(plain, inplace=inplace, report=True)
+    _assert_state(fused, state)
+    assert isinstance(fused[1], PixelShuffleBN)
+
+
+def _branchy():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 3, 3, padding=d, dilation=d, bias=False),
+                                                     nn.BatchNorm2d(3), nn.ReLU()) for d in (1, 2))
+            self.up = nn.Sequential(nn.Conv2d(6, 8, 1), nn.PixelShuffle(2), nn.BatchNorm2d(2), nn.ReLU())
+
+        def forward(self, x):
+            return self.up(torch.cat([conv(x) for conv in self.convs], 1))
+    return randomize_bn(Branches())
+
+
+@pytest.mark.parametrize("make,channels", [
+    (_branchy, 4),
+    (lambda: randomize_bn(nn.Sequential(nn.Conv2d(3, 16, 1), nn.PixelShuffle(2), nn.BatchNorm2d(4), nn.ReLU())), 3),
+    (lambda: randomize_bn(eucb_chain()), 4),
+    (lambda: randomize_bn(UResNetEUCBStar(8, 3)), 8),
+], ids=["cat_branches", "sequential_pixel_shuffle", "sequential_eucb", "traced_eucb_star"])
+def test_state_dict_keys_are_kept_and_load_both_ways(make, channels):
+    plain = make()
+    fused = uresnet_ops.fuse(plain)
+    assert list(fused.state_dict()) == list(plain.state_dict())  # same keys, same order
+    fresh = make()
+    fused.load_state_dict(fresh.state_dict(), strict=True)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)  # the key hooks pickle with the model
+    buffer.seek(0)
+    assert list(torch.load(buffer, weights_only=False).state_dict()) == list(plain.state_dict())
+    assert list(copy.deepcopy(fused).state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, channels, 4, 4)
+    fresh.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), fresh(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["DeepLabV3", "DeepLabV3Plus"])
+def test_smp_checkpoints_and_save_pretrained(arch, tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    plain = randomize_bn(getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=3)).eval()
+    state = _state(plain)
+    fused, report = uresnet_ops.fuse(plain, report=True)
+    _assert_state(plain, state)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    fused.save_pretrained(tmp_path)
+    loaded = type(plain).from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), plain(x))
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+    if arch == "DeepLabV3Plus":  # separable ASPP branches: reported, with the reason
+        assert any("separable" in e.detail for e in report.skipped), str(report)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU6(), nn.Hardswish()], ids=["gelu", "relu6", "hardswish"])
+def test_activations_left_out_are_reported(act):
+    fused, report = uresnet_ops.fuse(nn.Sequential(nn.PixelShuffle(2), nn.BatchNorm2d(2), act), report=True)
+    assert isinstance(fused[0], PixelShuffleBN) and fused[0].activation == "none" and isinstance(fused[2], type(act))
+    assert type(act).__name__ + " after it left out" in report.fused[0].detail
+    _, report = uresnet_ops.fuse(eucb_chain(), report=True)  # control: ReLU is fused
+    assert report.fused and not report.skipped
+    chain = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+                          nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1))
+    _, report = uresnet_ops.fuse(chain, report=True)
+    assert not report.fused and f"activation {type(act).__name__}" in report.skipped[0].detail, str(report)
+
+
+# ----------------------------------------------------------------------------- ASPP by structure
+class HandWrittenASPP(nn.Module):
+    """An ASPP nobody's library wrote: functional torch.relu, the pooling branch inline and in
+    the middle of the concatenation, a projection with a bias followed by BN and ReLU."""
+
+    def __init__(self, c=6, o=4, act=torch.relu):
+        super().__init__()
+        self.act = act
+        self.c1, self.b1 = nn.Conv2d(c, o, 1, bias=False), nn.BatchNorm2d(o)
+        self.c2, self.b2 = nn.Conv2d(c, o, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(o)
+        self.pool, self.pc, self.pb = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, o, 1, bias=False), nn.BatchNorm2d(o)
+        self.proj, self.pbn = nn.Conv2d(3 * o, o, 1), nn.BatchNorm2d(o)
+
+    def forward(self, x):
+        p = F.interpolate(torch.relu(self.pb(self.pc(self.pool(x)))), size=x.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        y = torch.cat([self.act(self.b1(self.c1(x))), p, self.act(self.b2(self.c2(x)))], 1)
+        return torch.relu(self.pbn(self.proj(y)))
+
+
+def test_hand_written_aspp_is_matched_by_structure():
+    plain = randomize_bn(HandWrittenASPP())
+    fused, report = assert_equivalent(plain, torch.randn(2, 6, 9, 8))
+    assert isinstance(fused.aspp_fused, ASPP) and fused.aspp_fused.pool_position == 1, str(report)
+    assert "per-image bias" in report.fused[0].detail and not report.skipped
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+def test_aspp_with_an_activation_the_op_lacks_is_reported():
+    plain = HandWrittenASPP(act=F.gelu)
+    fused, report = uresnet_ops.fuse(plain, report=True)
+    assert not report.fused and types(fused) == types(plain)
+    assert any("activation GELU" in e.detail for e in report.skipped), str(report)
+
+
+def test_smp_deeplabv3_aspp_pooling_as_bias():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    plain = randomize_bn(smp.DeepLabV3(encoder_name="resnet18", encoder_weights=None, classes=3))
+    fused, report = assert_equivalent(plain, torch.randn(2, 3, 40, 40), steps=("train", "eval"), tol=(1e-4, 1e-4))
+    assert isinstance(fused.decoder.aspp, ASPP) and [e.path for e in report.fused] == ["decoder.aspp"], str(report)
+    assert list(fused.state_dict()) == list(plain.state_dict())

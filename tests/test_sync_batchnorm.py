@@ -165,12 +165,12 @@ def test_every_fused_module_synced_equals_whole_batch(tmp_path, backend):
             for step in range(2):
                 for key in ("outs", "grads_x"):
                     torch.testing.assert_close(torch.cat([r[name][key][step] for r in results]), whole[key][step],
-                                               **tol, msg=lambda m: f"{name} {key} step {step}: {m}")
+                                               **tol, msg=f"{name} {key} step {step}")
                 for r in results:
                     for got, want in zip(r[name]["grads_p"][step], whole["grads_p"][step]):
                         # sums that nearly cancel: rounding relative to the largest gradient
                         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 + 1e-5 * want.abs().max().item(),
-                                                   msg=lambda m: f"{name} grads step {step}: {m}")
+                                                   msg=f"{name} grads step {step}")
             for r in results:
                 for got, want in zip(r[name]["buffers"], whole["buffers"]):
-                    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name} buffers: {m}")
+                    torch.testing.assert_close(got, want, **tol, msg=f"{name} buffers")

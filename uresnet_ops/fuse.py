@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from operator import getitem as _getitem
 
 import torch
 import torch.nn.functional as F
@@ -105,17 +106,13 @@ def _fuse_tree(module, path, rep) -> nn.Module:
     new = _fuse_subtree(module, path, rep)
     renames = _renames(before, list(new.state_dict(keep_vars=True).items()))
     if renames:
-        _keep_original_keys(new, renames)
+        _keep_original_keys(new, renames, [key for key, _ in before])
     return new
 
 
 def _fuse_subtree(module, path, rep) -> nn.Module:
     if isinstance(module, _FUSED_TYPES):
         return module
-    if _is_torchvision_aspp(module):
-        fused = _fuse_torchvision_aspp(module, path, rep)
-        if fused is not None:
-            return fused
     _fuse_children(module, path, rep)
     if _is_plain(module, nn.Sequential):
         _fuse_sequential(module, path, rep)
@@ -145,25 +142,56 @@ def _renames(before, after) -> dict:
 
 class _RenameKeys:
     """A state-dict hook renaming keys under the module's prefix (``mapping``: {old: new},
-    relative keys), keeping their order."""
+    relative keys); with ``order`` (the new relative keys in order), those keys come in it."""
 
-    def __init__(self, mapping: dict):
+    def __init__(self, mapping: dict, order: list | None = None):
         self.mapping = mapping
+        self.rank = None if order is None else {key: i for i, key in enumerate(order)}
 
     def __call__(self, module, state_dict, prefix, *args):
         items = list(state_dict.items())
         state_dict.clear()
+        ours = []
         for key, value in items:
             local = key[len(prefix):] if key.startswith(prefix) else None
-            state_dict[prefix + self.mapping[local] if local in self.mapping else key] = value
+            if local is None:
+                if ours:  # this module's entries are contiguous: put them back in place
+                    state_dict.update(self._ordered(ours, prefix))
+                    ours = []
+                state_dict[key] = value
+            else:
+                ours.append((self.mapping.get(local, local), value))
+        state_dict.update(self._ordered(ours, prefix))
+
+    def _ordered(self, items, prefix):
+        if self.rank is not None:
+            items = sorted(items, key=lambda kv: self.rank.get(kv[0], len(self.rank)))
+        return [(prefix + key, value) for key, value in items]
 
 
-def _keep_original_keys(module, renames: dict) -> None:
+def _keep_original_keys(module, renames: dict, order: list) -> None:
     """Hooks keeping a rewritten module's state-dict keys those of the module it replaced
-    (``renames``: {our key: their key}): ``state_dict()`` gives theirs and ``load_state_dict``
+    (``renames``: {our key: their key}; ``order``: their keys in order): ``state_dict()`` gives
+    theirs, in their order, and ``load_state_dict``
     takes theirs, so checkpoints of the original load into the fused model and back, strictly."""
-    module.register_state_dict_post_hook(_RenameKeys(renames))
+    module.register_state_dict_post_hook(_RenameKeys(renames, order))
     module.register_load_state_dict_pre_hook(_RenameKeys({theirs: ours for ours, theirs in renames.items()}))
+    if isinstance(module, fx.GraphModule):
+        # A GraphModule pickles as its code and attributes, without hooks; each has a class of
+        # its own, so its pickling can bring them back.
+        type(module).__reduce__ = _reduce_with_renames
+        module._uresnet_renames = renames, order
+
+
+def _reduce_with_renames(module):
+    return _restore_renames, (fx.GraphModule.__reduce__(module), module._uresnet_renames)
+
+
+def _restore_renames(reduced, renames_and_order):
+    rebuild, args = reduced
+    module = rebuild(*args)
+    _keep_original_keys(module, *renames_and_order)
+    return module
 
 
 def _is_plain(module, cls) -> bool:
@@ -363,40 +391,6 @@ def _fuse_sequential(seq, path, rep):
         i += n
 
 
-# ----------------------------------------------------------------------------- known classes
-def _is_torchvision_aspp(module) -> bool:
-    return type(module).__name__ == "ASPP" and type(module).__module__ == "torchvision.models.segmentation.deeplabv3"
-
-
-def _fuse_torchvision_aspp(aspp, path, rep):
-    convs = list(aspp.convs)
-    problem = ""
-    branches = [_flat(b) for b in convs[:-1]]
-    pool, project = list(convs[-1]), list(aspp.project)
-    for j, b in enumerate(branches):
-        if len(b) != 3 or not _is_plain(b[2], nn.ReLU):
-            problem = f"branch {j} is {_names(b)} (need Conv2d -> BatchNorm2d -> ReLU)"
-        else:
-            problem = _conv_problem(b[0], 1 if j == 0 else 3 if b[0].dilation[0] == 1 else None) or _bn_problem(
-                b[1], b[0].out_channels)
-            if not problem and j and b[0].kernel_size != (3, 3):
-                problem = f"branch {j}: kernel {b[0].kernel_size}"
-        if problem:
-            break
-    if not problem and (type(convs[-1]).__name__ != "ASPPPooling" or len(pool) != 4
-                        or not isinstance(pool[0], nn.AdaptiveAvgPool2d)):
-        problem = "the last branch is not torchvision's ASPPPooling"
-    if not problem and (len(project) != 4 or not _is_plain(project[0], nn.Conv2d) or project[0].bias is not None):
-        problem = "project is not Conv2d(bias=False) -> BatchNorm2d -> ReLU -> Dropout"
-    if not problem and len({_bn_config(b[1]) for b in branches}) != 1:
-        problem = "the branches' BatchNorms differ in momentum, eps, affine, tracking or mode"
-    if problem:
-        rep.skipped.append(FuseEntry(path, "torchvision ASPP", problem))
-        return None
-    rep._fused(FuseEntry(path, "torchvision ASPP", "ASPP"), ())
-    return unn.ASPP.from_torchvision(aspp)
-
-
 def _bn_config(bn):
     return (bn.momentum, bn.eps, bn.affine, bn.track_running_stats, bn.training, bn.running_mean is None)
 
@@ -439,6 +433,7 @@ _FUNCTIONS = {
     F.relu6: lambda input, inplace=False: nn.ReLU6(),
     F.hardswish: lambda input, inplace=False: nn.Hardswish(),
     F.pixel_shuffle: lambda input, upscale_factor: nn.PixelShuffle(upscale_factor),
+    F.adaptive_avg_pool2d: lambda input, output_size: nn.AdaptiveAvgPool2d(output_size),
     F.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
     torch.channel_shuffle: lambda input, groups: nn.ChannelShuffle(groups),
     F.interpolate: lambda input, size=None, scale_factor=None, mode="nearest", align_corners=None,
@@ -492,6 +487,11 @@ def _fuse_traced(module, path, rep):
             rep.skipped.append(FuseEntry(entry.path, entry.pattern, "the forward differs between train and eval mode"))
         return module
     graph.lint()
+    whole = _whole_forward(graph, module, new_modules)
+    if whole is not None:  # the forward is one fused module (an ASPP): that module replaces it
+        for entry in found:
+            rep._fused(entry, entry.modules)
+        return whole
     root = nn.Module()
     root._modules.update(module._modules)
     root._modules.update(new_modules)
@@ -512,6 +512,19 @@ def _fuse_traced(module, path, rep):
     for entry in found:
         rep._fused(entry, entry.modules)
     return gm
+
+
+def _whole_forward(graph, module, new_modules):
+    """The fused module that computes all of ``module``'s forward and holds all its state, or None."""
+    nodes = list(graph.nodes)
+    if not (len(nodes) == 3 and [n.op for n in nodes] == ["placeholder", "call_module", "output"]
+            and nodes[1].target in new_modules and nodes[1].args == (nodes[0],) and nodes[2].args == (nodes[1],)):
+        return None
+    fused = new_modules[nodes[1].target]
+    held = {id(t) for t in fused.state_dict(keep_vars=True).values()}
+    if any(id(t) not in held for t in module.state_dict(keep_vars=True).values()):
+        return None
+    return fused
 
 
 def _has_candidates(module) -> bool:
@@ -664,6 +677,157 @@ def _branch(t, root, counts):
     return _Branch(nodes[0][0].args[0], [nd for nd, _ in nodes], conv, bn, act, problem)
 
 
+_BROADCAST_MODES = ("nearest", "bilinear")  # from a 1x1 map: the value everywhere, exactly
+
+
+def _is_interpolate(node) -> bool:
+    return node.op == "call_function" and node.target is F.interpolate and bool(node.args)
+
+
+def _pooling_chain(t, x, root):
+    """(nodes, modules) of an image-pooling branch ``interpolate(f(AdaptiveAvgPool2d(1)(x)))``
+    ending in ``t`` (f: modules run one after the other), or None."""
+    if not (isinstance(t, fx.Node) and _is_interpolate(t) and len(t.users) == 1):
+        return None
+    mode = t.kwargs.get("mode", t.args[3] if len(t.args) > 3 else "nearest")
+    if mode not in _BROADCAST_MODES:
+        return None
+    nodes, mods, cur = [t], [], t.args[0]
+    while isinstance(cur, fx.Node) and cur is not x and len(nodes) < 8:
+        unit = _node_modules(cur, root)
+        if unit is None or len(cur.users) != 1:
+            return None
+        nodes.insert(0, cur)
+        mods = unit + mods
+        cur = cur.args[0]
+    if cur is not x or not mods or not _is_plain(mods[0], nn.AdaptiveAvgPool2d) \
+            or mods[0].output_size not in (1, (1, 1)):
+        return None
+    return nodes, mods
+
+
+def _pooling_branch(t, x, root):
+    """(nodes to erase, pooling modules) of the image-pooling branch ending in cat input ``t``,
+    written in this forward or as a submodule whose own forward is one (torchvision's and
+    smp's ASPPPooling), or None."""
+    found = _pooling_chain(t, x, root)
+    if found is not None:
+        return found
+    if not (isinstance(t, fx.Node) and t.op == "call_module" and t.args == (x,) and not t.kwargs
+            and len(t.users) == 1):
+        return None
+    sub = root.get_submodule(t.target)
+    if _is_plain(sub, nn.Sequential) or not sub._modules or sub._forward_hooks or sub._forward_pre_hooks:
+        return None
+    try:
+        graph = _trace(sub)
+    except Exception:  # noqa: BLE001 - not a forward we can read: not a pooling branch of ours
+        return None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(inputs) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+        return None
+    inner = _pooling_chain(outputs[0].args[0], inputs[0], sub)
+    return None if inner is None else ([t], inner[1])
+
+
+def _projection(node, root, counts, channels):
+    """The module projecting cat ``node``'s output (a 1x1 Conv2d, or a plain Sequential
+    starting with one) as (user node, module), or None with why."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,) or users[0].kwargs:
+        return None, "the concatenation is not the input of one module call"
+    project = root.get_submodule(users[0].target)
+    conv = project[0] if _is_plain(project, nn.Sequential) and len(project) else project
+    if not (_is_plain(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0), "valid") and conv.in_channels == channels):
+        return None, f"{type(conv).__name__} after the concatenation (need a 1x1 Conv2d of all its channels)"
+    if counts[users[0].target] > 1 or any(m._forward_hooks or m._forward_pre_hooks for m in project.modules()):
+        return None, "the projection is called elsewhere or has hooks"
+    return (users[0], project), ""
+
+
+@dataclasses.dataclass
+class _AsppMatch:
+    pattern: str
+    why: str = ""          # why it is passed over ("": it fuses)
+    build: object = None   # () -> the fused ASPP
+    input: fx.Node = None
+    user: fx.Node = None   # the projection's call, which the fused module replaces
+    erase: list = dataclasses.field(default_factory=list)  # the nodes it replaces, users first
+    modules: tuple = ()
+
+
+def _match_aspp(node, tensors, branches, root, counts):
+    """An ASPP at cat ``node``: conv branches (one BatchNorm configuration and activation) and
+    one image-pooling branch on the same input, concatenated, then a 1x1 projection. None
+    without a pooling branch among conv branches."""
+    convs = [b for b in branches if b is not None]
+    if not convs:
+        return None
+    x = convs[0].input
+    pools = [(i, _pooling_branch(t, x, root)) for i, t in enumerate(tensors) if branches[i] is None]
+    pools = [(i, p) for i, p in pools if p is not None]
+    if len(pools) != 1:
+        return None
+    position, (pool_nodes, pool_mods) = pools[0]
+    match = _AsppMatch(f"ASPP ({len(convs)} conv branches, dilations {[b.conv.dilation[0] for b in convs]}, "
+                       "image pooling)")
+    if len(tensors) != len(convs) + 1:
+        match.why = "an input of the concatenation is neither a conv branch nor the pooling branch"
+    elif any(b.problem for b in convs):
+        match.why = "; ".join(f"branch {i}: {b.problem}" for i, b in enumerate(convs) if b.problem)
+    elif len({b.key() for b in convs}) != 1:
+        match.why = "the branches differ in input, BatchNorm configuration, activation, dtype or device"
+    if match.why:
+        return match
+    pool_convs = [m for m in pool_mods if isinstance(m, nn.Conv2d)]
+    pool_channels = pool_convs[-1].out_channels if pool_convs else convs[0].conv.in_channels
+    projection, match.why = _projection(node, root, counts, sum(b.conv.out_channels for b in convs) + pool_channels)
+    if match.why:
+        return match
+    match.user, project = projection
+    match.input = x
+    match.build = lambda: unn.ASPP.from_parts([(b.conv, b.bn, b.act) for b in convs], pool_mods, project, position)
+    match.erase = ([match.user, node] + [nd for b in reversed(convs) for nd in reversed(b.nodes)]
+                   + list(reversed(pool_nodes)))
+    match.modules = (tuple(m for b in convs for m in (b.conv, b.bn, b.act) if m is not None) + tuple(pool_mods)
+                     + (project,))
+    return match
+
+
+def _erase_with_dead_inputs(graph, nodes):
+    """Erase ``nodes`` (users first), then what only they used (``x.shape`` for a size)."""
+    for nd in nodes:
+        inputs = [a for a in _leaves((nd.args, nd.kwargs)) if isinstance(a, fx.Node)]
+        graph.erase_node(nd)
+        for a in inputs:
+            if not a.users and a.op in ("call_function", "call_method") and a.target in (getattr, "size", _getitem):
+                _erase_with_dead_inputs(graph, [a])
+
+
+def _rewrite_aspp(graph, node, tensors, branches, module, counts, new_modules, consumed, found, path, rep):
+    """Fuses the ASPP at cat ``node`` if there is one: "fused", "reported" (passed over, with
+    why), or None (no ASPP)."""
+    match = _match_aspp(node, tensors, branches, module, counts)
+    if match is None:
+        return None
+    if match.why:
+        rep.skipped.append(FuseEntry(path, match.pattern + " in forward", match.why))
+        return "reported"  # its conv branches may still fuse on their own
+    fused = match.build()
+    name = _free_name("aspp_fused", module, new_modules)
+    new_modules[name] = fused
+    consumed.update(match.modules)
+    with graph.inserting_before(match.user):
+        new = graph.call_module(name, (match.input,))
+    match.user.replace_all_uses_with(new)
+    _erase_with_dead_inputs(graph, match.erase)
+    found.append(FuseEntry(path, match.pattern + " in forward",
+                           f"ASPP ({name}; the pooling branch as a per-image bias)", match.modules))
+    return "fused"
+
+
 def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
     counts = _call_counts(graph)
     for node in list(graph.nodes):
@@ -673,8 +837,12 @@ def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
         if dim not in (1, -3) or not isinstance(tensors, (list, tuple)):
             continue
         branches = [_branch(t, module, counts) if tensors.count(t) == 1 else None for t in tensors]
-        problems = [f"{_names([b.conv])}({b.conv.in_channels}, {b.conv.out_channels}): {b.problem}"
-                    for b in branches if b is not None and b.problem]
+        aspp = _rewrite_aspp(graph, node, tensors, branches, module, counts, new_modules, consumed, found, path, rep)
+        if aspp == "fused":
+            continue
+        problems = [] if aspp == "reported" else [  # reported with the ASPP
+            f"{_names([b.conv])}({b.conv.in_channels}, {b.conv.out_channels}): {b.problem}"
+            for b in branches if b is not None and b.problem]
         new_tensors, j, fused_here = [], 0, []
         while j < len(tensors):
             b, k = branches[j], j + 1

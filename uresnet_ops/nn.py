@@ -373,25 +373,46 @@ class ASPP(nn.Module):
         modules (state-dict keys stay the same). Its layout is assumed checked (see
         :func:`uresnet_ops.fuse`)."""
         convs = list(aspp.convs)
-        rates = [branch[0].dilation[0] for branch in convs[1:-1]]
-        first = convs[0][0]
+        return cls.from_parts([tuple(branch) for branch in convs[:-1]], list(convs[-1]), aspp.project)
+
+    @classmethod
+    def from_parts(cls, branches, pooling, project, pool_position: int | None = None):
+        """The fused module of an ASPP found by its structure, sharing its modules: ``branches``
+        ``(conv, bn or None, act or None)`` (one BatchNorm configuration and activation for all),
+        ``pooling`` the modules computing the 1x1 image-pooling map (``AdaptiveAvgPool2d(1)``
+        first), ``project`` the module after the concatenation (a ``Conv2d`` 1x1, or a Sequential
+        starting with one), ``pool_position`` the pooling branch's place among the concatenated
+        ones (default: last). Configurations are assumed checked (see :func:`uresnet_ops.fuse`)."""
+        conv = branches[0][0]
         with torch.device("meta"):
-            module = cls(first.in_channels, rates, first.out_channels)
-        # The pooling branch as a plain Sequential: its 1x1 result is broadcast, not upsampled.
-        module.convs = nn.ModuleList(convs[:-1] + [nn.Sequential(*convs[-1])])
-        module.project = aspp.project
-        return _set_mode(module, aspp.training, aspp)
+            module = cls(conv.in_channels, [1], conv.out_channels)
+        module.convs = nn.ModuleList([nn.Sequential(*(m for m in b if m is not None)) for b in branches]
+                                     + [nn.Sequential(*pooling)])
+        module.project = project if isinstance(project, nn.Sequential) else nn.Sequential(project)
+        act = branches[0][2]
+        module.activation = _activation_of(act) if act is not None else "none"
+        module.norm = branches[0][1] is not None
+        module.pool_position = len(branches) if pool_position is None else pool_position
+        shared = [m for b in branches for m in b if m is not None] + list(pooling) + [project]
+        return _set_mode(module, conv.training, *shared)
+
+    activation, norm, pool_position = "relu", True, None  # what __init__ builds (None: last)
 
     def fused_batch_norms(self) -> list:
-        return [b[1] for b in self.convs[:-1]]
+        return [b[1] for b in self.convs[:-1]] if self.norm else []
 
     def forward(self, x):
-        y = fused_conv_branches(x, [b[0] for b in self.convs[:-1]], self.fused_batch_norms(), "relu", self.sync,
-                                self.process_group)
-        pooled = self.convs[-1](x)
-        weight = self.project[0].weight
-        split = y.shape[1]
-        out = F.conv2d(y, weight[:, :split]) + F.conv2d(pooled, weight[:, split:])
+        branches = self.convs[:-1]
+        y = fused_conv_branches(x, [b[0] for b in branches], self.fused_batch_norms() or None, self.activation,
+                                self.sync, self.process_group)
+        pooled = self.convs[-1](x)  # (N, C_pool, 1, 1): constant over space once broadcast
+        conv = self.project[0]
+        position = len(branches) if self.pool_position is None else self.pool_position
+        start = sum(b[0].out_channels for b in branches[:position])
+        stop = start + pooled.shape[1]
+        weight = conv.weight
+        main = torch.cat([weight[:, :start], weight[:, stop:]], 1)  # the columns of the conv branches
+        out = F.conv2d(y, main, conv.bias) + F.conv2d(pooled, weight[:, start:stop])
         return self.project[1:](out)
 
 
