@@ -192,3 +192,25 @@ def test_curves_have_whole_epoch_ticks(tmp_path, monkeypatch):
     plot_curves(history, tmp_path / "c.png")
     ticks = [t for ax in figures[0].axes for t in ax.get_xticks() if 1 <= t <= 2]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_ddp_is_told_of_unused_parameters_only_where_there_are_some(tmp_path):
+    # uresnet_cls uses only hrnet's deepest feature: 66 parameters get no gradient, which plain
+    # DDP rejects at the second step. A model without any keeps the cheaper default.
+    import torch.distributed as dist
+    from uresnet_models.train import distributed_model, unused_parameters
+    hrnet = uresnet_models.create_model("uresnet_cls", encoder="hrnet_w18_small", num_classes=3)
+    plain = uresnet_models.create_model("uresnet_cls", encoder="resnet18", num_classes=3)
+    example = torch.randn(1, 3, 64, 64)
+    before = {k: v.clone() for k, v in hrnet.state_dict().items()}
+    unused = unused_parameters(hrnet.train(), example)
+    assert len(unused) > 0 and unused_parameters(plain, example) == []
+    assert hrnet.training and all(p.grad is None for p in hrnet.parameters())
+    assert all(torch.equal(before[k], v) for k, v in hrnet.state_dict().items())  # no statistic moved
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = distributed_model(hrnet, torch.device("cpu"), example, say=lambda *_: None)
+        for _ in range(2):  # the second step is where plain DDP fails
+            net(torch.randn(2, 3, 64, 64)).sum().backward()
+    finally:
+        dist.destroy_process_group()

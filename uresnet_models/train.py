@@ -231,6 +231,32 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     return model
 
 
+def unused_parameters(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the trainable parameters that a forward and backward on ``example`` leave
+    without a gradient (an encoder of which only some features are used: hrnet under
+    uresnet_cls). Run in eval mode, so no running statistic moves; gradients are cleared after."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(example)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        sum(o.float().sum() for o in outs).backward()
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def distributed_model(model: nn.Module, device: torch.device, example: torch.Tensor, say=print):
+    """``model`` in DistributedDataParallel, told to look for unused parameters only where it
+    has some (that search costs a graph traversal every step)."""
+    unused = unused_parameters(model, example)
+    if unused:
+        say(f"{len(unused)} parameter(s) get no gradient (e.g. {unused[0]}): DDP looks for unused parameters")
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=bool(unused))
+
+
 def _loader(dataset, batch_size, sampler, workers, drop_last=False):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       persistent_workers=False, pin_memory=False)
@@ -556,8 +582,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         say(f"resumed from {resume_dir} at epoch {state['epoch']} (best {monitor_key(info)} {best:.4f})")
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
-                                              else None) if env.enabled else model
+    net = distributed_model(model, env.device, val_set[0]["image"][None].to(env.device), say) \
+        if env.enabled else model
     step_net = torch.compile(net) if cfg.compile else net
     workers = _default_workers(cfg)
     sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
