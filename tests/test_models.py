@@ -215,8 +215,10 @@ def test_activation_and_predict():
     assert model.training  # restored
     assert probs.shape == (2, 3, 33, 41) and torch.allclose(probs.sum(1), torch.ones(2, 33, 41), atol=1e-5)
     assert not probs.requires_grad
-    with torch.no_grad():
-        assert torch.allclose(probs, model.eval()(x).softmax(1))  # forward stays logits
+    with torch.no_grad():  # forward applies it, as smp's head: predict is forward in eval mode
+        assert torch.equal(probs, model.eval()(x))
+        model.activation = None
+        assert torch.allclose(probs, model(x).softmax(1))
     assert model.model_config["kwargs"]["activation"] == "softmax"
     sig = um.create_model("unet", encoder="test_resnet", activation="sigmoid", **SMALL["unet"]).predict(x)
     assert 0 <= sig.min() and sig.max() <= 1
@@ -229,6 +231,26 @@ def test_activation_and_predict():
         um.create_model("unet", activation="relu6")
     with pytest.raises(TypeError, match="activation"):
         um.create_model("unet", activation=3)
+
+
+def test_activation_is_kept_through_save_and_given_when_loading(tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    model = um.create_model("unet", encoder="test_resnet", num_classes=2, **SMALL["unet"]).eval()
+    model.save_pretrained(tmp_path / "plain")
+    probs = um.from_pretrained(tmp_path / "plain", activation="softmax").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(probs(x), model(x).softmax(1))
+    probs.save_pretrained(tmp_path / "probs")
+    assert um.from_pretrained(tmp_path / "probs").model_config["kwargs"]["activation"] == "softmax"
+    cls = um.create_model("uresnet_cls", encoder="resnet18", num_classes=4, activation="softmax").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cls(x).sum(1), torch.ones(1))
+
+
+def test_training_refuses_an_activation():
+    from uresnet_models.train import TrainConfig, fit
+    with pytest.raises(ValueError, match="activation='sigmoid'.*logits"):
+        fit(TrainConfig(data="synthetic", epochs=1, model_args={"activation": "sigmoid"}, out=None))
 
 
 def test_freeze_and_unfreeze_encoder():

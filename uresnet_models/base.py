@@ -93,21 +93,25 @@ class ModelBase(nn.Module):
         encoder = getattr(self, "encoder", None)
         return getattr(encoder, "preprocessing", None)
 
+    def activate(self, out):
+        """``out`` with the model's ``activation`` (``create_model(..., activation=)``, as smp's
+        head) applied to the main output; auxiliary class logits stay logits. Every ``forward``
+        ends with it."""
+        act = getattr(self, "activation", None)
+        if act is None:
+            return out
+        return (act(out[0]), *out[1:]) if isinstance(out, tuple) else act(out)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor):
-        """``forward`` in eval mode without gradients, with the model's ``activation`` applied
-        (to the segmentation output; the auxiliary class logits are returned as they are).
-        The training mode is restored afterwards."""
+        """``forward`` in eval mode without gradients (the activation, if any, included); the
+        training mode is restored afterwards."""
         was_training = self.training
         self.eval()
         try:
-            out = self(x)
+            return self(x)
         finally:
             self.train(was_training)
-        act = getattr(self, "activation", None) or (lambda t: t)  # set by create_model(activation=...)
-        if isinstance(out, tuple):
-            return (act(out[0]), *out[1:])
-        return act(out)
 
     def freeze_encoder(self) -> "ModelBase":
         """Stop training the encoder: its parameters get ``requires_grad=False`` and its
@@ -156,7 +160,7 @@ def model_card(config: dict, model: nn.Module | None = None, metrics: dict | Non
     if kwargs.get("aux_classes"):
         lines.append(f"| auxiliary classes | {kwargs['aux_classes']} |")
     if kwargs.get("activation"):
-        lines.append(f"| activation (predict) | `{kwargs['activation']}` |")
+        lines.append(f"| activation (applied by forward) | `{kwargs['activation']}` |")
     if model is not None:
         lines.append(f"| parameters | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M |")
         pre = getattr(model, "preprocessing", None)
@@ -243,5 +247,5 @@ class SegmentationModel(ModelBase):
         logits, deepest = self.forward_padded(padded)
         logits = crop_to(logits, h, w)  # always (nothing to cut at a multiple): no branch on the size
         if self.aux_head is not None:
-            return logits, self.aux_head(deepest)
-        return logits
+            return self.activate((logits, self.aux_head(deepest)))
+        return self.activate(logits)

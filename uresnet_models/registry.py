@@ -157,7 +157,9 @@ def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_class
     ``num_classes``: output channels (logits); ``aux_classes``: add a classification head on the
     deepest feature, the model then returns ``(seg_logits, class_logits)``. ``activation``:
     ``None``, ``"sigmoid"``, ``"softmax"``, ``"logsoftmax"``, ``"tanh"`` or a callable, applied
-    by ``model.predict(x)`` (``forward`` always returns logits, which the losses take).
+    to the output by ``forward`` (and so by ``model.predict(x)``), as smp's head does; the
+    losses take logits, so train without one (``uresnet train`` refuses it) and give it when
+    loading: ``from_pretrained(path, activation="softmax")``.
     ``encoder_kwargs={...}`` (architectures with a timm encoder) go to ``timm.create_model``,
     e.g. ``dict(dynamic_img_size=True)``. Other keyword arguments go to the architecture (e.g.
     ``upsample="eucb_star"``, ``decoder_channels``); unknown ones raise a ``TypeError`` naming

@@ -211,6 +211,10 @@ def build_data(cfg: TrainConfig, split: str, train_transform: bool | None = None
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     import uresnet_models
     kwargs = dict(cfg.model_args)
+    if kwargs.get("activation") is not None:
+        raise ValueError(f"model argument activation={kwargs['activation']!r}: training computes its losses on "
+                         "logits; train without it and give it when loading the checkpoint "
+                         "(uresnet_models.from_pretrained(path, activation=...))")
     if cfg.encoder != DEFAULT:
         kwargs["encoder"] = cfg.encoder
     if cfg.model == "deresunet" and info.depth_channels:

@@ -164,4 +164,4 @@ class UResNetClassifier(ModelBase):
             u = pad_to_multiple(x, self.unet_encoder.output_stride)  # zero padding: pooled, not cropped
             features = self.unet_encoder(u)
             pooled.append(self.pool(crop_to(self.unet_decoder(features[-1], features), *x.shape[-2:])))
-        return self.fc(self.dropout(torch.flatten(torch.cat(pooled, dim=1), 1)))
+        return self.activate(self.fc(self.dropout(torch.flatten(torch.cat(pooled, dim=1), 1))))
