@@ -1,9 +1,10 @@
-"""Run every native kernel once, forward and backward, on small odd shapes in each dtype, and
-check each result against the reference backend: the workload that scripts/gpu_suite.sh runs
-under compute-sanitizer (memcheck, racecheck). ``--device cpu`` runs the same calls on the C++
-CPU kernels, a dry run of this script on a machine without a GPU.
+"""Run every native (or Triton) kernel once, forward and backward, on small odd shapes in each
+dtype, and check each result against the reference backend computed in float64 (no TF32: cuDNN
+would run a float32 reference in TF32): the workload that scripts/gpu_check.sh runs for both GPU
+backends and under compute-sanitizer. ``--device cpu`` runs the same calls on the C++ CPU
+kernels, a dry run of this script on a machine without a GPU.
 
-    python3 scripts/run_each_kernel.py [--device cuda|cpu] [--backend cuda|triton|cpu]
+    python3 scripts/run_each_kernel.py [--device cuda|cpu] [--backend cuda|triton|cpu] [--dtype float32 ...]
 
 Exits non-zero when a kernel did not run (another backend answered) or disagreed with the
 reference; prints one line per call.
@@ -56,16 +57,17 @@ def multi_dilation_cases(device, dtype):
 
 
 def check(op, call, inputs, backend):
-    """Forward and backward of ``call(*inputs)`` with ``backend`` and with the reference backend
-    (the same inputs and output gradient); returns what went wrong, or None."""
+    """Forward and backward of ``call(*inputs)`` with ``backend``, and with the reference backend
+    on the same inputs and output gradient in float64; returns what went wrong, or None."""
     grad_out, results = None, {}
     for impl in (backend, "reference"):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        leaves = [t.detach().clone().requires_grad_() if impl == backend else t.detach().double().requires_grad_()
+                  for t in inputs]
         with uresnet_ops.use_backend(impl):
             out = call(*leaves)
             if grad_out is None:
                 grad_out = torch.randn_like(out)
-            grads = torch.autograd.grad(out, leaves, grad_out)
+            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
             used = backends.last_used(op, "forward"), backends.last_used(op, "backward")
         if used != (impl, impl):
             return f"{impl} was asked for, but forward/backward ran on {used}"
@@ -83,17 +85,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--backend", choices=("cuda", "triton", "cpu"), help="default: the device's C++ kernels")
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "float64", "float16", "bfloat16"),
+                        help="default: float32 float64, and float16 bfloat16 on cuda")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("run_each_kernel: no CUDA device here; use --device cpu for a dry run", file=sys.stderr)
         return 2
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     backend = args.backend or args.device
     if backend not in uresnet_ops.available_backends():
         print(f"run_each_kernel: backend {backend!r} is not available here "
               f"(available: {uresnet_ops.available_backends()})", file=sys.stderr)
         return 2
-    dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else [])
+    dtypes = ([getattr(torch, name) for name in args.dtype] if args.dtype else
+              [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else []))
     failures = 0
+    print(f"run_each_kernel: {backend} kernels on {args.device}; reference: float64")
     for dtype in dtypes:
         for cases in (pixel_shuffle_bn_cases, shuffle_upsample_cases, multi_dilation_cases):
             for name, op, call, inputs in cases(args.device, dtype):

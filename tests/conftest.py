@@ -1,12 +1,16 @@
-"""Test setup: Triton runs under its CPU interpreter here (set before anything imports
-triton), kernel outputs are poisoned, every test gets a fresh seed."""
+"""Test setup: Triton runs under its CPU interpreter where no GPU is present (set before
+anything imports triton; on a GPU machine the kernels are compiled and run on the GPU), float32
+convolutions and matmuls are true float32 (no TF32), kernel outputs are poisoned, every test
+gets a fresh seed."""
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import uresnet_ops  # noqa: E402,F401
 
@@ -18,6 +22,10 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 def _seed_and_poison(request):
     # A fresh, reproducible seed per test; printed by pytest on failure via the test id.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # cuDNN and cuBLAS run float32 in TF32 on Ampere and later by default (~1e-3 relative error):
+    # a reference computed on the GPU would be off by more than the float32 tolerances.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     # Deterministic mode makes torch.empty (also at::empty inside the kernels) fill new
     # memory with NaN, so an output element a kernel forgets to write shows up as NaN.
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,7 +1,10 @@
 """CUDA-only checks (skipped without a GPU): the CUDA and Triton kernels on the GPU against the
-reference, 64-bit indexing, CUDA graph capture."""
+reference computed in float64, 64-bit indexing (contiguous and channels_last), grids beyond
+65535 tiles, CUDA graph capture. The tests named *2_pow_31* need 12-24 GiB and run serially in
+scripts/gpu_check.sh."""
 import pytest
 import torch
+import triton
 
 import uresnet_ops
 from uresnet_ops import reference
@@ -58,12 +61,14 @@ def test_eval_forward_on_gpu(backend, dtype, layout_name, activation):
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
-def test_over_2_pow_31_elements(backend):
+@pytest.mark.parametrize("layout_name", ["contiguous", "channels_last"])
+def test_over_2_pow_31_elements(backend, layout_name):
     free, _ = torch.cuda.mem_get_info()
     if free < 12 * 2 ** 30:
         pytest.skip("needs 12 GiB of free GPU memory")
     x = torch.ones(1, 4, 2 ** 15, 2 ** 15 // 2 + 8, device="cuda", dtype=torch.float16)  # > 2^31 elements
     x[..., -1] = 3
+    x = layout(x, layout_name)  # channels_last: the strided (non-contiguous) 64-bit index path
     c = torch.ones(1, device="cuda")
     with uresnet_ops.use_backend(backend, OP):
         out = uresnet_ops.pixel_shuffle_bn(x, 2, c * 2, c * 0, c * 0, c, training=False, activation="none", eps=0.0)
@@ -125,12 +130,14 @@ def test_stable_variance_large_mean_on_gpu(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, "cuda") if torch.cuda.is_available() else [])
-def test_training_over_2_pow_31_elements(backend):
+@pytest.mark.parametrize("layout_name", ["contiguous", "channels_last"])
+def test_training_over_2_pow_31_elements(backend, layout_name):
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2 ** 30:
         pytest.skip("needs 24 GiB of free GPU memory")
     x = torch.ones(1, 4, 2 ** 15, 2 ** 14 + 8, device="cuda", dtype=torch.float16)  # > 2^31 elements
     x[..., -1] = 3
+    x = layout(x, layout_name)
     p = 1.0 / x.shape[-1]  # share of the 3s: mean 1 + 2p, biased variance 4p(1-p)
     with uresnet_ops.use_backend(backend, OP):
         out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(x, 2, None, None, None, None, True, 0.0, "none", 0.0)
@@ -291,3 +298,73 @@ def test_shuffle_upsample_cuda_graph_capture(backend):
     with uresnet_ops.use_backend(backend, SU):
         assert_graph_replay_matches_eager(lambda: torch.ops.uresnet_ops.shuffle_upsample(x, *args, None, None, *config),
                                           lambda: x.copy_(torch.randn_like(x)))
+
+
+def shuffle_upsample_case(dtype, scale, mode, n=2, c=8, groups=2, h=7, w=9, c_out=5, param_dtype=torch.float32):
+    """An EUCB-like case with grouped 3x3 weights, on the GPU."""
+    rand = lambda *shape, dt=dtype: torch.randn(*shape, device="cuda").to(dt)  # noqa: E731
+    x = rand(n, c, h, w)
+    t = dict(dw_weight=rand(c, c // groups, 3, 3) / 3, pw_weight=rand(c_out, c, 1, 1) / c ** 0.5, pw_bias=rand(c_out),
+             bn_weight=rand(c, dt=param_dtype), bn_bias=rand(c, dt=param_dtype),
+             running_mean=rand(c, dt=param_dtype), running_var=rand(c, dt=param_dtype).abs() + 0.5)
+    return x, t, dict(scale_factor=scale, mode=mode, shuffle_groups=2)
+
+
+def _shuffle_upsample_check(backend, x, t, cfg, dtype, param_dtype, training, activation="silu"):
+    from test_shuffle_upsample import PARAMS
+    x = x.requires_grad_()
+    t = {k: v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+    x64 = x.detach().double().requires_grad_()
+    t64 = {k: v.detach().double().clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+    with uresnet_ops.use_backend(backend, SU):
+        out = uresnet_ops.shuffle_upsample(x, **t, training=training, activation=activation, **cfg)
+        assert last_used(SU) == backend
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    expected = reference.shuffle_upsample(x64, **t64, training=training, activation=activation, **cfg)
+    expected.backward(grad_out.double())
+    assert_close(out, expected.detach(), dtype, scale=5)
+    assert_close(x.grad, x64.grad, dtype, scale=10)
+    for name in PARAMS:
+        assert_close(t[name].grad, t64[name].grad, t[name].dtype, scale=50, precision=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("scale,mode", [(1, "nearest"), (2, "nearest"), (3, "nearest"), (4, "nearest"),
+                                        (8, "nearest"), (2, "bilinear")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_shuffle_upsample_scales_and_dtypes_on_gpu(backend, dtype, param_dtype, scale, mode, training):
+    x, t, cfg = shuffle_upsample_case(dtype, scale, mode, param_dtype=param_dtype)
+    _shuffle_upsample_check(backend, x, t, cfg, dtype, param_dtype, training)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_shuffle_upsample_triton_grad_weight_several_tiles_per_program(monkeypatch, mode):
+    # A realistic map: the weight-gradient programs take several pixel tiles each (ONE_TILE=False).
+    if "triton" not in [p.values[0] for p in backend_params(SU, "cuda")]:
+        pytest.skip("no Triton backend")
+    import uresnet_ops.triton.shuffle_upsample as su
+    launches = []
+    kernel = su._grad_weight_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["ONE_TILE"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(su, "_grad_weight_kernel", Spy())
+    x, t, cfg = shuffle_upsample_case(torch.float32, 2, mode, n=2, c=16, h=97, w=95)
+    _shuffle_upsample_check("triton", layout(x, "channels_last"), t, cfg, torch.float32, torch.float32, True)
+    assert launches == [False]
+
+
+@pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_shuffle_upsample_more_than_65535_tiles_per_plane(backend, mode):
+    # 2900 x 2900 low-res pixels: more than 65535 tiles of 128 in one plane (CUDA's limit on grid axes 1 and 2).
+    x, t, cfg = shuffle_upsample_case(torch.float32, 2, mode, n=1, c=2, groups=1, h=2900, w=2900, c_out=2)
+    assert triton.cdiv(2900 * 2900, 128) > 65535
+    _shuffle_upsample_check(backend, x, t, cfg, torch.float32, torch.float32, True, activation="none")

@@ -29,14 +29,17 @@ from .pixel_shuffle_bn import _activation_grad, _apply_activation
 OP = "multi_dilation_conv2d"
 
 # BLOCK_N is fixed per launch (the column-tile table is built for it); the rest is autotuned.
+# GPU configs: those that compile for sm_90 without register spills in every dtype, with every
+# epilogue (scripts/gpu_resources.py checks it; the 128- and 256-row tiles at 4 warps all spilled,
+# and 3 pipeline stages spilled in float32: int64 pointer tiles, the float32 IEEE dot on FMAs).
+# Registers per config: docs/gpu_resources.md.
 if INTERPRET:  # multi-config autotune fails under the interpreter
     _BLOCK_N = 16
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4)]
 else:
     _BLOCK_N = 64
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for m, k, w, s in [(128, 32, 4, 3), (128, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-                                   (256, 32, 8, 3), (256, 64, 8, 3)]]
+                for m, k, w, s in [(64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)]]
 
 
 @triton.autotune(configs=_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY"])
@@ -108,10 +111,9 @@ if INTERPRET:
     _GW_SPLIT_TARGET = 2  # programs per (tile, tap): > 1 so the tests exercise the partial sums
 else:
     _GX_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                   for m, n, k, w, st in [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (64, 64, 32, 4, 4),
-                                          (128, 128, 32, 8, 3), (256, 64, 32, 8, 3), (64, 32, 64, 4, 3)]]
+                   for m, n, k, w, st in [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)]]
     _GW_CONFIGS = [triton.Config({"BLOCK_CI": c, "BLOCK_P": p}, num_warps=w, num_stages=st)
-                   for c, p, w, st in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (32, 64, 4, 4)]]
+                   for c, p, w, st in [(64, 32, 8, 3), (64, 64, 8, 3), (64, 16, 8, 2), (64, 32, 8, 2)]]
     _GW_SPLIT_TARGET = None  # from the SM count
 # Pixels per weight-gradient split are a multiple of this (>= every BLOCK_P above).
 _GW_P_ALIGN = 64
@@ -343,8 +345,8 @@ def _backward(grad_out, x, weights, dilations, biases, activation, slope):
         item_table = _table(items, x.device)
         if _GW_SPLIT_TARGET is not None:
             target = _GW_SPLIT_TARGET
-        else:  # about 4 waves of programs; the smallest Cin tile is 32
-            target = triton.cdiv(4 * _sm_count(x.device), len(items) * triton.cdiv(c_in, 32))
+        else:  # about 4 waves of programs; the Cin tiles are 64
+            target = triton.cdiv(4 * _sm_count(x.device), len(items) * triton.cdiv(c_in, 64))
         splits = max(1, min(triton.cdiv(nhw, _GW_P_ALIGN), target))
         per_split = triton.cdiv(triton.cdiv(nhw, splits), _GW_P_ALIGN) * _GW_P_ALIGN
         splits = triton.cdiv(nhw, per_split)

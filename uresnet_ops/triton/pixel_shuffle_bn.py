@@ -15,8 +15,8 @@ from . import AVAILABLE, DEVICE_TYPES
 
 @triton.jit
 def _apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == "relu":
-        y = tl.maximum(y, 0.0)
+    if ACTIVATION == "relu":  # NaN stays NaN, as in ATen (tl.maximum alone would give 0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == "leaky_relu":
         y = tl.where(y >= 0, y, y * negative_slope)
     elif ACTIVATION == "silu":
@@ -73,7 +73,9 @@ def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
     # The shift by the channel's first value keeps float32 sums accurate far from zero.
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    first, _ = _channel_offsets(c, 0, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
+    # (Named results: a reused `_` would be a loop-carried variable whose type changes, which
+    # the interpreter accepts and the sm_90 compiler rejects.)
+    first, _unused = _channel_offsets(c, 0, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
     shift = tl.load(x_ptr + first).to(tl.float32)
     lo = s * per
     hi = tl.minimum(lo + per, M)
@@ -82,7 +84,7 @@ def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
     for start in range(lo, hi, BLOCK):
         e = start + tl.arange(0, BLOCK)
         mask = e < hi
-        x_off, _ = _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
+        x_off, _o_off = _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
         v = tl.where(mask, tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
         acc1 += v
         acc2 += v * v
@@ -147,7 +149,11 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn,
              mask=mask)
 
 
-_BLOCK = 1024
+# 4 elements per thread (4 warps): with 8 per thread (1024 at 4 warps, int64 offsets), and
+# also at 1024 with 8 warps, the backward sums spilled registers on sm_90
+# (scripts/gpu_resources.py checks every configuration).
+_BLOCK = 512
+_NUM_WARPS = 4
 
 
 def _split(m, c, device):
@@ -177,7 +183,8 @@ def _batch_stats(x, r, c):
         return zeros, zeros.clone()
     splits, per = _split(m, c, x.device)
     part = torch.empty((c, splits, 4), dtype=torch.float32, device=x.device)
-    _stats_kernel[(c, splits)](x, part, m, per, splits, h, w, *x.stride(), R=r, BLOCK=_BLOCK)
+    _stats_kernel[(c, splits)](x, part, m, per, splits, h, w, *x.stride(), R=r, BLOCK=_BLOCK,
+                               num_warps=_NUM_WARPS)
     part = part.double()
     mean_shifted = part[:, :, 1].sum(1) / m
     var = (part[:, :, 2].sum(1) / m - mean_shifted ** 2).clamp_min(0)
@@ -200,7 +207,7 @@ def _forward(x, r, weight, bias, running_mean, running_var, training, eps, activ
     if total:
         _eval_forward_kernel[(triton.cdiv(total, _BLOCK),)](
             x, out, scale, shift, total, c, h, w, *x.stride(), *out.stride(), slope,
-            R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+            R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out, mean, var
 
 
@@ -219,7 +226,7 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         part = torch.empty((c, splits, 2), dtype=torch.float32, device=x.device)
         _backward_sums_kernel[(c, splits)](grad_out, x, scale, shift, mean, part, m, per, splits, h, w,
                                            *x.stride(), *grad_out.stride(), slope,
-                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         s1, s2 = part.double().sum(1).float().t().contiguous()
     else:
         s1 = s2 = torch.zeros_like(mean)
@@ -233,7 +240,7 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         coef = torch.stack([scale, shift, scale, b, d]).contiguous()
         _backward_input_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
             grad_out, x, grad_x, coef, x.numel(), c, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
-            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK)
+            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     param_dtype = x.dtype if weight is None else weight.dtype
     return grad_x, grad_w.to(param_dtype), s1.to(param_dtype)
 

@@ -41,15 +41,20 @@ OP = "uresnet_ops::_shuffle_upsample_conv (triton)"
 
 # Pixels per program. Under the interpreter small fixed tiles (the test planes are tiny and
 # every op costs interpreter time); on a GPU sized by the accumulator's width ((BLOCK, 16, SSP)
-# or (BLOCK, KK)) so that the main kernels compile for sm_90 at 4 warps without register spills
-# (checked with ptxas -v; the border kernels are a vanishing share of the work).
+# or (BLOCK, KK)) so that every kernel compiles for sm_90 at 4 warps without register spills,
+# for every scale factor (scripts/gpu_resources.py checks it; docs/gpu_resources.md lists the
+# registers). The border kernels are a vanishing share of the work.
+# Programs go on grid axis 0 only (planes x tiles, flattened): axes 1 and 2 stop at 65535.
 _BORDER_BLOCK = 64  # border pixels per program
-_GX_BORDER_BLOCK = 64 if INTERPRET else 16  # its accumulator is (BLOCK, 16, 16)
+_GX_BORDER_BLOCK = 64 if INTERPRET else 8  # its accumulator and offsets are (BLOCK, 16, 16)
 
 
-def _block(width, budget=8192):
-    """Low-res pixels per program for an accumulator of (BLOCK, width) elements."""
-    return 32 if INTERPRET else max(16, min(128, budget // width))
+def _block(width, budget, dtype):
+    """Low-res pixels per program (a power of 2) for an accumulator of (BLOCK, width) elements
+    of ``dtype`` (width and budget powers of 2; float64 takes half as many)."""
+    if dtype == torch.float64:
+        budget //= 2
+    return 32 if INTERPRET else max(1, min(128, budget // width))
 
 
 _ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
@@ -114,8 +119,8 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
     # Program (n*C + co, tile): BLOCK low-res pixels x the s*s output parities of channel co;
     # per input channel of the group, one load of the pixels' 3x3 low-res neighbourhoods.
     acc_ty: tl.constexpr = wf_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // T
+    t = tl.program_id(0).to(tl.int64) % T
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -163,8 +168,8 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
     # Bilinear only: program (n*C + co, tile) recomputes BLOCK high-res border pixels directly,
     # the 9 taps interpolated on the fly.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // TB
+    t = tl.program_id(0).to(tl.int64) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -197,13 +202,13 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
 
 
 @triton.jit
-def _grad_x_kernel(g_ptr, wb_ptr, gx_ptr, C, CG, H, W, OH, OW, sgn, sgc, sgh, sgw,
+def _grad_x_kernel(g_ptr, wb_ptr, gx_ptr, C, CG, H, W, OH, OW, T, sgn, sgc, sgh, sgw,
                    S: tl.constexpr, P: tl.constexpr, K: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
     # Program (n*C + ci, tile): grad_x over BLOCK low-res pixels, a stride-S correlation of grad
     # (the K x K window from (i*S - P, j*S - P)) with the effective kernels of the group.
     acc_ty: tl.constexpr = wb_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // T
+    t = tl.program_id(0).to(tl.int64) % T
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
@@ -234,15 +239,15 @@ def _low_res_weight(i, hh, H, OH):
 
 
 @triton.jit
-def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, sgn, sgc, sgh, sgw,
+def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, TB, sgn, sgc, sgh, sgw,
                           BLOCK: tl.constexpr):
     # Bilinear only: program (n*C + ci, tile) recomputes BLOCK low-res border pixels directly:
     # grad_x[i, j] = sum over the 4x4 upsampled pixels (2i-1+a, 2j-1+b) of their interpolation
     # weight on (i, j) times the transposed conv of grad there. A pixel may come twice (H or W
     # of 1): both write the same value.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // TB
+    t = tl.program_id(0).to(tl.int64) % TB
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
@@ -307,8 +312,8 @@ def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, T, TPP, NCH
     # Program (n*C + co, chunk): over its TPP tiles of low-res pixels, for each input channel ci
     # of the group, the sums of grad[co] at parity p times x[ci] at neighbour d, per (d, p).
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // NCH
+    chunk = tl.program_id(0).to(tl.int64) % NCH
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -340,8 +345,8 @@ def _grad_weight_border_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, NB, 
     # Bilinear only: program (n*C + co, tile) adds the high-res border pixels' share of the
     # weight gradient, the taps interpolated directly.
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(0).to(tl.int64) // TB
+    t = tl.program_id(0).to(tl.int64) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -471,12 +476,12 @@ def _forward(x, weight, bias, s, mode, activation, slope, stats):
         if out.numel() == 0:
             return out, empty, empty.clone()
     wf = _parity_weights(weight, s, mode)
-    block = _block(16 * _ssp(s))
+    block = _block(16 * _ssp(s), 8192, weight.dtype)
     t = triton.cdiv(h * w, block)
     part = torch.empty((n, c, t, 4), dtype=weight.dtype, device=x.device) if stats else empty
     b = weight if bias is None else bias.contiguous()
     dst = empty if stats else out
-    _forward_kernel[(n * c, t)](x, wf, b, dst, part, c, cg, h, w, oh, ow, t, *x.stride(), float(slope),
+    _forward_kernel[(n * c * t,)](x, wf, b, dst, part, c, cg, h, w, oh, ow, t, *x.stride(), float(slope),
                                 S=s, SSP=_ssp(s), BILINEAR=bilinear, STATS=stats, HAS_BIAS=bias is not None,
                                 ACTIVATION=activation, BLOCK=block)
     parts = [part]
@@ -484,7 +489,7 @@ def _forward(x, weight, bias, s, mode, activation, slope, stats):
         nb = 2 * ow + 2 * (oh - 2)
         tb = triton.cdiv(nb, _BORDER_BLOCK)
         part_b = torch.empty((n, c, tb, 4), dtype=weight.dtype, device=x.device) if stats else empty
-        _forward_border_kernel[(n * c, tb)](x, weight.contiguous(), b, dst, part_b, c, cg, h, w, oh, ow, nb, tb,
+        _forward_border_kernel[(n * c * tb,)](x, weight.contiguous(), b, dst, part_b, c, cg, h, w, oh, ow, nb, tb,
                                             *x.stride(), float(slope), STATS=stats, HAS_BIAS=bias is not None,
                                             ACTIVATION=activation, BLOCK=_BORDER_BLOCK)
         parts.append(part_b)
@@ -518,19 +523,21 @@ def _backward(grad, x, weight, s, mode):
     bilinear = mode == "bilinear"
     weight = weight.contiguous()
     wb, p, k, kk = _window_weights(weight, s, mode)
-    block = _block(kk, 2048)  # (BLOCK, KK) accumulator and int64 offsets
-    _grad_x_kernel[(n * c, triton.cdiv(h * w, block))](grad, wb, grad_x, c, cg, h, w, oh, ow, *grad.stride(),
-                                                       S=s, P=p, K=k, KK=kk, BLOCK=block)
+    block = _block(kk, 2048, weight.dtype)  # (BLOCK, KK) accumulator and int64 offsets
+    t = triton.cdiv(h * w, block)
+    _grad_x_kernel[(n * c * t,)](grad, wb, grad_x, c, cg, h, w, oh, ow, t, *grad.stride(),
+                                 S=s, P=p, K=k, KK=kk, BLOCK=block)
     if bilinear:
         nb = 2 * w + 2 * h
-        _grad_x_border_kernel[(n * c, triton.cdiv(nb, _GX_BORDER_BLOCK))](
-            grad, weight, grad_x, c, cg, h, w, oh, ow, nb, *grad.stride(), BLOCK=_GX_BORDER_BLOCK)
+        tb = triton.cdiv(nb, _GX_BORDER_BLOCK)
+        _grad_x_border_kernel[(n * c * tb,)](grad, weight, grad_x, c, cg, h, w, oh, ow, nb, tb, *grad.stride(),
+                                             BLOCK=_GX_BORDER_BLOCK)
     ssp = _ssp(s)
-    block = _block(16 * ssp, 4096)
+    block = _block(16 * ssp, 2048, weight.dtype)
     t = triton.cdiv(h * w, block)
     per, nch = _chunks(t, n * c, x.device)
     part = torch.empty((n, c, nch, cg, 16, ssp), dtype=weight.dtype, device=x.device)
-    _grad_weight_kernel[(n * c, nch)](grad, x, part, c, cg, h, w, oh, ow, t, per, nch, *x.stride(), *grad.stride(),
+    _grad_weight_kernel[(n * c * nch,)](grad, x, part, c, cg, h, w, oh, ow, t, per, nch, *x.stride(), *grad.stride(),
                                       S=s, SSP=ssp, BILINEAR=bilinear, ONE_TILE=per == 1,
                                       BLOCK=block)
     sums = part.sum((0, 2), dtype=torch.float64)[..., :9, : s * s].reshape(c, cg, 3, 3, s, s)
@@ -540,7 +547,7 @@ def _backward(grad, x, weight, s, mode):
         nb = 2 * ow + 2 * (oh - 2)
         tb = triton.cdiv(nb, _BORDER_BLOCK)
         part_b = torch.empty((n, c, tb, cg, 16), dtype=weight.dtype, device=x.device)
-        _grad_weight_border_kernel[(n * c, tb)](grad, x, part_b, c, cg, h, w, oh, ow, nb, tb,
+        _grad_weight_border_kernel[(n * c * tb,)](grad, x, part_b, c, cg, h, w, oh, ow, nb, tb,
                                                 *x.stride(), *grad.stride(), BLOCK=_BORDER_BLOCK)
         grad_w = grad_w + part_b.sum((0, 2), dtype=torch.float64)[..., :9].reshape(c, cg, 3, 3)
     return grad_x, grad_w.to(weight.dtype)

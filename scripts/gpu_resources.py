@@ -1,0 +1,471 @@
+"""Compile every GPU kernel of uresnet_ops for sm_90 on a machine without a GPU, and report the
+registers, stack/spill bytes and shared memory of each kernel and configuration.
+
+    python scripts/gpu_resources.py triton [--jobs N]   # every @triton.jit kernel, every config
+    python scripts/gpu_resources.py cuda   [--jobs N]   # csrc/cuda/*.cu with nvcc -Xptxas -v
+    python scripts/gpu_resources.py all --write docs/gpu_resources.md   # regenerate the report
+
+Triton: each kernel of uresnet_ops/triton/ (a module-level @triton.jit function whose name ends
+in ``_kernel``) is compiled for GPUTarget("cuda", 90, 32) down to cubin by Triton's own bundled
+ptxas: a stand-in driver reports that target, and ``kernel.warmup(..., grid=(1,))`` compiles with
+``MockTensor`` pointer arguments. Every constexpr combination the host code launches with, every
+autotune config, every dtype the backend accepts (LAUNCHES below mirrors the host code and uses
+its own block-size helpers). ``cuobjdump -res-usage`` (bundled with Triton) reads the cubin.
+
+CUDA: each .cu file is compiled device-only (``nvcc -cubin``, no host pass) for sm_90 with
+``-Xptxas -v``; the ptxas lines give registers, spill stores/loads, stack frame and shared memory
+per kernel instantiation.
+
+Exit status 1 on any compile error, on a kernel without a configuration here, and on any stack
+or spill bytes (a kept configuration must not spill). The report is markdown on stdout or in
+--write's file (sections for what was asked; ``all`` writes both).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import itertools
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_ARCH = 90
+
+
+# ---- Triton ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Launch:
+    kernel: str  # "module.kernel"
+    label: str   # what distinguishes this launch in the report
+    args: tuple  # positional arguments: torch dtypes stand for pointers (MockTensor)
+    constexprs: dict
+
+
+def _triton_setup():
+    """Import the kernels compiled for sm_90 (not interpreted) with a stand-in driver."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("gpu_resources: TRITON_INTERPRET=1 is set; the kernels must be compiled, not interpreted")
+    sys.path.insert(0, ROOT)
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class StandInDriver:
+        """What JITFunction.run(warmup=True) asks of the active driver, for a device that is not here."""
+        target = GPUTarget("cuda", TARGET_ARCH, 32)
+
+        def get_current_target(self):
+            return self.target
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cuda", 0)
+
+    driver.set_active(StandInDriver())
+    from uresnet_ops.triton import multi_dilation_conv2d as mdc, pixel_shuffle_bn as psbn, shuffle_upsample as su
+    return torch, triton, {"pixel_shuffle_bn": psbn, "shuffle_upsample": su, "multi_dilation_conv2d": mdc}
+
+
+def _strides(shape, channels_last):
+    _, c, h, w = shape
+    return (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+
+
+def _launches(torch, triton, modules):
+    """The launch configurations of every Triton kernel, as the host code makes them: every dtype
+    each backend accepts, with every value of every constexpr and every autotune config. To keep
+    CI short, the epilogue-only constexprs (ACTIVATION, HAS_BIAS) take all their values at one
+    scale factor / tile config, the others with the heaviest epilogue (silu); channels_last
+    strides (Triton specialises a stride of 1: the other position compiles differently) in
+    float32 only."""
+    f32, f64 = torch.float32, torch.float64
+    half_dtypes = (torch.float16, torch.bfloat16)
+    activations = ("none", "relu", "leaky_relu", "silu")
+    out = []
+
+    def dtype_layouts(dtypes):
+        return [(dt, cl) for dt in dtypes for cl in ((False, True) if dt == f32 else (False,))]
+
+    # pixel_shuffle_bn: x in float32/float16/bfloat16 (float64 goes to another backend), statistics float32.
+    psbn = modules["pixel_shuffle_bn"]
+    block = psbn._BLOCK
+    for (dt, cl), r in itertools.product(dtype_layouts((f32, *half_dtypes)), (1, 2)):
+        n, c, h, w = 2, 3, 5, 7
+        xs = _strides((n, c * r * r, h, w), cl)
+        os_ = _strides((n, c, h * r, w * r), cl)
+        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'} r={r}"
+        m = n * r * r * h * w
+        out.append(Launch("pixel_shuffle_bn._stats_kernel", tag, (dt, f32, m, block, 1, h, w, *xs, r),
+                          dict(BLOCK=block, num_warps=psbn._NUM_WARPS)))
+        for act in activations:
+            out.append(Launch("pixel_shuffle_bn._eval_forward_kernel", f"{tag} {act}",
+                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r),
+                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+            out.append(Launch("pixel_shuffle_bn._backward_sums_kernel", f"{tag} {act}",
+                              (dt, dt, f32, f32, f32, f32, m, block, 1, h, w, *xs, *os_, 0.1, r),
+                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+            out.append(Launch("pixel_shuffle_bn._backward_input_kernel", f"{tag} {act}",
+                              (dt, dt, dt, f32, m * c, c, h, w, *xs, *os_, *xs, 0.1, r),
+                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+
+    # shuffle_upsample: x in every float dtype, accumulation (weights, statistics) in stat_dtype.
+    # Scale factors 1, 2, 3, 5, 8, 16: every SSP bucket (next power of 2 of s*s) up to 256, so
+    # every block size; bilinear is scale 2 only.
+    su = modules["shuffle_upsample"]
+    scales = [(s, "nearest") for s in (1, 2, 3, 5, 8, 16)] + [(2, "bilinear")]
+    for dt, cl in dtype_layouts((f32, f64, *half_dtypes)):
+        acc = f64 if dt == f64 else f32
+        n, c, cg, h, w = 2, 6, 3, 5, 7
+        xs = _strides((n, c, h, w), cl)
+        base = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'}"
+        for s, mode in scales:
+            oh, ow = h * s, w * s
+            gs = _strides((n, c, oh, ow), cl)
+            ssp, bil = su._ssp(s), mode == "bilinear"
+            tag = f"{base} {mode} s={s}"
+            fblock = su._block(16 * ssp, 8192, acc)
+            t = triton.cdiv(h * w, fblock)
+            # training: statistics only (no bias, no activation); otherwise the folded bias + activation.
+            epilogues = [dict(STATS=True, HAS_BIAS=False, ACTIVATION="none")] + \
+                        [dict(STATS=False, HAS_BIAS=True, ACTIVATION=a) for a in (activations if s == 2 else ["silu"])]
+            for ep in epilogues:
+                what = "stats" if ep["STATS"] else ep["ACTIVATION"]
+                out.append(Launch("shuffle_upsample._forward_kernel", f"{tag} {what}",
+                                  (dt, acc, acc, dt, acc, c, cg, h, w, oh, ow, t, *xs, 0.1),
+                                  dict(S=s, SSP=ssp, BILINEAR=bil, BLOCK=fblock, **ep)))
+                if bil:
+                    nb = 2 * ow + 2 * (oh - 2)
+                    out.append(Launch("shuffle_upsample._forward_border_kernel", f"{tag} {what}",
+                                      (dt, acc, acc, dt, acc, c, cg, h, w, oh, ow, nb,
+                                       triton.cdiv(nb, su._BORDER_BLOCK), *xs, 0.1),
+                                      dict(BLOCK=su._BORDER_BLOCK, **ep)))
+            window, p = su._window(s, mode, "cpu")
+            k = window.shape[0]
+            kk = triton.next_power_of_2(k * k)
+            gblock = su._block(kk, 2048, acc)
+            out.append(Launch("shuffle_upsample._grad_x_kernel", tag,
+                              (dt, acc, dt, c, cg, h, w, oh, ow, triton.cdiv(h * w, gblock), *gs),
+                              dict(S=s, P=p, K=k, KK=kk, BLOCK=gblock)))
+            wblock = su._block(16 * ssp, 2048, acc)
+            t = triton.cdiv(h * w, wblock)
+            for one_tile in (True, False):
+                out.append(Launch("shuffle_upsample._grad_weight_kernel", f"{tag} ONE_TILE={one_tile}",
+                                  (dt, dt, acc, c, cg, h, w, oh, ow, t, 1 if one_tile else 3, t, *xs, *gs),
+                                  dict(S=s, SSP=ssp, BILINEAR=bil, ONE_TILE=one_tile, BLOCK=wblock)))
+            if bil:
+                nb = 2 * w + 2 * h
+                out.append(Launch("shuffle_upsample._grad_x_border_kernel", tag,
+                                  (dt, acc, dt, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._GX_BORDER_BLOCK), *gs),
+                                  dict(BLOCK=su._GX_BORDER_BLOCK)))
+                nb = 2 * ow + 2 * (oh - 2)
+                out.append(Launch("shuffle_upsample._grad_weight_border_kernel", tag,
+                                  (dt, dt, acc, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._BORDER_BLOCK), *xs, *gs),
+                                  dict(BLOCK=su._BORDER_BLOCK)))
+
+    # multi_dilation_conv2d: float32/float16/bfloat16 on the GPU, every autotune config.
+    mdc = modules["multi_dilation_conv2d"]
+    for dt, cl in dtype_layouts((f32, *half_dtypes)):
+        n, c_in, c_tot, h, w = 2, 6, 20, 19, 23
+        xs, ys = _strides((n, c_in, h, w), cl), _strides((n, c_tot, h, w), cl)
+        gps = _strides((n, c_tot, h, w), True)  # grad_pre is made channels_last
+        key = mdc._dtype_key(torch.empty(0, dtype=dt))
+        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'}"
+        i64 = torch.int64
+        # Forward epilogues: bias or not x activation; GRAD=True (backward's grad_pre) for
+        # activations only. All of them with the first config; every config with bias + silu.
+        configs = mdc._forward_kernel.configs
+        for has_bias, act, grad in itertools.product((True, False), activations, (False, True)):
+            if grad and act == "none":
+                continue
+            heaviest = has_bias and act == "silu"
+            if not heaviest and (cl or dt == torch.float16):
+                continue
+            for cfg in configs if heaviest else configs[:1]:
+                out.append(Launch("multi_dilation_conv2d._forward_kernel",
+                                  f"{tag} bias={has_bias} {act}{' GRAD' if grad else ''} {_cfg_label(cfg)}",
+                                  (dt, dt, dt, dt, i64, dt, n * h * w, c_in, c_tot, h, w, *xs,
+                                   *(gps if grad else ys), *ys, 0.1),
+                                  dict(HAS_BIAS=has_bias, ACTIVATION=act, DTYPE_KEY=key, UPCAST=False, GRAD=grad,
+                                       BLOCK_N=mdc._BLOCK_N, **cfg.all_kwargs())))
+        for cfg in mdc._grad_x_kernel.configs:
+            out.append(Launch("multi_dilation_conv2d._grad_x_kernel", f"{tag} {_cfg_label(cfg)}",
+                              (dt, dt, i64, dt, 4, n * h * w, c_in, c_tot, h, w, *gps, *xs),
+                              dict(DTYPE_KEY=key, UPCAST=False, **cfg.all_kwargs())))
+        for cfg in mdc._grad_w_kernel.configs:
+            out.append(Launch("multi_dilation_conv2d._grad_w_kernel", f"{tag} {_cfg_label(cfg)}",
+                              (dt, dt, torch.float32, i64, n * h * w, c_in, c_tot, h, w, 192, 1000, *xs, *gps),
+                              dict(DTYPE_KEY=key, UPCAST=False, BLOCK_CO=mdc._BLOCK_N, **cfg.all_kwargs())))
+    return out
+
+
+def _cfg_label(cfg):
+    blocks = "x".join(str(v) for v in cfg.kwargs.values())
+    return f"cfg {blocks} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _kernels(triton, modules):
+    """Every launchable Triton kernel: module-level JIT functions (or autotuned ones) named *_kernel."""
+    names = []
+    for mod_name, mod in modules.items():
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and isinstance(_jit_function(triton, obj), triton.runtime.jit.JITFunction):
+                names.append(f"{mod_name}.{name}")
+    return names
+
+
+def _jit_function(triton, obj):
+    """The JITFunction of a kernel (an Autotuner wraps one)."""
+    return obj.fn if isinstance(obj, triton.runtime.autotuner.Autotuner) else obj
+
+
+_WORKER: dict = {}
+
+
+def _compile_one(index):
+    """Compile LAUNCHES[index] (in a worker process); returns (index, error, regs, stack, local, shared, warps)."""
+    if not _WORKER:
+        torch, triton, modules = _triton_setup()
+        _WORKER.update(torch=torch, triton=triton, modules=modules, launches=_launches(torch, triton, modules))
+    torch, launch = _WORKER["torch"], _WORKER["launches"][index]
+    from triton.runtime.jit import MockTensor
+    mod_name, name = launch.kernel.split(".")
+    # configs are passed explicitly, not autotuned
+    kernel = _jit_function(_WORKER["triton"], getattr(_WORKER["modules"][mod_name], name))
+    args = [MockTensor(a) if isinstance(a, torch.dtype) else a for a in launch.args]
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **launch.constexprs)
+    except Exception as error:  # noqa: BLE001 - every compile error is reported
+        return index, f"{type(error).__name__}: {error}", None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = _cubin_usage(f.name)
+    return index, None, (usage, compiled.metadata.shared, compiled.metadata.num_warps)
+
+
+def _cuobjdump():
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def _cubin_usage(path):
+    text = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    return dict(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
+
+
+def triton_report(jobs):
+    """(markdown lines, failures)."""
+    torch, triton, modules = _triton_setup()
+    launches = _launches(torch, triton, modules)
+    failures = []
+    covered = {launch.kernel for launch in launches}
+    for name in _kernels(triton, modules):
+        if name not in covered:
+            failures.append(f"{name}: no launch configuration in scripts/gpu_resources.py (add it to _launches)")
+    start = time.time()
+    results = [None] * len(launches)
+    ctx = multiprocessing.get_context("fork")  # the workers inherit nothing CUDA: there is none
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        for index, error, usage in pool.map(_compile_one, range(len(launches)), chunksize=4):
+            results[index] = (error, usage)
+    print(f"gpu_resources: {len(launches)} Triton compiles in {time.time() - start:.0f} s ({jobs} processes)",
+          file=sys.stderr)
+    lines = ["## Triton kernels (sm_90, Triton's bundled ptxas)", "",
+             f"{len(launches)} launch configurations of {len(covered)} kernels compiled with triton "
+             f"{triton.__version__}. Registers per thread, stack "
+             "(spill) and local bytes from `cuobjdump -res-usage`, shared memory from the compiled "
+             "kernel's metadata. Rows are grouped per kernel; identical resource figures are merged.", ""]
+    by_kernel: dict = {}
+    for launch, (error, usage) in zip(launches, results):
+        if error is not None:
+            lines_ = [line.strip() for line in error.splitlines() if line.strip()]
+            failures.append(f"{launch.kernel} [{launch.label}]: {lines_[0][:200]} {lines_[-1][:300]}")
+            detail = error if len(error) < 4000 else error[:4000] + " ..."
+            print(f"--- {launch.kernel} [{launch.label}] {launch.constexprs}\n{detail}\n", file=sys.stderr)
+            continue
+        res, shared, warps = usage
+        if res["stack"] or res["local"]:
+            failures.append(f"{launch.kernel} [{launch.label}]: {res['stack']} stack / {res['local']} local bytes "
+                            "(register spills)")
+        by_kernel.setdefault(launch.kernel, []).append((launch.label, res, shared, warps))
+    lines += ["| kernel | configurations | warps | registers | stack/spill bytes | shared bytes |",
+              "|---|---|---:|---:|---:|---:|"]
+    for kernel, rows in by_kernel.items():
+        groups: dict = {}
+        for label, res, shared, warps in rows:
+            groups.setdefault((warps, res["regs"], res["stack"] + res["local"], shared), []).append(label)
+        for (warps, regs, stack, shared), labels in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+            shown = "; ".join(labels[:3]) + (f"; ... ({len(labels)} in all)" if len(labels) > 3 else "")
+            lines.append(f"| `{kernel}` | {shown} | {warps} | {regs} | {stack} | {shared} |")
+    lines.append("")
+    return lines, failures
+
+
+# ---- CUDA -----------------------------------------------------------------------------------
+
+def _nvcc_command(source, cubin):
+    import torch
+    from torch.utils import cpp_extension
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    includes = [*cpp_extension.include_paths(), *(os.path.join(site, "nvidia", v, "include") for v in ("cu13", "cu12"))]
+    # The flags setup.py's build uses (torch's COMMON_NVCC_FLAGS, -O3, the extension's defines),
+    # device code only: -cubin skips the host compilation, most of a full build's time.
+    return [nvcc, "-cubin", f"-gencode=arch=compute_{TARGET_ARCH},code=sm_{TARGET_ARCH}", "-Xptxas", "-v", "-O3",
+            "-std=c++20", "-DURESNET_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *cpp_extension.COMMON_NVCC_FLAGS, *(f"-I{d}" for d in includes if os.path.isdir(d)),
+            "-o", cubin, source]
+
+
+def _nvcc_version():
+    out = subprocess.run([_nvcc_command("", "")[0], "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m[1] if m else "?"
+
+
+def _compile_cu(source):
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = _nvcc_command(source, os.path.join(tmp, "out.cubin"))
+        start = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        return source, proc.returncode, proc.stdout + proc.stderr, time.time() - start
+
+
+def _demangle(names):
+    filt = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not filt or not names:
+        return names
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def _short(name):
+    name = re.sub(r"\(anonymous namespace\)::|uresnet::|c10::|at::native::|\bunsigned int\b", lambda m: {
+        "unsigned int": "u32"}.get(m[0], ""), name)
+    name = name.replace("unsigned long", "u64").replace("long", "i64")
+    if name.endswith(")"):  # drop the parameter list: from its matching "(" on
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                return name[:i]
+    return name
+
+
+def parse_ptxas(log):
+    """{mangled kernel: dict(regs, spill_stores, spill_loads, stack, smem)} from -Xptxas -v output."""
+    kernels, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = kernels.setdefault(m[1], {})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            current.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            smem = re.search(r"(\d+) bytes smem", line)
+            current.update(regs=int(m[1]), smem=int(smem[1]) if smem else 0)
+            current = None
+    return kernels
+
+
+# CUDA kernels that spilled when this gate was introduced: (file, kernel) -> (spill stores, loads)
+# in bytes. The gate fails on a spill in any other kernel and on more spilling in these.
+KNOWN_CUDA_SPILLS = {
+    ("shuffle_upsample.cu", "void grad_input_kernel<BFloat16>"): (16, 52),
+    ("shuffle_upsample.cu", "void grad_input_kernel<Half>"): (16, 52),
+    ("shuffle_upsample.cu", "void grad_input_kernel<float>"): (16, 52),
+    ("shuffle_upsample.cu", "void stats_kernel<BFloat16>"): (24, 24),
+    ("shuffle_upsample.cu", "void stats_kernel<Half>"): (24, 24),
+    ("shuffle_upsample.cu", "void stats_kernel<double>"): (24, 24),
+    ("shuffle_upsample.cu", "void stats_kernel<float>"): (24, 24),
+}
+
+
+def cuda_report(jobs):
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    failures = []
+    start = time.time()
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(_compile_cu, sources))
+    print(f"gpu_resources: {len(sources)} nvcc compiles in {time.time() - start:.0f} s ({jobs} at a time)",
+          file=sys.stderr)
+    lines = ["## CUDA kernels (sm_90, nvcc -Xptxas -v)", "",
+             f"{len(sources)} files compiled device-only for sm_90 (nvcc {_nvcc_version()}). "
+             "One row per kernel instantiation (template arguments: scalar type, "
+             "index type, ...). Spills listed in KNOWN_CUDA_SPILLS (scripts/gpu_resources.py) were there "
+             "when the gate came; any other spill fails it.", "",
+             "| file | kernel | registers | spill stores / loads (bytes) | stack bytes | shared bytes |",
+             "|---|---|---:|---:|---:|---:|"]
+    for source, code, log, _ in results:
+        rel = os.path.relpath(source, ROOT)
+        if code != 0:
+            failures.append(f"{rel}: nvcc failed (exit {code})")
+            print(f"--- {rel}\n{log[-6000:]}", file=sys.stderr)
+            continue
+        kernels = parse_ptxas(log)
+        if not kernels:
+            failures.append(f"{rel}: no kernel in the ptxas output")
+        names = list(kernels)
+        for mangled, short in sorted(zip(names, (_short(n) for n in _demangle(names))), key=lambda p: p[1]):
+            k = kernels[mangled]
+            spills = (k.get("spill_stores", 0), k.get("spill_loads", 0))
+            known = KNOWN_CUDA_SPILLS.get((os.path.basename(rel), short), (0, 0))
+            if spills[0] > known[0] or spills[1] > known[1]:
+                failures.append(f"{rel} {short}: spills {spills[0]} / {spills[1]} bytes (known: {known})")
+            lines.append(f"| `{os.path.basename(rel)}` | `{short}` | {k.get('regs')} | "
+                         f"{k.get('spill_stores')} / {k.get('spill_loads')} | {k.get('stack')} | {k.get('smem')} |")
+    lines.append("")
+    return lines, failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("triton", "cuda", "all"))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--write", help="write the markdown report to this file (default: stdout)")
+    args = parser.parse_args(argv)
+    lines = ["# GPU kernel resources on sm_90 (H100/H200), compiled without a GPU", "",
+             "Generated by `python scripts/gpu_resources.py all --write docs/gpu_resources.md`; do not edit.",
+             "The same script is the CI compile gate (tests/test_gpu_compile.py): it fails on any compile",
+             "error, on any register spill in a Triton kernel and on any new spill in a CUDA kernel.", ""]
+    failures = []
+    for part, report in (("triton", triton_report), ("cuda", cuda_report)):
+        if args.what in (part, "all"):
+            part_lines, part_failures = report(args.jobs)
+            lines += part_lines
+            failures += part_failures
+    text = "\n".join(lines) + "\n"
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    for failure in failures:
+        print(f"FAIL {failure}", file=sys.stderr)
+    print(f"gpu_resources: {len(failures)} failure(s)", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
