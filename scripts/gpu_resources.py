@@ -16,8 +16,13 @@ CUDA: each .cu file is compiled device-only (``nvcc -cubin``, no host pass) for 
 ``-Xptxas -v``; the ptxas lines give registers, spill stores/loads, stack frame and shared memory
 per kernel instantiation.
 
-Exit status 1 on any compile error, on a kernel without a configuration here, and on any stack
-or spill bytes (a kept configuration must not spill). The report is markdown on stdout or in
+Machine code: ``cuobjdump -sass`` of each Triton cubin (and its PTX) gives the widest global
+load/store, tensor-core instructions (HGMMA, HMMA), asynchronous copies (LDGSTS, TMA) and 64-bit
+divisions; DESIGN_NEEDS lists the properties each kernel's design needs, reported met or missing,
+and the gate fails when a kernel loses one it has (``required``).
+
+Exit status 1 on any compile error, on a kernel without a configuration here, on any stack
+or spill bytes (a kept configuration must not spill) and on a lost required property. The report is markdown on stdout or in
 --write's file (sections for what was asked; ``all`` writes both).
 """
 from __future__ import annotations
@@ -255,7 +260,8 @@ def _compile_one(index):
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = _cubin_usage(f.name)
-    return index, None, (usage, compiled.metadata.shared, compiled.metadata.num_warps)
+        profile = machine_code_profile(_sass(f.name), compiled.asm["ptx"])
+    return index, None, (usage, compiled.metadata.shared, compiled.metadata.num_warps, profile)
 
 
 def _cuobjdump():
@@ -268,6 +274,85 @@ def _cubin_usage(path):
     text = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     return dict(regs=int(m[1]), stack=int(m[2]), local=int(m[4]))
+
+
+def _sass(path):
+    return subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def machine_code_profile(sass, ptx):
+    """What a kernel's design needs to see in its machine code: the widest global load and store
+    (bits), tensor-core instructions (HGMMA = wgmma, HMMA = mma), asynchronous copies (LDGSTS =
+    cp.async, UTMALDG = TMA) and 64-bit integer divisions/remainders (PTX div/rem .s64/.u64,
+    which ptxas turns into a call of a ~40-instruction routine)."""
+    opcodes = _OPCODE.findall(sass)
+
+    def width(op):  # LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E -> 32
+        return next((_WIDTH[part] for part in op.split(".")[1:] if part in _WIDTH), 32)
+
+    def widest(prefix):
+        return max([width(op) for op in opcodes if op.split(".")[0] == prefix] or [0])
+
+    def count(*names):
+        return sum(op.split(".")[0] in names for op in opcodes)
+
+    return dict(ldg_bits=widest("LDG"), stg_bits=widest("STG"), hgmma=count("HGMMA"), hmma=count("HMMA"),
+                async_copies=count("LDGSTS", "UTMALDG", "UBLKCP"),
+                div64=len(re.findall(r"\b(?:div|rem)(?:\.\w+)*\.[su]64\b", ptx)), instructions=len(opcodes))
+
+
+# The machine-code properties each kernel's design needs (docs/roofline.md says why): name,
+# the kernels and dtypes it concerns, the test on a machine_code_profile, and whether the gate
+# requires it now. A property the kernel already has is required, so losing it fails CI; one it
+# lacks is reported as missing until the kernel is rewritten to have it.
+HALF = ("float16", "bfloat16")
+DESIGN_NEEDS = [
+    ("no 64-bit division in the kernel", "pixel_shuffle_bn.", None, lambda p: p["div64"] == 0, False),
+    ("16-byte vector loads", "pixel_shuffle_bn.", None, lambda p: p["ldg_bits"] >= 128, False),
+    ("no 64-bit division in the kernel", "shuffle_upsample.", None, lambda p: p["div64"] == 0, False),
+    ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.", HALF,
+     lambda p: p["hgmma"] + p["hmma"] > 0, True),
+    ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.", HALF, lambda p: p["hgmma"] > 0, False),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._forward_kernel", ("float32",),
+     lambda p: p["async_copies"] > 0, True),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._grad_x_kernel", ("float32",),
+     lambda p: p["async_copies"] > 0, True),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d.", HALF, lambda p: p["async_copies"] > 0, False),
+    ("no 64-bit division in the kernel", "multi_dilation_conv2d.", None, lambda p: p["div64"] == 0, False),
+]
+
+
+def design_check(compiled):
+    """(markdown lines, failures) for [(kernel, label, profile)]: each need, met or not, per
+    kernel and dtype; a required need that is not met everywhere is a failure."""
+    lines = ["### Design properties in the machine code", "",
+             "Checked on every compiled configuration (DESIGN_NEEDS in scripts/gpu_resources.py). "
+             "`required` ones fail the gate when lost; the others are what a rewrite still owes. "
+             "The configurations are compiled at small odd shapes, where Triton cannot assume "
+             "16-byte alignment: a vector-load need is proven there only by a kernel that aligns "
+             "itself (e.g. tiles of whole rows).", "",
+             "| need | kernel | dtypes | required | met in |", "|---|---|---|---|---:|"]
+    failures = []
+    for need, prefix, dtypes, test, required in DESIGN_NEEDS:
+        rows: dict = {}
+        for kernel, label, profile in compiled:
+            dtype = label.split()[0]
+            if not kernel.startswith(prefix) or (dtypes and dtype not in dtypes):
+                continue
+            ok = test(profile)
+            rows.setdefault(kernel, []).append((dtype, label, ok))
+            if required and not ok:
+                failures.append(f"{kernel} [{label}]: lost a required property: {need}")
+        for kernel, results in rows.items():
+            met = sum(ok for _, _, ok in results)
+            shown = ", ".join(sorted({d for d, _, _ in results}))
+            lines.append(f"| {need} | `{kernel}` | {shown} | {'yes' if required else 'no'} | "
+                         f"{met} of {len(results)} configurations |")
+    return lines + [""], failures
 
 
 def triton_report(jobs):
@@ -293,6 +378,7 @@ def triton_report(jobs):
              "(spill) and local bytes from `cuobjdump -res-usage`, shared memory from the compiled "
              "kernel's metadata. Rows are grouped per kernel; identical resource figures are merged.", ""]
     by_kernel: dict = {}
+    profiles = []
     for launch, (error, usage) in zip(launches, results):
         if error is not None:
             lines_ = [line.strip() for line in error.splitlines() if line.strip()]
@@ -300,7 +386,8 @@ def triton_report(jobs):
             detail = error if len(error) < 4000 else error[:4000] + " ..."
             print(f"--- {launch.kernel} [{launch.label}] {launch.constexprs}\n{detail}\n", file=sys.stderr)
             continue
-        res, shared, warps = usage
+        res, shared, warps, profile = usage
+        profiles.append((launch.kernel, launch.label, profile))
         if res["stack"] or res["local"]:
             failures.append(f"{launch.kernel} [{launch.label}]: {res['stack']} stack / {res['local']} local bytes "
                             "(register spills)")
@@ -315,7 +402,32 @@ def triton_report(jobs):
             shown = "; ".join(labels[:3]) + (f"; ... ({len(labels)} in all)" if len(labels) > 3 else "")
             lines.append(f"| `{kernel}` | {shown} | {warps} | {regs} | {stack} | {shared} |")
     lines.append("")
-    return lines, failures
+    lines += machine_code_table(profiles)
+    design_lines, design_failures = design_check(profiles)
+    return lines + design_lines, failures + design_failures
+
+
+def machine_code_table(profiles):
+    """One row per kernel and dtype/layout: the machine_code_profile ranges over its configurations."""
+    lines = ["### Machine code (SASS) per kernel", "",
+             "Widest global load/store in bits; counts of wgmma (HGMMA), mma (HMMA) and asynchronous "
+             "copies (LDGSTS/TMA) in the SASS; 64-bit div/rem in the PTX; instructions in all. Ranges "
+             "are over the configurations.", "",
+             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem | instructions |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict = {}
+    for kernel, label, profile in profiles:
+        groups.setdefault((kernel, " ".join(label.split()[:2])), []).append(profile)
+
+    def span(values):
+        lo, hi = min(values), max(values)
+        return str(lo) if lo == hi else f"{lo}–{hi}"
+
+    for (kernel, what), group in groups.items():
+        cells = [span([p[k] for p in group]) for k in
+                 ("ldg_bits", "stg_bits", "hgmma", "hmma", "async_copies", "div64", "instructions")]
+        lines.append(f"| `{kernel}` | {what} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # ---- CUDA -----------------------------------------------------------------------------------
@@ -448,7 +560,8 @@ def main(argv=None):
     lines = ["# GPU kernel resources on sm_90 (H100/H200), compiled without a GPU", "",
              "Generated by `python scripts/gpu_resources.py all --write docs/gpu_resources.md`; do not edit.",
              "The same script is the CI compile gate (tests/test_gpu_compile.py): it fails on any compile",
-             "error, on any register spill in a Triton kernel and on any new spill in a CUDA kernel.", ""]
+             "error, on any register spill in a Triton kernel, on any new spill in a CUDA kernel and on a Triton",
+             "kernel that loses a machine-code property its design needs (DESIGN_NEEDS).", ""]
     failures = []
     for part, report in (("triton", triton_report), ("cuda", cuda_report)):
         if args.what in (part, "all"):

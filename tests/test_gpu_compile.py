@@ -32,3 +32,18 @@ def test_every_triton_kernel_compiles_for_sm90_without_spills():
 def test_every_cuda_kernel_compiles_for_sm90_without_spills():
     report = run_gate("cuda")
     assert report.count("| `") >= 3  # a row per kernel instantiation
+
+
+def test_machine_code_profile_reads_sass_and_ptx():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_resources
+    sass = """
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0050*/               @P0 LDG.E.U16 R9, desc[UR4][R6.64] ;
+        /*0060*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*0070*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0080*/                   STG.E.U16 desc[UR4][R2.64], R5 ;
+    """
+    ptx = "div.s64 %rd4, %rd2, %rd3;\n rem.u64 %rd5, %rd2, %rd3;\n div.rn.f32 %f1, %f2, %f3;"
+    profile = gpu_resources.machine_code_profile(sass, ptx)
+    assert profile == dict(ldg_bits=128, stg_bits=16, hgmma=1, hmma=0, async_copies=1, div64=2, instructions=5)
