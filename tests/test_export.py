@@ -236,7 +236,7 @@ else:
     out = torch.from_numpy(s.run(None, {{s.get_inputs()[0].name: x.numpy()}})[0])
 out = out[0] if isinstance(out, (list, tuple)) else out
 torch.save(out, sys.argv[4])
-print("uresnet_ops" in sys.modules)
+print(sys.modules.get("uresnet_ops") is not None)  # imported
 """
 # sys.modules[name] = None makes `import name` fail: the file must load without this package.
 _WITHOUT_URESNET = "for name in ('uresnet_ops', 'uresnet_models', 'uresnet'):\n    sys.modules[name] = None"
