@@ -931,14 +931,14 @@ def _add_predict_parser(sub) -> None:
 
 
 def _add_export_parser(sub) -> None:
-    from .export import FORMATS
+    from .constants import EXPORT_FORMATS
     p = sub.add_parser("export", help="export a checkpoint to ONNX, a torch.export program or an AOTInductor package",
                        description="Writes the checkpoint's model (eval mode) with the fused ops lowered to standard "
                        "ops: onnx (onnxruntime, TensorRT, OpenVINO), pt2 (torch.export.load) or aoti (AOTInductor "
                        "package, CPU; slow to compile). None needs uresnet to load. Then runs the file on a random "
                        "input and prints the largest difference from eager PyTorch.")
     p.add_argument("--checkpoint", required=True, help="a run folder (its best/ is used) or a checkpoint folder")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--image-size", type=_image_size, help="the example input's N or HxW (default: the training "
                    "size); without --dynamic the only size the file takes")

@@ -3,4 +3,5 @@
 
 FORMATS = ("synthetic", "binary", "cityscapes", "sunrgbd", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+EXPORT_FORMATS = ("onnx", "pt2", "aoti")  # uresnet_models.export
 LOSSES = ("ce", "bce_dice", "dice", "jaccard", "focal", "tversky", "lovasz")

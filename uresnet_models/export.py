@@ -20,7 +20,7 @@ from torch import nn
 
 import uresnet_ops
 
-FORMATS = ("onnx", "pt2", "aoti")
+from .constants import EXPORT_FORMATS as FORMATS
 
 
 def export_program(model: nn.Module, example: torch.Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
