@@ -58,3 +58,24 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 def expected_format(x):
     return torch._prims_common.suggest_memory_format(x)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the model-level tests: on two cores shared with other jobs, more
+    threads oversubscribe them and run about 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv, capsys):
+    """(exit status, stdout, stderr) of ``uresnet argv`` run in-process, argparse's exits included."""
+    from uresnet_models.cli import main
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err

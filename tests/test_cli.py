@@ -11,29 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from uresnet_models.cli import main
+from helpers import one_thread, run_cli  # noqa: F401  (one_thread: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "none", "--model-arg", "base_channels=4", "--model-arg", "residual_widths=(8,8,8,8)",
         "--model-arg", "residual_out_channels=4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared cores: see test_train.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(argv, capsys):
-    """(exit status, stdout, stderr) of ``uresnet argv``, argparse's exits included."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "bench", "list-models"])

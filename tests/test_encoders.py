@@ -9,14 +9,10 @@ import torch
 
 import uresnet_models as um
 from uresnet_models.encoders import TimmEncoder
+from helpers import one_thread  # noqa: F401  (the fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nhwc_features_are_converted_to_nchw():

@@ -22,6 +22,7 @@ from uresnet_models.train import load_checkpoint
 from uresnet_ops import reference
 from uresnet_ops.export import DECOMPOSITIONS, to_aten
 from uresnet_ops.nn import ASPP, EUCB, AtrousBlock, EUCBStar, MultiDilationConv2d, PixelShuffleBN
+from helpers import one_thread, run_cli  # noqa: F401  (one_thread: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = ["resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"]
@@ -37,12 +38,7 @@ DYNAMIC = ({0: AUTO, 2: AUTO, 3: AUTO},)
 TOLERANCE = 1e-4  # float32, onnxruntime vs eager
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared cores: see test_train.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name, encoder=None, **kwargs):
@@ -297,16 +293,6 @@ def test_aoti_package(name, kwargs, tmp_path):
 
 
 # --------------------------------------------------------------------------- CLI
-def _cli(argv, capsys):
-    from uresnet_models.cli import main
-    try:
-        status = main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A checkpoint written by `uresnet train` (tiny uresnet, one epoch of synthetic data)."""
@@ -327,7 +313,7 @@ def trained_run(tmp_path_factory):
 @pytest.mark.parametrize("fmt,extra", [("onnx", ["--dynamic"]), ("pt2", ["--image-size", "40x24"])])
 def test_cli_export(trained_run, fmt, extra, tmp_path, capsys):
     out = tmp_path / f"model.{fmt}"
-    status, stdout, err = _cli(["export", "--checkpoint", str(trained_run), "--format", fmt, "--out", str(out),
+    status, stdout, err = run_cli(["export", "--checkpoint", str(trained_run), "--format", fmt, "--out", str(out),
                                 *extra], capsys)
     assert status == 0, err
     assert out.is_file()
@@ -347,14 +333,14 @@ def test_cli_export(trained_run, fmt, extra, tmp_path, capsys):
     (["export", "--checkpoint", ".", "--format", "onnx", "--out", "/no/such/dir/m.onnx"], "/no/such/dir"),
 ])
 def test_cli_export_bad_arguments_give_one_line(argv, needle, capsys):
-    status, out, err = _cli(argv, capsys)
+    status, out, err = run_cli(argv, capsys)
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_cli_export_help(capsys):
-    status, out, _ = _cli(["export", "--help"], capsys)
+    status, out, _ = run_cli(["export", "--help"], capsys)
     assert status == 0 and out.startswith("usage: uresnet export")
 
 

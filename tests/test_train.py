@@ -13,19 +13,14 @@ import torch
 
 import uresnet_models
 from uresnet_models.train import TrainConfig, fit, load_checkpoint
+from helpers import one_thread  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="uresnet", encoder=None,
             model_args=dict(base_channels=8, residual_widths=(16, 16, 16, 16), residual_out_channels=8))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: intra-op threads oversubscribe them and run ~5x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(*args, **kwargs):
