@@ -109,24 +109,24 @@ def _launches(torch, triton, modules):
     # pixel_shuffle_bn: x in float32/float16/bfloat16 (float64 goes to another backend), statistics float32.
     psbn = modules["pixel_shuffle_bn"]
     block = psbn._BLOCK
-    for (dt, cl), r in itertools.product(dtype_layouts((f32, *half_dtypes)), (1, 2)):
+    # WIDE: 64-bit index math (tensors with offsets past 2**31), 32-bit otherwise.
+    for (dt, cl), r, wide in itertools.product(dtype_layouts((f32, *half_dtypes)), (1, 2), (False, True)):
         n, c, h, w = 2, 3, 5, 7
         xs = _strides((n, c * r * r, h, w), cl)
         os_ = _strides((n, c, h * r, w * r), cl)
-        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'} r={r}"
+        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'} r={r} {'i64' if wide else 'i32'}"
         m = n * r * r * h * w
-        out.append(Launch("pixel_shuffle_bn._stats_kernel", tag, (dt, f32, m, block, 1, h, w, *xs, r),
-                          dict(BLOCK=block, num_warps=psbn._NUM_WARPS)))
+        common = dict(BLOCK=block, WIDE=wide, num_warps=psbn._NUM_WARPS)
+        out.append(Launch("pixel_shuffle_bn._stats_kernel", tag, (dt, f32, m, block, 1, h, w, *xs, r), common))
         for act in activations:
             out.append(Launch("pixel_shuffle_bn._eval_forward_kernel", f"{tag} {act}",
-                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r),
-                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r), dict(ACTIVATION=act, **common)))
             out.append(Launch("pixel_shuffle_bn._backward_sums_kernel", f"{tag} {act}",
                               (dt, dt, f32, f32, f32, f32, m, block, 1, h, w, *xs, *os_, 0.1, r),
-                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+                              dict(ACTIVATION=act, **common)))
             out.append(Launch("pixel_shuffle_bn._backward_input_kernel", f"{tag} {act}",
                               (dt, dt, dt, f32, m * c, c, h, w, *xs, *os_, *xs, 0.1, r),
-                              dict(ACTIVATION=act, BLOCK=block, num_warps=psbn._NUM_WARPS)))
+                              dict(ACTIVATION=act, **common)))
 
     # shuffle_upsample: x in every float dtype, accumulation (weights, statistics) in stat_dtype.
     # Scale factors 1, 2, 3, 5, 8, 16: every SSP bucket (next power of 2 of s*s) up to 256, so
@@ -306,23 +306,26 @@ def machine_code_profile(sass, ptx):
 
 
 # The machine-code properties each kernel's design needs (docs/roofline.md says why): name,
-# the kernels and dtypes it concerns, the test on a machine_code_profile, and whether the gate
+# the kernels and dtypes it concerns, the test on a machine_code_profile and the configuration's
+# label (None where the need does not apply), and whether the gate
 # requires it now. A property the kernel already has is required, so losing it fails CI; one it
 # lacks is reported as missing until the kernel is rewritten to have it.
 HALF = ("float16", "bfloat16")
 DESIGN_NEEDS = [
-    ("no 64-bit division in the kernel", "pixel_shuffle_bn.", None, lambda p: p["div64"] == 0, False),
-    ("16-byte vector loads", "pixel_shuffle_bn.", None, lambda p: p["ldg_bits"] >= 128, False),
-    ("no 64-bit division in the kernel", "shuffle_upsample.", None, lambda p: p["div64"] == 0, False),
+    ("no 64-bit division with 32-bit indices (i32)", "pixel_shuffle_bn.", None,
+     lambda p, label: None if " i64" in label else p["div64"] == 0, True),
+    ("16-byte vector loads", "pixel_shuffle_bn.", None, lambda p, label: p["ldg_bits"] >= 128, False),
+    ("no 64-bit division in the kernel", "shuffle_upsample.", None, lambda p, label: p["div64"] == 0, False),
     ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.", HALF,
-     lambda p: p["hgmma"] + p["hmma"] > 0, True),
-    ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.", HALF, lambda p: p["hgmma"] > 0, False),
+     lambda p, label: p["hgmma"] + p["hmma"] > 0, True),
+    ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.", HALF, lambda p, label: p["hgmma"] > 0, False),
     ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._forward_kernel", ("float32",),
-     lambda p: p["async_copies"] > 0, True),
+     lambda p, label: p["async_copies"] > 0, True),
     ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._grad_x_kernel", ("float32",),
-     lambda p: p["async_copies"] > 0, True),
-    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d.", HALF, lambda p: p["async_copies"] > 0, False),
-    ("no 64-bit division in the kernel", "multi_dilation_conv2d.", None, lambda p: p["div64"] == 0, False),
+     lambda p, label: p["async_copies"] > 0, True),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d.", HALF,
+     lambda p, label: p["async_copies"] > 0, False),
+    ("no 64-bit division in the kernel", "multi_dilation_conv2d.", None, lambda p, label: p["div64"] == 0, False),
 ]
 
 
@@ -343,7 +346,9 @@ def design_check(compiled):
             dtype = label.split()[0]
             if not kernel.startswith(prefix) or (dtypes and dtype not in dtypes):
                 continue
-            ok = test(profile)
+            ok = test(profile, label)
+            if ok is None:  # the need does not apply to this configuration
+                continue
             rows.setdefault(kernel, []).append((dtype, label, ok))
             if required and not ok:
                 failures.append(f"{kernel} [{label}]: lost a required property: {need}")

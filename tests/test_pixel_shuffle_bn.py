@@ -272,3 +272,30 @@ def test_native_kernel_checks(phase, match, override):
     args.update(override)
     with pytest.raises(RuntimeError, match=match):
         op(**args)
+
+
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_triton_64_bit_index_path_matches_the_32_bit_one(layout_name, monkeypatch):
+    # The kernels take 32-bit index math unless an offset can reach 2**31 (no 64-bit division
+    # on the GPU); the 64-bit path is forced here by lowering the limit.
+    if "triton" not in uresnet_ops.available_backends(OP):
+        pytest.skip("Triton is not available")
+    from uresnet_ops.triton import pixel_shuffle_bn as kernels
+    x, r, p = make_case(3, torch.float32, torch.float32, True)
+    x = layout(x, layout_name)
+    assert not kernels._wide(x)
+    results = []
+    for limit in (kernels._INT32_LIMIT, 1):
+        monkeypatch.setattr(kernels, "_INT32_LIMIT", limit)
+        assert kernels._wide(x) == (limit == 1)
+        xi = x.clone().requires_grad_()
+        params = {k: v.clone().requires_grad_(k in ("weight", "bias")) for k, v in p.items()}
+        with uresnet_ops.use_backend("triton", OP):
+            out = uresnet_ops.pixel_shuffle_bn(xi, r, **params, training=True, activation="silu")
+            out.backward(torch.ones_like(out))
+        assert last_used(OP) == "triton" and last_used(OP, "backward") == "triton"
+        results.append((out, xi.grad, params["weight"].grad, params["running_mean"], params["running_var"]))
+    for narrow, wide in zip(*results):
+        torch.testing.assert_close(narrow, wide, rtol=1e-6, atol=1e-6)
+    expected, _ = run_reference(x, r, p, training=True, activation="silu")
+    assert_close(results[1][0], expected, torch.float32)

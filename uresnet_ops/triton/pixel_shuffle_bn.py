@@ -25,11 +25,21 @@ def _apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
+def _program_index(axis: tl.constexpr, WIDE: tl.constexpr):
+    # 64-bit index math only where an offset can reach 2**31 (WIDE): on the GPU each 64-bit
+    # division or remainder is a call of a ~40-instruction routine, a 32-bit one a few instructions.
+    pid = tl.program_id(axis)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+@triton.jit
 def _eval_forward_kernel(x_ptr, out_ptr, scale_ptr, shift_ptr, total, C, H, W,
                          sxn, sxc, sxh, sxw, son, soc, soh, sow, negative_slope,
-                         R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                         R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # One program per BLOCK output elements, in logical (n, c, oh, ow) order.
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    idx = _program_index(0, WIDE) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     ow = idx % (W * R)
     oh = (idx // (W * R)) % (H * R)
@@ -68,11 +78,11 @@ def _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, R):
 
 @triton.jit
 def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
-                  R, BLOCK: tl.constexpr):
+                  R, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Program (c, s): count, sum and sum of squares of x - x_first over its slice of channel c.
     # The shift by the channel's first value keeps float32 sums accurate far from zero.
-    c = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
+    c = _program_index(0, WIDE)
+    s = _program_index(1, WIDE)
     # (Named results: a reused `_` would be a loop-carried variable whose type changes, which
     # the interpreter accepts and the sm_90 compiler rejects.)
     first, _unused = _channel_offsets(c, 0, H, W, sxn, sxc, sxh, sxw, 0, 0, 0, 0, R)
@@ -98,10 +108,10 @@ def _stats_kernel(x_ptr, part_ptr, M, per, S, H, W, sxn, sxc, sxh, sxw,
 @triton.jit
 def _backward_sums_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, M, per, S, H, W,
                           sxn, sxc, sxh, sxw, son, soc, soh, sow, negative_slope,
-                          R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                          R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Program (c, s): sum(dy') and sum(dy' * (x - mean)) over its slice of channel c.
-    c = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
+    c = _program_index(0, WIDE)
+    s = _program_index(1, WIDE)
     sc = tl.load(scale_ptr + c)
     sh = tl.load(shift_ptr + c)
     mu = tl.load(mean_ptr + c)
@@ -126,9 +136,9 @@ def _backward_sums_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, part_pt
 @triton.jit
 def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn, sxc, sxh, sxw,
                            son, soc, soh, sow, sgn, sgc, sgh, sgw, negative_slope,
-                           R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                           R, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # grad_x = a * dy' + b * x + d per channel, over x's elements in logical (n, k, h, w) order.
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    idx = _program_index(0, WIDE) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     w = idx % W
     h = (idx // W) % H
@@ -154,6 +164,15 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn,
 # (scripts/gpu_resources.py checks every configuration).
 _BLOCK = 512
 _NUM_WARPS = 4
+_INT32_LIMIT = 2 ** 31
+
+
+def _wide(*tensors) -> bool:
+    """Whether an index or offset into any of ``tensors`` (or a block past its end) can reach
+    2**31, so the kernels need 64-bit index math."""
+    return any(t.numel() + _BLOCK >= _INT32_LIMIT
+               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + _BLOCK >= _INT32_LIMIT
+               for t in tensors)
 
 
 def _split(m, c, device):
@@ -184,7 +203,7 @@ def _batch_stats(x, r, c):
     splits, per = _split(m, c, x.device)
     part = torch.empty((c, splits, 4), dtype=torch.float32, device=x.device)
     _stats_kernel[(c, splits)](x, part, m, per, splits, h, w, *x.stride(), R=r, BLOCK=_BLOCK,
-                               num_warps=_NUM_WARPS)
+                               WIDE=_wide(x), num_warps=_NUM_WARPS)
     part = part.double()
     mean_shifted = part[:, :, 1].sum(1) / m
     var = (part[:, :, 2].sum(1) / m - mean_shifted ** 2).clamp_min(0)
@@ -207,7 +226,7 @@ def _forward(x, r, weight, bias, running_mean, running_var, training, eps, activ
     if total:
         _eval_forward_kernel[(triton.cdiv(total, _BLOCK),)](
             x, out, scale, shift, total, c, h, w, *x.stride(), *out.stride(), slope,
-            R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            R=r, ACTIVATION=activation, BLOCK=_BLOCK, WIDE=_wide(x, out), num_warps=_NUM_WARPS)
     return out, mean, var
 
 
@@ -226,7 +245,8 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         part = torch.empty((c, splits, 2), dtype=torch.float32, device=x.device)
         _backward_sums_kernel[(c, splits)](grad_out, x, scale, shift, mean, part, m, per, splits, h, w,
                                            *x.stride(), *grad_out.stride(), slope,
-                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                                           R=r, ACTIVATION=activation, BLOCK=_BLOCK,
+                                           WIDE=_wide(x, grad_out), num_warps=_NUM_WARPS)
         s1, s2 = part.double().sum(1).float().t().contiguous()
     else:
         s1 = s2 = torch.zeros_like(mean)
@@ -240,7 +260,8 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
         coef = torch.stack([scale, shift, scale, b, d]).contiguous()
         _backward_input_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
             grad_out, x, grad_x, coef, x.numel(), c, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
-            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            slope, R=r, ACTIVATION=activation, BLOCK=_BLOCK, WIDE=_wide(x, grad_out, grad_x),
+            num_warps=_NUM_WARPS)
     param_dtype = x.dtype if weight is None else weight.dtype
     return grad_x, grad_w.to(param_dtype), s1.to(param_dtype)
 
