@@ -11,11 +11,16 @@ in ATen ops, which computes what the op computes, in training (batch statistics)
     program = uresnet_ops.export.to_aten(program)   # ATen only: save, AOTInductor, ONNX
     torch._inductor.aoti_compile_and_package(program, package_path="model.pt2")
 
-``import uresnet_ops`` also adds the decompositions to torch's global decomposition table,
-which ``torch.onnx.export(model, (x,), dynamo=True)`` reads: the ONNX exporter then writes each
-op as standard ONNX operators (BatchNormalization with running statistics, DepthToSpace,
-Resize, Conv, ...) and no custom domain. The TorchScript-based exporter (``dynamo=False``)
-cannot: it raises an error that names the supported call.
+ONNX goes the same way, :func:`export_onnx`: torch.export, ``to_aten``, then
+``torch.onnx.export(program, dynamo=True)``, which writes standard ONNX operators only
+(BatchNormalization with running statistics, DepthToSpace, Resize, Conv, ...), no custom
+domain. The decompositions are not put into torch's global decomposition table, which the
+plain ``torch.onnx.export(model, ...)`` would read: inductor then refuses to compile the ops
+when the environment variable CI is set ("make_fallback(...): a decomposition exists"), so
+torch.compile of any model with a fused op would fail in users' CI. The plain call on a model
+with fused ops fails with "No ONNX function found"; onnxscript translations registered with
+the ONNX exporter would lift that (not written yet). The TorchScript-based exporter
+(``dynamo=False``) raises an error that names the supported call.
 """
 from __future__ import annotations
 
@@ -76,22 +81,28 @@ def to_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     return program.run_decompositions(decompositions())
 
 
+def export_onnx(module: torch.nn.Module, args: tuple, path=None, *, dynamic_shapes=None, **kwargs):
+    """``module`` (put it in eval mode first) as ONNX with standard operators only: torch.export
+    with ``dynamic_shapes``, :func:`to_aten`, then ``torch.onnx.export(..., dynamo=True, **kwargs)``.
+    Returns the ``ONNXProgram``, saved to ``path`` when one is given."""
+    args = tuple(args)
+    program = to_aten(torch.export.export(module, args, dynamic_shapes=dynamic_shapes))
+    onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False, **kwargs)
+    if path is not None:
+        onnx_program.save(str(path))
+    return onnx_program
+
+
 def _legacy_onnx_symbolic(name: str):
     def symbolic(g, *args):
         raise RuntimeError(
             f"uresnet_ops.{name}: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) "
-            "cannot export this package's fused ops; use torch.onnx.export(model, (x,), f, dynamo=True), "
-            "which writes them as standard ONNX operators (see uresnet_ops.export)")
+            "cannot export this package's fused ops; use uresnet_ops.export.export_onnx(model, (x,), path), "
+            "which writes them as standard ONNX operators (torch.export, to_aten, torch.onnx.export(dynamo=True))")
     return symbolic
 
 
-def _register_global() -> None:
-    # The dynamo ONNX exporter decomposes every op it has no ONNX function for with
-    # torch._decomp.decomposition_table; torch.compile and eager do not read this table.
-    from torch._decomp import global_decomposition_table
-    table = global_decomposition_table["post_autograd"]
-    for op, fn in DECOMPOSITIONS.items():
-        table.setdefault(op, fn)
+def _register_legacy_onnx_errors() -> None:
     register_legacy = getattr(torch.onnx, "register_custom_op_symbolic", None)  # gone with the legacy exporter
     if register_legacy is not None:
         for op in DECOMPOSITIONS:
@@ -99,4 +110,4 @@ def _register_global() -> None:
             register_legacy(name, _legacy_onnx_symbolic(name.split("::")[1]), 9)
 
 
-_register_global()
+_register_legacy_onnx_errors()
