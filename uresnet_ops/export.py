@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import reference
 from ._common import apply_activation, batch_norm_forward
 
-__all__ = ["DECOMPOSITIONS", "decompositions", "to_aten"]
+__all__ = ["DECOMPOSITIONS", "decompositions", "to_aten", "export_onnx"]
 
 _ops = torch.ops.uresnet_ops
 
