@@ -8,6 +8,7 @@ AOTInductor compiles (minutes on two cores) are ``slow``."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import onnx
@@ -73,10 +74,15 @@ def _outputs(out):
 
 
 def _onnx_check(module, example, sizes, tmp_path):
-    """Export ``module`` once through the public path, with dynamic batch/H/W; check the graph
-    has standard operators only and matches eager in onnxruntime at every size in ``sizes``."""
+    """Export ``module`` once with the plain ``torch.onnx.export(..., dynamo=True)``, dynamic
+    batch/H/W; check the graph has standard operators only and matches eager in onnxruntime at
+    every size in ``sizes``."""
     path = tmp_path / "model.onnx"
-    export_onnx(module, (example,), path, dynamic_shapes=DYNAMIC)
+    torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=DYNAMIC, verbose=False)
+    _onnxruntime_check(module, path, sizes)
+
+
+def _onnxruntime_check(module, path, sizes):
     graph = onnx.load(str(path)).graph
     domains = {node.domain for node in graph.node}
     assert domains <= {"", "ai.onnx"}, domains  # no custom (uresnet_ops) domain, no onnxscript functions
@@ -210,10 +216,50 @@ def test_jit_trace_at_one_size_runs_at_another():
             torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_legacy_onnx_exporter_names_the_supported_path(tmp_path):
-    module = PixelShuffleBN(8, 2).eval()
-    with pytest.raises(Exception, match=r"export_onnx"):
-        torch.onnx.export(module, (torch.randn(1, 8, 4, 4),), str(tmp_path / "m.onnx"), dynamo=False)
+_HAS_LEGACY_ONNX = "dynamo" in __import__("inspect").signature(torch.onnx.export).parameters
+
+
+@pytest.mark.skipif(not _HAS_LEGACY_ONNX, reason="this torch has no TorchScript-based ONNX exporter")
+@pytest.mark.parametrize("name", ["EUCB_shuffled_silu", "MultiDilationConv2d_bn", "PixelShuffleBN_leaky"])
+def test_legacy_onnx_exporter(name, tmp_path):
+    """torch.onnx.export(..., dynamo=False) traces the decompositions too: standard operators,
+    dynamic axes."""
+    build, c = MODULES[name]
+    module = build()
+    _randomize_batch_norm(module)
+    module.eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():  # the exporter's deprecation warning
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(2, c, 9, 11),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    _onnxruntime_check(module, path, [(1, c, 7, 13), (3, c, 16, 5)])
+
+
+@pytest.mark.skipif(not _HAS_LEGACY_ONNX, reason="this torch has no TorchScript-based ONNX exporter")
+@pytest.mark.parametrize("name", MODELS)
+def test_legacy_onnx_exporter_model(name, tmp_path):
+    model, c = _model(name), _channels(name)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, c, 64, 64),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    _onnxruntime_check(model, path, [(2, c, 97, 131), (1, c, 32, 50)])
+
+
+def test_export_onnx_and_to_aten_program(tmp_path):
+    """uresnet_ops.export.export_onnx writes the file; an ExportedProgram that keeps the fused ops
+    goes to ONNX once lowered with to_aten."""
+    module = EUCBStar(8, 6)
+    _randomize_batch_norm(module)
+    module.eval()
+    x = torch.randn(2, 8, 9, 11)
+    export_onnx(module, (x,), tmp_path / "a.onnx", dynamic_shapes=DYNAMIC)
+    _onnxruntime_check(module, tmp_path / "a.onnx", [(1, 8, 7, 13)])
+    program = to_aten(torch.export.export(module, (x,), dynamic_shapes=DYNAMIC))
+    torch.onnx.export(program, (x,), str(tmp_path / "b.onnx"), dynamo=True, verbose=False)
+    _onnxruntime_check(module, tmp_path / "b.onnx", [(3, 8, 16, 5)])
 
 
 def test_decompositions_stay_out_of_torchs_global_table():

@@ -249,4 +249,6 @@ def crop_to(x: torch.Tensor, h, w) -> torch.Tensor:
     """The top-left ``h`` x ``w`` of ``x``, by F.pad with negative padding (a copy). Not a
     slice: whether the slice's view is contiguous depends on whether anything was cut, and
     torch.export guards on that, so its program would fail at sizes of the other kind."""
+    if torch.jit.is_tracing():  # torch.jit.trace / the legacy ONNX exporter record the pad as a constant
+        return x[..., :h, :w]
     return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))

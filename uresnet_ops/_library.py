@@ -52,6 +52,18 @@ def native_op(name: str):
     return getattr(torch.ops.uresnet_ops, f"_{name}_native", None)
 
 
+def op_to_call(name: str):
+    """What a front end calls for ``uresnet_ops::<name>``: the op, or, while ``torch.onnx.export``
+    traces a module (either exporter), its decomposition into ATen ops
+    (:data:`uresnet_ops.export.DECOMPOSITIONS`). The exporters have no ONNX translation for a
+    custom op; traced this way the file gets standard operators and needs nothing of this package."""
+    op = getattr(torch.ops.uresnet_ops, name)
+    if torch.onnx.is_in_onnx_export():
+        from .export import DECOMPOSITIONS  # here, not at the top: export.py needs the ops defined
+        return DECOMPOSITIONS[op.default]
+    return op
+
+
 def register_autograd(name: str, backward, setup_context) -> None:
     """Autograd for ``uresnet_ops::<name>`` as ``torch.library.register_autograd`` makes it (an
     autograd.Function at the Autograd key; same ``backward`` and ``setup_context`` signatures),

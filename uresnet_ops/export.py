@@ -1,26 +1,28 @@
-"""Deployment: the fused ops written as standard ATen ops, for torch.export, AOTInductor and ONNX.
+"""Deployment: the fused ops written as standard ATen ops, for ONNX, torch.export and AOTInductor.
 
 The ops of this package are defined in Python (``torch.library``), so a program that calls
 them, an ``ExportedProgram`` saved with ``torch.export.save`` included, needs ``import
 uresnet_ops`` to load and run, and an AOTInductor package or an ONNX file cannot contain them.
 Each op is therefore given a decomposition: its reference chain (:mod:`uresnet_ops.reference`)
 in ATen ops, which computes what the op computes, in training (batch statistics) and in eval
-(running statistics). A program lowered with it needs nothing of this package::
+(running statistics).
+
+* ONNX: ``torch.onnx.export(model.eval(), (x,), dynamo=True)`` (and the TorchScript-based
+  ``dynamo=False`` where torch still has it) writes standard ONNX operators only
+  (BatchNormalization with running statistics, DepthToSpace, Resize, Conv, ...): while an ONNX
+  exporter traces, each op's front end calls its decomposition instead of the op
+  (:func:`uresnet_ops._library.op_to_call`). :func:`export_onnx` is that call with dynamic
+  shapes and a file.
+* torch.export: the program keeps the fused ops; :func:`to_aten` lowers it, and the result needs
+  nothing of this package (``torch.export.save``, AOTInductor, ``torch.onnx.export(program)``)::
 
     program = torch.export.export(model.eval(), (x,), dynamic_shapes=...)
-    program = uresnet_ops.export.to_aten(program)   # ATen only: save, AOTInductor, ONNX
+    program = uresnet_ops.export.to_aten(program)
     torch._inductor.aoti_compile_and_package(program, package_path="model.pt2")
 
-ONNX goes the same way, :func:`export_onnx`: torch.export, ``to_aten``, then
-``torch.onnx.export(program, dynamo=True)``, which writes standard ONNX operators only
-(BatchNormalization with running statistics, DepthToSpace, Resize, Conv, ...), no custom
-domain. The decompositions are not put into torch's global decomposition table, which the
-plain ``torch.onnx.export(model, ...)`` would read: inductor then refuses to compile the ops
-when the environment variable CI is set ("make_fallback(...): a decomposition exists"), so
-torch.compile of any model with a fused op would fail in users' CI. The plain call on a model
-with fused ops fails with "No ONNX function found"; onnxscript translations registered with
-the ONNX exporter would lift that (not written yet). The TorchScript-based exporter
-(``dynamo=False``) raises an error that names the supported call.
+The decompositions are not put into torch's global decomposition table: inductor then refuses
+to compile the ops when the environment variable CI is set ("make_fallback(...): a
+decomposition exists"), so torch.compile of any model with a fused op would fail in users' CI.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def _shuffle_upsample(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, runn
     y, mean, var = batch_norm_forward(reference.upsample_conv3x3(x, dw_weight, scale_factor, mode), bn_weight,
                                       bn_bias, running_mean, running_var, training, eps)
     y = apply_activation(y, activation, negative_slope)
-    if shuffle_groups > 1:  # one group is the identity
-        y = F.channel_shuffle(y, shuffle_groups)
+    if shuffle_groups > 1:  # one group is the identity; views, as the legacy ONNX exporter lacks channel_shuffle
+        y = y.unflatten(1, (shuffle_groups, -1)).transpose(1, 2).flatten(1, 2)
     return (y if pw_weight is None else F.conv2d(y, pw_weight, pw_bias)), mean, var
 
 
@@ -82,32 +84,11 @@ def to_aten(program: torch.export.ExportedProgram) -> torch.export.ExportedProgr
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, path=None, *, dynamic_shapes=None, **kwargs):
-    """``module`` (put it in eval mode first) as ONNX with standard operators only: torch.export
-    with ``dynamic_shapes``, :func:`to_aten`, then ``torch.onnx.export(..., dynamo=True, **kwargs)``.
-    Returns the ``ONNXProgram``, saved to ``path`` when one is given."""
-    args = tuple(args)
-    program = to_aten(torch.export.export(module, args, dynamic_shapes=dynamic_shapes))
-    onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False, **kwargs)
+    """``torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, **kwargs)``
+    (put ``module`` in eval mode first): standard ONNX operators only. Returns the
+    ``ONNXProgram``, saved to ``path`` when one is given."""
+    onnx_program = torch.onnx.export(module, tuple(args), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     verbose=False, **kwargs)
     if path is not None:
         onnx_program.save(str(path))
     return onnx_program
-
-
-def _legacy_onnx_symbolic(name: str):
-    def symbolic(g, *args):
-        raise RuntimeError(
-            f"uresnet_ops.{name}: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) "
-            "cannot export this package's fused ops; use uresnet_ops.export.export_onnx(model, (x,), path), "
-            "which writes them as standard ONNX operators (torch.export, to_aten, torch.onnx.export(dynamo=True))")
-    return symbolic
-
-
-def _register_legacy_onnx_errors() -> None:
-    register_legacy = getattr(torch.onnx, "register_custom_op_symbolic", None)  # gone with the legacy exporter
-    if register_legacy is not None:
-        for op in DECOMPOSITIONS:
-            name = op._schema.name  # "uresnet_ops::<op>"
-            register_legacy(name, _legacy_onnx_symbolic(name.split("::")[1]), 9)
-
-
-_register_legacy_onnx_errors()

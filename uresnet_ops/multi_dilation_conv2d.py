@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from ._common import activation_backward, autocast_dtype, check_tensor, memory_format, parse_activation
-from ._library import define_op, native_op
+from ._library import define_op, native_op, op_to_call
 
 OP = "multi_dilation_conv2d"
 # biases: one per branch, or an empty list for none.
@@ -53,7 +53,7 @@ def multi_dilation_conv2d(x, weights, dilations, biases=None, activation="none")
             for i, (w, b) in enumerate(zip(weights, biases)):
                 check_tensor(OP, f"biases[{i}]", b, like=x, same_dtype=True, shape=(w.shape[0],))
     act, slope = parse_activation(activation, OP)
-    return torch.ops.uresnet_ops.multi_dilation_conv2d(x, list(weights), [int(d) for d in dilations],
+    return op_to_call(OP)(x, list(weights), [int(d) for d in dilations],
                                                        list(biases or []), act, slope)
 
 

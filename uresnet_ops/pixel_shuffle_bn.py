@@ -13,7 +13,7 @@ from . import backends
 from ._common import (activation_backward, apply_activation, batch_norm_backward, batch_norm_forward,
                       check_batch_norm_args, check_tensor, memory_format, normalize, parse_activation,
                       stat_dtype, update_running_stats)
-from ._library import define_op, native_op, register_autograd
+from ._library import define_op, native_op, op_to_call, register_autograd
 
 OP = "pixel_shuffle_bn"
 _ARGS = ("Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -40,7 +40,7 @@ def pixel_shuffle_bn(x, upscale_factor, weight=None, bias=None, running_mean=Non
     count = x.shape[0] * x.shape[2] * x.shape[3] * r * r
     check_batch_norm_args(OP, x, channels, weight, bias, running_mean, running_var, training, count, momentum, eps)
     act, slope = parse_activation(activation, OP)
-    out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(
+    out, mean, var = op_to_call(OP)(
         x, r, weight, bias, running_mean, running_var, bool(training), float(eps), act, slope)
     if training:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)

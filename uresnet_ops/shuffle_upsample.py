@@ -16,7 +16,7 @@ from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
                       batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
                       parse_activation, stat_dtype, update_running_stats)
-from ._library import define_op, native_op, register_autograd
+from ._library import define_op, native_op, op_to_call, register_autograd
 from .reference import upsample_conv3x3
 
 OP = "shuffle_upsample"
@@ -67,7 +67,7 @@ def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_b
     check_batch_norm_args(OP, x, c_in, bn_weight, bn_bias, running_mean, running_var, training, count,
                           momentum, eps, prefix="bn_")
     act, slope = parse_activation(activation, OP)
-    out, mean, var = torch.ops.uresnet_ops.shuffle_upsample(
+    out, mean, var = op_to_call(OP)(
         x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
         bool(training), float(eps), s, mode, g, act, slope)
     if training:
