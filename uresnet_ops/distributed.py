@@ -1,4 +1,4 @@
-"""SyncBatchNorm semantics for the BatchNorm inside the fused ops (DESIGN.md §3.1): in
+"""SyncBatchNorm semantics for the BatchNorm inside the fused ops (docs/design.md §3.1): in
 training, every process normalises with the statistics of the whole distributed batch.
 
 pixel_shuffle_bn:
