@@ -62,16 +62,16 @@ def _write_json(path: str | None, results: dict) -> None:
         print(f"wrote {path}")
 
 
-def _config(cls, args, **overrides):
+def _config(cls, args):
     """``cls`` (a dataclass) from the parsed arguments named as its fields, a ``--no-X`` flag
-    giving ``X=False``, and ``overrides`` on top."""
+    giving ``X=False``."""
     values = {}
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
         elif hasattr(args, f"no_{f.name}"):
             values[f.name] = not getattr(args, f"no_{f.name}")
-    return cls(**{**values, **overrides})
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------- commands
@@ -215,6 +215,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_list_models(args) -> int:
+    import inspect
+
     import uresnet_models
     names = uresnet_models.list_models(args.pattern)
     if not names:
@@ -228,7 +230,6 @@ def cmd_list_models(args) -> int:
     for name in names:
         try:  # built on the meta device: no memory, no initialisation
             count = uresnet_models.count_parameters(name)
-            import inspect
             default = inspect.signature(uresnet_models.model_entrypoint(name)).parameters.get("encoder")
             encoder = "-" if default is None or default.default is None else str(default.default)
             encoder = "(own)" if default is not None and default.default is None else encoder
@@ -236,7 +237,6 @@ def cmd_list_models(args) -> int:
         except Exception as error:  # noqa: BLE001 - a broken plugin must not hide the others
             print(f"{name:<18} {'?':<18} {'error: ' + str(error)[:60]:>12}")
     return 0
-
 
 
 # --------------------------------------------------------------------------- parser
@@ -254,54 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"uresnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="environment, op checks and speed, then a short training run (no downloads)",
-                       description="Environment, op correctness and speed, then trains a small U-ResNet on synthetic "
-                       "shapes for about a minute (CPU), reports IoU, writes samples.png and curves.png to --out, "
-                       "and times a train step with the fused ops vs the reference ones.")
-    _add_device(p)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (32 steps each; default 5)")
-    p.add_argument("--out", default="uresnet-demo", help="folder for the checkpoint, logs and PNGs (default: "
-                   "./uresnet-demo)")
-    p.add_argument("--speed-rounds", type=_positive_int, default=5, help="timed train steps per implementation "
-                   "(default 5)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, one per core; on cores "
-                   "busy with other jobs 1 can be several times faster)")
-    p.set_defaults(func=cmd_demo)
-
-    _add_train_parser(sub)
-    _add_eval_parser(sub)
-    _add_predict_parser(sub)
-    _add_export_parser(sub)
-
-    p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference",
-                       description="Median time of each op on every backend that runs here, next to the eager "
-                       "reference chain and torch.compile of it (ratios: >1 is faster than the baseline); with "
-                       "--models, a training step of whole models with the fused ops vs the reference backends. "
-                       "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
-    p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
-    _add_device(p)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="default: float32")
-    p.add_argument("--size", choices=("small", "full"), help="default: full on CUDA, small on CPU")
-    p.add_argument("--mode", choices=("all", *MODES), default="train_fwd", help="default: train_fwd")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement "
-                   "(default 0.3)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--models", nargs="?", const="", metavar="NAMES",
-                   help="instead of the ops: the model train-step benchmark (fused vs reference backends) of "
-                        "these comma-separated models (default: resunet_atrous, deresunet, uresnet, and unet vs "
-                        "segmentation_models_pytorch when installed)")
-    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models; default 3)")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("list-models", help="registered model names (with --params: parameter counts)")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. '*resunet*'")
-    p.add_argument("--params", action="store_true", help="show the default encoder and parameter count "
-                   "(num_classes=1) of each model")
-    p.set_defaults(func=cmd_list_models)
+    for add in (_add_demo_parser, _add_train_parser, _add_eval_parser, _add_predict_parser, _add_export_parser,
+                _add_bench_parser, _add_list_models_parser):
+        add(sub)
     return parser
 
 
@@ -351,8 +306,30 @@ def _add_device(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
 
 
+def _add_amp(parser) -> None:
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
+
+
 def _add_checkpoint(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best/ is used) or a checkpoint folder")
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="environment, op checks and speed, then a short training run (no downloads)",
+                       description="Environment, op correctness and speed, then trains a small U-ResNet on synthetic "
+                       "shapes for about a minute (CPU), reports IoU, writes samples.png and curves.png to --out, "
+                       "and times a train step with the fused ops vs the reference ones.")
+    _add_device(p)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (32 steps each; default 5)")
+    p.add_argument("--out", default="uresnet-demo", help="folder for the checkpoint, logs and PNGs (default: "
+                   "./uresnet-demo)")
+    p.add_argument("--speed-rounds", type=_positive_int, default=5, help="timed train steps per implementation "
+                   "(default 5)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, one per core; on cores "
+                   "busy with other jobs 1 can be several times faster)")
+    p.set_defaults(func=cmd_demo)
 
 
 def _add_train_parser(sub) -> None:
@@ -386,8 +363,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="held out when the folder has no train/ and "
                    "val/ (default 0.1)")
     g.add_argument("--no-augment", action="store_true", help="no flip, brightness/contrast or random crop")
-    g.add_argument("--no-data-check", action="store_true", dest="no_check_data", help="skip reading every file once before training "
-                   "(sizes, readability, label range)")
+    g.add_argument("--no-data-check", action="store_true", dest="no_check_data",  # TrainConfig.check_data
+                   help="skip reading every file once before training (sizes, readability, label range)")
     g.add_argument("--workers", type=int, help="data loader processes (default 0 for synthetic, else up to 4)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="default 10")
@@ -409,7 +386,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--out", default="runs/uresnet", help="output folder (default runs/uresnet)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="continue a run from its last/ checkpoint (default: the one in --out)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
+    _add_amp(g)
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     _add_device(g)
@@ -432,7 +409,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--image-size", type=_image_size, help="resize to N or HxW (default: the training size)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")
     p.add_argument("--workers", type=int)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="default none")
+    _add_amp(p)
     p.add_argument("--channels-last", action="store_true")
     _add_device(p)
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
@@ -472,6 +449,38 @@ def _add_export_parser(sub) -> None:
                    "size); without --dynamic the only size the file takes")
     p.add_argument("--dynamic", action="store_true", help="any batch size and any H, W (one file for all sizes)")
     p.set_defaults(func=cmd_export)
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference",
+                       description="Median time of each op on every backend that runs here, next to the eager "
+                       "reference chain and torch.compile of it (ratios: >1 is faster than the baseline); with "
+                       "--models, a training step of whole models with the fused ops vs the reference backends. "
+                       "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
+    p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
+    _add_device(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="default: float32")
+    p.add_argument("--size", choices=("small", "full"), help="default: full on CUDA, small on CPU")
+    p.add_argument("--mode", choices=("all", *MODES), default="train_fwd", help="default: train_fwd")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement "
+                   "(default 0.3)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--models", nargs="?", const="", metavar="NAMES",
+                   help="instead of the ops: the model train-step benchmark (fused vs reference backends) of "
+                        "these comma-separated models (default: resunet_atrous, deresunet, uresnet, and unet vs "
+                        "segmentation_models_pytorch when installed)")
+    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models; default 3)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_list_models_parser(sub) -> None:
+    p = sub.add_parser("list-models", help="registered model names (with --params: parameter counts)")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. '*resunet*'")
+    p.add_argument("--params", action="store_true", help="show the default encoder and parameter count "
+                   "(num_classes=1) of each model")
+    p.set_defaults(func=cmd_list_models)
 
 
 def main(argv=None) -> int:

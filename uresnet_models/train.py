@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import load_checkpoint, load_resume, save_checkpoint, save_interrupted  # noqa: F401  (load_checkpoint: re-exported)
+from .checkpoint import load_checkpoint  # noqa: F401  (re-exported: uresnet_models.train.load_checkpoint)
+from .checkpoint import load_resume, save_checkpoint, save_interrupted
 from .constants import DEFAULT_ENCODER
 from .data import DataError, DataInfo, Transformed, build_dataset, build_transform, check_dataset, source_problem
 from .distributed import distributed_model, setup_distributed, sync_batchnorm
@@ -311,9 +312,10 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if env.enabled:
         model = sync_batchnorm(model, env.device)
+    trained = [p for p in model.parameters() if p.requires_grad]
     # The fused (single-kernel) Adam: on CPU it is about 3x faster than the per-tensor loop.
-    optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                          weight_decay=cfg.weight_decay, fused=env.device.type in ("cpu", "cuda") or None)
+    optimizer = OPTIMIZERS[cfg.optimizer](trained, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          fused=env.device.type in ("cpu", "cuda") or None)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
@@ -346,7 +348,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     val_shard = Subset(val_set, range(env.rank, len(val_set), env.world))  # no padding: exact metrics
     val_loader = _loader(val_shard, cfg.batch_size, None, workers)
     key = monitor_key(info)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trained)
     total = sum(p.numel() for p in model.parameters())
     say(f"training {cfg.model} on {info.format} ({info.task}, {_plural(info.num_classes, 'class', 'classes')}): "
         f"{len(train_set)} train / {len(val_set)} val samples, {env.world} process(es) on {env.device}, loss "
