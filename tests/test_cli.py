@@ -1,5 +1,7 @@
 """The ``uresnet`` command line: --help everywhere, one-line errors for bad arguments and
 paths, and train -> eval -> predict on a tiny binary images/masks folder."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -42,6 +44,27 @@ def _binary_folder(root: Path, n=6, size=24):
             (root / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(root / sub / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    """``uresnet train`` for two epochs on a tiny binary images/masks folder of 6 images:
+    (the data folder, the run folder, what train printed)."""
+    from uresnet_models.cli import main
+    root = tmp_path_factory.mktemp("binary")
+    data, run_dir = _binary_folder(root / "data"), root / "run"
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread, which is per test
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["train", "--data", str(data), "--format", "binary", "--epochs", "2", "--batch-size", "2",
+                           "--lr", "3e-3", "--image-size", "24", "--val-fraction", "0.34", "--early-stop", "5",
+                           "--optimizer", "adamw", *TINY, "--out", str(run_dir)])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0, err.getvalue()
+    return data, run_dir, out.getvalue()
 
 
 BAD = [
@@ -97,13 +120,8 @@ def test_module_entry_point_exit_status():
         "uresnet train: error: --data /no/such/folder: no such file or folder"]
 
 
-def test_train_eval_predict_binary_folder(tmp_path, capsys):
-    data = _binary_folder(tmp_path / "data")
-    run_dir = tmp_path / "run"
-    status, out, err = run(["train", "--data", str(data), "--format", "binary", "--epochs", "2", "--batch-size", "2",
-                            "--lr", "3e-3", "--image-size", "24", "--val-fraction", "0.34", "--early-stop", "5",
-                            "--optimizer", "adamw", *TINY, "--out", str(run_dir)], capsys)
-    assert status == 0, err
+def test_train_eval_predict_binary_folder(binary_run, tmp_path, capsys):
+    data, run_dir, out = binary_run
     assert "loss bce_dice" in out and "epoch 2/2" in out
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "log.csv").is_file()
 
@@ -128,7 +146,7 @@ def test_train_eval_predict_binary_folder(tmp_path, capsys):
 
 def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     import uresnet_models.benchmark as model_bench
-    monkeypatch.setattr(model_bench, "shape", lambda size, device: (1, 64))  # a tiny step: fast here
+    monkeypatch.setattr(model_bench, "model_shape", lambda size, device: (1, 64))  # a tiny step: fast here
     path = tmp_path / "models.json"
     status, out, _ = run(["bench", "--models", "uresnet", "--device", "cpu", "--rounds", "1", "--json", str(path)], capsys)
     assert status == 0 and "uresnet(resnet34)" in out and "1x64x64" in out
@@ -137,15 +155,14 @@ def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     assert row["fused"]["median_s"] > 0 and row["reference"]["median_s"] > 0
 
 
-# --------------------------------------------------------------------------- issue 19
-def test_bench_op_path_runs_to_the_table(capsys, monkeypatch):
-    import uresnet_models.cli as cli
-    monkeypatch.setitem(cli.SHAPES, "small", {**cli.SHAPES["small"],
-                                              "pixel_shuffle_bn": dict(x=(1, 16, 4, 4), r=2)})
-    status, out, err = run(["bench", "--op", "pixel_shuffle_bn", "--no-compile", "--device", "cpu",
+# --------------------------------------------------------------------------- issues 18, 19
+def test_bench_op_path_runs_to_the_table(capsys):
+    # the README's command (it crashed with UnboundLocalError), at the smallest size and time it takes
+    status, out, err = run(["bench", "--op", "pixel_shuffle_bn", "--no-compile", "--device", "cpu", "--size", "small",
                             "--min-time", "0.01"], capsys)
     assert status == 0, err
     assert "xeager" in out and "pixel_shuffle_bn" in out and "eager" in out
+    assert out.rstrip().endswith("(x = baseline time / implementation time; >1 is faster)")
 
 
 def test_version_and_fast_help():
@@ -177,19 +194,17 @@ def test_list_models_shows_own_encoder_not_none(capsys):
     assert "(own)" in out and "None" not in out
 
 
-def test_corrupted_checkpoint_files_are_named(tmp_path, capsys):
-    data = _binary_folder(tmp_path / "data", n=4)
-    run_dir = tmp_path / "run"
-    status, out, err = run(["train", "--data", str(data), "--format", "binary", "--epochs", "1", "--batch-size", "2",
-                            "--image-size", "24", "--val-fraction", "0.5", *TINY, "--out", str(run_dir)], capsys)
-    assert status == 0, err
+def test_corrupted_checkpoint_files_are_named(binary_run, capsys):
+    _, run_dir, _ = binary_run
     for name in ("training.json", "config.json"):
         path = run_dir / "best" / name
         good = path.read_text()
         path.write_text(good[:40])
-        status, _, err = run(["eval", "--checkpoint", str(run_dir), "--no-progress"], capsys)
+        try:
+            status, _, err = run(["eval", "--checkpoint", str(run_dir), "--no-progress"], capsys)
+        finally:
+            path.write_text(good)  # the run is shared by the module's tests
         assert status == 2 and f"{path} is not valid JSON" in err and len(err.strip().splitlines()) == 1, err
-        path.write_text(good)
 
 
 def test_bad_data_is_found_before_the_model_is_built(tmp_path, capsys):
@@ -265,15 +280,16 @@ def test_ctrl_c_saves_a_resumable_state(tmp_path, capsys, monkeypatch):
 def test_samples_come_from_the_best_checkpoint(tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
+    from uresnet_models import plots
     from uresnet_models import train as training
     seen = {}
-    original = training.save_samples
+    original = plots.save_samples
 
     def spy(model, *a, **k):
         seen["state"] = {n: t.clone() for n, t in model.state_dict().items()}
         return original(model, *a, **k)
 
-    monkeypatch.setattr(training, "save_samples", spy)
+    monkeypatch.setattr(plots, "save_samples", spy)
     # early epochs improve, later ones are worse: a lr that diverges after epoch 1 is not reliable, so
     # force the metric: only epoch 1 is "best"
     scores = iter([0.9, 0.1, 0.1])
@@ -315,23 +331,20 @@ def test_classifier_eval_per_class_accuracy_and_confusion_matrix(tmp_path, capsy
     assert "confusion matrix" in out and "circle" in out
 
 
-def test_predict_batches_and_shows_progress(tmp_path, capsys):
-    data = _binary_folder(tmp_path / "data", n=5)
-    run_dir = tmp_path / "run"
-    status, _, err = run(["train", "--data", str(data), "--format", "binary", "--epochs", "1", "--batch-size", "2",
-                          "--image-size", "24", "--val-fraction", "0.4", *TINY, "--out", str(run_dir)], capsys)
-    assert status == 0, err
-    import uresnet_models.train as training
-    model, _, _ = training.load_checkpoint(run_dir)
+def test_predict_batches_and_shows_progress(binary_run, tmp_path, capsys, monkeypatch):
+    import uresnet_models.predict as predicting
+    data, run_dir, _ = binary_run
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((data / "images").glob("*.png"))[:5]:
+        (images / path.name).write_bytes(path.read_bytes())
+    model, _, _ = predicting.load_checkpoint(run_dir)
     batches = []
     model.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
-    orig = training.load_checkpoint
-    training.load_checkpoint = lambda *a, **k: (model, *orig(*a, **k)[1:])
-    try:
-        status, out, err = run(["predict", "--checkpoint", str(run_dir), "--input", str(data / "images"), "--out",
-                                str(tmp_path / "masks"), "--batch-size", "2"], capsys)
-    finally:
-        training.load_checkpoint = orig
+    orig = predicting.load_checkpoint
+    monkeypatch.setattr(predicting, "load_checkpoint", lambda *a, **k: (model, *orig(*a, **k)[1:]))
+    status, out, err = run(["predict", "--checkpoint", str(run_dir), "--input", str(images), "--out",
+                            str(tmp_path / "masks"), "--batch-size", "2"], capsys)
     assert status == 0, err
     assert batches == [2, 2, 1] and len(list((tmp_path / "masks").glob("*.png"))) == 5
     assert "predict" in err and "5/5" in err  # the progress bar (stderr)

@@ -175,3 +175,10 @@ def test_bad_format_and_missing_folder(tmp_path):
         build_dataset("binary", tmp_path / "absent")
     with pytest.raises(DataError, match="folder not found"):
         build_dataset("binary", tmp_path)  # exists, but has no images/
+
+
+def test_a_task_is_for_synthetic_data_only(tmp_path):
+    with pytest.raises(DataError, match="--task is for --format synthetic"):
+        build_dataset("binary", tmp_path, task="joint")
+    with pytest.raises(DataError, match="--format binary needs --data"):
+        build_dataset("binary", None)

@@ -65,10 +65,10 @@ def test_run_folder_contents(shapes_run):
 
 
 def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from uresnet_models import train
+    from uresnet_models import plots
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3, "val_miou": 0.5}]
-    assert train.plot_curves(history, tmp_path / "curves.png") is None
+    assert plots.plot_curves(history, tmp_path / "curves.png") is None
     assert "matplotlib" in capsys.readouterr().out and not (tmp_path / "curves.png").exists()
 
 
@@ -158,7 +158,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
 def test_cpu_sync_batchnorm_keeps_the_state_dict():
     from uresnet_ops.nn import PixelShuffleBN
-    from uresnet_models.train import sync_batchnorm
+    from uresnet_models.distributed import sync_batchnorm
     make = lambda: uresnet_models.create_model("uresnet", encoder=None, num_classes=2, upsample="pixel_shuffle_bn",  # noqa: E731
                                                **TINY["model_args"])
     model = make()
@@ -178,7 +178,7 @@ def test_cpu_sync_batchnorm_keeps_the_state_dict():
 def test_curves_have_whole_epoch_ticks(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib.figure
-    from uresnet_models.train import plot_curves
+    from uresnet_models.plots import plot_curves
     figures = []
     original = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self),
@@ -193,7 +193,7 @@ def test_ddp_is_told_of_unused_parameters_only_where_there_are_some(tmp_path):
     # uresnet_cls uses only hrnet's deepest feature: 66 parameters get no gradient, which plain
     # DDP rejects at the second step. A model without any keeps the cheaper default.
     import torch.distributed as dist
-    from uresnet_models.train import distributed_model, unused_parameters
+    from uresnet_models.distributed import distributed_model, unused_parameters
     hrnet = uresnet_models.create_model("uresnet_cls", encoder="hrnet_w18_small", num_classes=3)
     plain = uresnet_models.create_model("uresnet_cls", encoder="resnet18", num_classes=3)
     example = torch.randn(1, 3, 64, 64)
@@ -209,3 +209,17 @@ def test_ddp_is_told_of_unused_parameters_only_where_there_are_some(tmp_path):
             net(torch.randn(2, 3, 64, 64)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_config_checks_itself_when_made(tmp_path):
+    from uresnet_models.errors import UsageError
+    with pytest.raises(UsageError, match="^--epochs must be at least 1$"):
+        TrainConfig(epochs=0)
+    with pytest.raises(UsageError, match=r"^--task is for --format synthetic \(binary has its own task\)$"):
+        TrainConfig(format="binary", data=str(tmp_path), task="joint")
+    with pytest.raises(UsageError, match="^--data .*: give the dataset's --format"):
+        TrainConfig(format=None, data=str(tmp_path))
+    with pytest.raises(UsageError, match="^--resume: .*last does not exist$"):
+        TrainConfig(out=str(tmp_path), resume="auto")
+    cfg = TrainConfig(format=None, image_size=[32, 48])  # as read back from training.json
+    assert cfg.format == "synthetic" and cfg.image_size == (32, 48)

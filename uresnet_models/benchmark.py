@@ -1,7 +1,12 @@
-"""Model-level benchmark: one training step (forward + backward + Adam) of the seed models with
-the fused backends vs the same model under ``uresnet_ops.use_backend("reference")``, and our
-``unet`` vs segmentation_models_pytorch's ``Unet`` (when installed). Used by ``uresnet bench
---models`` and benchmarks/bench_models.py (the pytest-benchmark version)."""
+"""What ``uresnet bench`` times.
+
+* The ops (``uresnet bench --op``): the median time of each fused op on every backend that runs
+  here, next to the eager reference chain and ``torch.compile`` of it.
+* The models (``uresnet bench --models``, benchmarks/bench_models.py is the pytest-benchmark
+  version): one training step (forward + backward + Adam) of the seed models with the fused
+  backends vs the same model under ``uresnet_ops.use_backend("reference")``, and our ``unet`` vs
+  segmentation_models_pytorch's ``Unet`` (when installed).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,22 +16,155 @@ import time
 import torch
 
 import uresnet_ops
-from uresnet_ops.timing import synchronize
+from uresnet_ops.timing import measure, synchronize
 
+from .constants import OPS
 from .registry import create_model
 
+BASELINES = ("eager", "compiled")
+
+# Op shapes per `bench --size`, and for the demo; benchmarks/cases.py has the full benchmark set.
+SHAPES = {
+    "small": {"pixel_shuffle_bn": dict(x=(2, 256, 16, 16), r=2),
+              "shuffle_upsample": dict(x=(1, 64, 32, 32), cout=32),
+              "multi_dilation_conv2d": dict(x=(1, 128, 32, 32), per_branch=32)},
+    "full": {"pixel_shuffle_bn": dict(x=(8, 2048, 16, 16), r=2),
+             "shuffle_upsample": dict(x=(8, 320, 32, 32), cout=128),
+             "multi_dilation_conv2d": dict(x=(8, 256, 32, 32), per_branch=64)},
+    # Tiny shapes for the demo's correctness check; 20x20 makes the dilated taps fall into padding.
+    "check": {"pixel_shuffle_bn": dict(x=(2, 16, 6, 6), r=2),
+              "shuffle_upsample": dict(x=(2, 8, 6, 6), cout=12),
+              "multi_dilation_conv2d": dict(x=(2, 8, 20, 20), per_branch=6)},
+}
+
+
+# --------------------------------------------------------------------------- ops
+def op_inputs(op: str, params: dict, device, dtype, *, training: bool, requires_grad: bool, seed: int = 0):
+    """``(args, kwargs, grad_tensors)`` for ``uresnet_ops.<op>(*args, **kwargs)`` with random
+    inputs. The same seed gives the same values in every dtype; BatchNorm parameters and
+    running statistics are float32 (float64 for float64 inputs), as in mixed precision."""
+    gen = torch.Generator().manual_seed(seed)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, dt=dtype, scale=1.0, positive=False):
+        t = torch.rand(shape, generator=gen) + 0.5 if positive else torch.randn(shape, generator=gen) * scale
+        return t.to(device=device, dtype=dt).requires_grad_(requires_grad)
+
+    def bn(c):
+        return (rand(c, dt=stat, positive=True), rand(c, dt=stat),
+                (torch.randn(c, generator=gen) * 0.1).to(device, stat), (torch.rand(c, generator=gen) + 0.5).to(device, stat))
+
+    n, c, h, w = params["x"]
+    x = rand(n, c, h, w)
+    if op == "pixel_shuffle_bn":
+        r = params["r"]
+        weight, bias, rm, rv = bn(c // (r * r))
+        return (x, r, weight, bias, rm, rv), dict(training=training, activation="relu"), [x, weight, bias]
+    if op == "shuffle_upsample":
+        cout = params["cout"]
+        dw, pw, pb = rand(c, 1, 3, 3, scale=1 / 3), rand(cout, c, 1, 1, scale=c ** -0.5), rand(cout)
+        bw, bb, rm, rv = bn(c)
+        kwargs = dict(training=training, scale_factor=2, mode="nearest", shuffle_groups=1, activation="relu")
+        return (x, dw, pw, pb, bw, bb, rm, rv), kwargs, [x, dw, pw, pb, bw, bb]
+    if op == "multi_dilation_conv2d":
+        per, kernels = params["per_branch"], params.get("kernels", (1, 3, 3, 3))
+        weights = [rand(per, c, k, k, scale=(c * k * k) ** -0.5) for k in kernels]
+        biases = [rand(per) for _ in kernels]
+        dilations = list(params.get("dilations", (1, 6, 12, 18)))
+        return (x, weights, dilations, biases), dict(activation="relu"), [x, *weights, *biases]
+    raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+
+
+def op_step(op: str, impl: str, params: dict, device, dtype, mode: str):
+    """A no-argument callable running one iteration of ``mode`` with implementation ``impl``
+    (a backend name, "eager" or "compiled"), and the context manager to run it in."""
+    backward = mode == "train_fwdbwd"
+    args, kwargs, grads = op_inputs(op, params, device, dtype, training=mode != "eval_fwd", requires_grad=backward)
+    if impl == "eager":
+        fn, ctx = getattr(uresnet_ops.reference, op), contextlib.nullcontext()
+    elif impl == "compiled":
+        fn, ctx = torch.compile(getattr(uresnet_ops.reference, op), dynamic=False), contextlib.nullcontext()
+    else:
+        fn, ctx = getattr(uresnet_ops, op), uresnet_ops.use_backend(impl, op)
+    if not backward:
+        def step():
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return step, ctx
+    grad_out = []
+
+    def step_backward():
+        out = fn(*args, **kwargs)
+        if not grad_out:
+            grad_out.append(torch.randn_like(out))
+        return torch.autograd.grad(out, grads, grad_out[0])
+    return step_backward, ctx
+
+
+def runnable_backends(op: str, device_type: str) -> list[str]:
+    """The backends of ``op`` that run on ``device_type`` here (Triton's CPU interpreter left out)."""
+    names = []
+    for name in uresnet_ops.available_backends(op):
+        with uresnet_ops.use_backend(name, op):
+            if uresnet_ops.get_backend(op, device_type).name == name and not (name == "triton" and device_type == "cpu"):
+                names.append(name)
+    return names
+
+
+def time_impls(op, impls, params, device, dtype, mode, *, min_time=0.2, out=print) -> list[dict]:
+    """Median time of each implementation of ``op``; a compile failure is reported, not raised."""
+    from uresnet_ops.backends import last_used
+    rows = []
+    for impl in impls:
+        try:
+            step, ctx = op_step(op, impl, params, device, dtype, mode)
+            with ctx:
+                res = measure(step, device=device, warmup=3, min_time=min_time)
+            label = impl
+            if impl not in BASELINES:  # a backend may hand a case to the next one: show what ran
+                ran = {last_used(op, "forward")} | ({last_used(op, "backward")} if mode == "train_fwdbwd" else set())
+                label = impl if ran == {impl} else f"{impl}>{'+'.join(sorted(map(str, ran)))}"
+            rows.append(dict(op=op, shape=list(params["x"]), mode=mode, implementation=label, **res))
+        except Exception as error:  # noqa: BLE001  (a broken or declining implementation: report, go on)
+            out(f"  {op} {impl} {mode}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+    base = {r["implementation"]: r["median_s"] for r in rows}
+    for r in rows:
+        for b in BASELINES:
+            r[f"vs_{b}"] = base[b] / r["median_s"] if b in base else None
+    return rows
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:8.1f} us" if s < 1e-3 else f"{s * 1e3:8.2f} ms"
+
+
+def _ratio(v) -> str:
+    return f"{v:7.2f}x" if v else "      -"
+
+
+def print_op_table(rows: list[dict], out=print) -> None:
+    """The rows of :func:`time_impls` with their ratios to the baselines."""
+    out(f"  {'op':<22} {'shape':<18} {'mode':<13} {'implementation':<15} {'median':>11} {'xeager':>8} {'xcompiled':>9}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        out(f"  {r['op']:<22} {shape:<18} {r['mode']:<13} {r['implementation']:<15} {_fmt_time(r['median_s'])} "
+            f"{_ratio(r.get('vs_eager'))} {_ratio(r.get('vs_compiled')):>9}")
+    out("  (x = baseline time / implementation time; >1 is faster)")
+
+
+# --------------------------------------------------------------------------- models
 MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]
 IMPLS = ("fused", "reference")
 
 
-def shape(size: str, device: str) -> tuple[int, int]:
+def model_shape(size: str, device: str) -> tuple[int, int]:
     """(batch, side) of the train step."""
     if size == "full":
         return (16 if device == "cuda" else 4), 256
     return (4 if device == "cuda" else 2), 128
 
 
-def build_model(name: str, encoder: str):
+def create_bench_model(name: str, encoder: str):
     """``smp:Unet`` is segmentation_models_pytorch's U-Net; any other name is ours."""
     if name == "smp:Unet":
         import segmentation_models_pytorch as smp  # optional (the `bench` extra): ImportError if missing
@@ -34,10 +172,10 @@ def build_model(name: str, encoder: str):
     return create_model(name, encoder=encoder, num_classes=2)
 
 
-def make_step(name: str, encoder: str, device, batch: int, side: int, seed: int = 0):
+def model_step(name: str, encoder: str, device, batch: int, side: int, seed: int = 0):
     """A model, its Adam optimizer and a callable running one train step on fixed inputs."""
     torch.manual_seed(seed)
-    model = build_model(name, encoder).to(device).train()
+    model = create_bench_model(name, encoder).to(device).train()
     channels = 3 + (model.depth_channels if name == "deresunet" else 0)
     x = torch.randn(batch, channels, side, side, device=device)
     target = torch.randint(0, 2, (batch, side, side), device=device)
@@ -65,13 +203,13 @@ def median_step_seconds(step, device, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure(name, encoder, impl, device, size, rounds=3) -> dict:
+def measure_model(name, encoder, impl, device, size, rounds=3) -> dict:
     """Median seconds per train step (and CUDA peak memory) of one model and implementation."""
-    batch, side = shape(size, torch.device(device).type)
+    batch, side = model_shape(size, torch.device(device).type)
     ctx = uresnet_ops.use_backend("reference") if impl == "reference" else contextlib.nullcontext()
     cuda = torch.device(device).type == "cuda"
     with ctx:
-        model, step = make_step(name, encoder, device, batch, side)
+        model, step = model_step(name, encoder, device, batch, side)
         step()  # warm-up (allocator, cuDNN/oneDNN primitives)
         synchronize(device)
         if cuda:
@@ -83,19 +221,19 @@ def measure(name, encoder, impl, device, size, rounds=3) -> dict:
                 peak_bytes=peak)
 
 
-def measure_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
-    """``measure`` of the fused and the reference implementation of one model, with their rounds
-    interleaved (fused, reference, fused, ...) so that a drift in the machine's speed (a shared
-    VM's drifts by tens of percent over minutes) hits both alike. CUDA peak memory is measured
-    per implementation in one extra step, as the step's own allocations (inputs, parameters and
-    optimizer state of both models excluded)."""
-    batch, side = shape(size, torch.device(device).type)
+def measure_model_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
+    """:func:`measure_model` of the fused and the reference implementation of one model, with
+    their rounds interleaved (fused, reference, fused, ...) so that a drift in the machine's speed
+    (a shared VM's drifts by tens of percent over minutes) hits both alike. CUDA peak memory is
+    measured per implementation in one extra step, as the step's own allocations (inputs,
+    parameters and optimizer state of both models excluded)."""
+    batch, side = model_shape(size, torch.device(device).type)
     cuda = torch.device(device).type == "cuda"
     contexts = {"fused": contextlib.nullcontext, "reference": lambda: uresnet_ops.use_backend("reference")}
     steps, times, peaks = {}, {impl: [] for impl in IMPLS}, {}
     for impl in IMPLS:
         with contexts[impl]():
-            _, steps[impl] = make_step(name, encoder, device, batch, side)
+            _, steps[impl] = model_step(name, encoder, device, batch, side)
             steps[impl]()  # warm-up (allocator, cuDNN/oneDNN primitives)
             synchronize(device)
             if cuda:
@@ -112,10 +250,11 @@ def measure_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
                       median_s=statistics.median(times[impl]), peak_bytes=peaks.get(impl)) for impl in IMPLS)
 
 
-def print_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> list[dict]:
-    """The fused-vs-reference train-step table of ``models`` (names; default: all of MODELS,
-    plus "unet": ours vs smp's), one line per model as it is measured; returns the
-    measurements (one ``{"fused": ..., "reference": ...}`` per model, as :func:`measure` gives them)."""
+def print_model_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> list[dict]:
+    """Measure and print the fused-vs-reference train-step table of ``models`` (names; default:
+    all of MODELS, plus "unet": ours vs smp's), one line per model as it is measured; returns the
+    measurements (one ``{"fused": ..., "reference": ...}`` per model, as :func:`measure_model`
+    gives them)."""
     wanted = set(models or [n for n, _ in MODELS] + ["unet"])
     rows = []
     out(f"{'model':<26} {'shape':<12} {'fused':>10} {'reference':>10} {'speedup':>8} {'mem fused':>10} "
@@ -123,7 +262,7 @@ def print_table(device: str, size: str, rounds: int = 3, models=None, out=print)
     for name, encoder in MODELS:
         if name not in wanted:
             continue
-        fused, ref = measure_pair(name, encoder, device, size, rounds)
+        fused, ref = measure_model_pair(name, encoder, device, size, rounds)
         rows.append({"fused": fused, "reference": ref})
         mem = ("", "", "")
         if fused["peak_bytes"]:
@@ -134,7 +273,8 @@ def print_table(device: str, size: str, rounds: int = 3, models=None, out=print)
             f"{mem[2]:>9}")
     if "unet" in wanted:
         try:
-            ours, theirs = (measure(name, "resnet50", "fused", device, size, rounds) for name in ("unet", "smp:Unet"))
+            ours, theirs = (measure_model(name, "resnet50", "fused", device, size, rounds)
+                            for name in ("unet", "smp:Unet"))
         except ImportError:
             out("segmentation_models_pytorch is not installed: no unet vs smp comparison")
             return rows

@@ -384,6 +384,23 @@ def check_dataset(dataset: Dataset, info: DataInfo, max_errors: int = 10) -> lis
 
 
 # --------------------------------------------------------------------------- building
+def source_problem(fmt: str, data, task: str | None = None) -> str | None:
+    """What is wrong with a dataset's description before any file is read, or None: the rule
+    :func:`build_dataset` and :class:`~uresnet_models.train.TrainConfig` both apply. ``data``
+    is a folder, or None / "synthetic" for synthetic shapes; ``task`` is for synthetic data only."""
+    if fmt not in FORMATS:
+        return f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}"
+    synthetic_data = data is None or data == "synthetic"
+    if fmt == "synthetic":
+        return None if synthetic_data else (f"--data {data}: give the dataset's --format "
+                                            f"({', '.join(FORMATS[1:-1])} or {FORMATS[-1]})")
+    if synthetic_data:
+        return f"--format {fmt} needs --data PATH (the dataset folder)"
+    if task is not None:
+        return f"--task is for --format synthetic ({fmt} has its own task)"
+    return None
+
+
 def build_dataset(fmt: str, data, split: str = "train", *, task: str | None = None, image_size=64,
                   num_classes: int | None = None, length: int | None = None, val_fraction: float = 0.1,
                   seed: int = 0) -> tuple[Dataset, DataInfo]:
@@ -391,14 +408,13 @@ def build_dataset(fmt: str, data, split: str = "train", *, task: str | None = No
 
     ``task`` (synthetic only): "seg" (default), "cls" or "joint". ``num_classes``: synthetic
     classes, or for ``binary`` 1 (sigmoid, default) or 2 (softmax). ``length``: synthetic size."""
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    problem = source_problem(fmt, data, task)
+    if problem:
+        raise DataError(problem)
     if split not in ("train", "val"):
         raise DataError(f"unknown split {split!r}; expected train or val")
     if fmt == "synthetic":
         return _synthetic(split, task or "seg", image_size, num_classes, length, seed)
-    if task is not None:
-        raise DataError(f"a task ({task!r}) can only be chosen with --format synthetic; {fmt} has its own")
     root = Path(data)
     if not root.exists():
         raise DataError(f"dataset folder not found: {root}")

@@ -21,6 +21,7 @@ from torch import nn
 import uresnet_ops
 
 from .constants import EXPORT_FORMATS as FORMATS
+from .errors import UsageError
 
 
 def export_program(model: nn.Module, example: torch.Tensor, *, dynamic: bool = True) -> torch.export.ExportedProgram:
@@ -95,6 +96,31 @@ def max_difference(model: nn.Module, path: str | os.PathLike, format: str, x: to
         if g.shape != e.shape:
             raise RuntimeError(f"the exported model returns shape {tuple(g.shape)}, eager {tuple(e.shape)}")
     return max(float((g.to(e.device, e.dtype) - e).abs().max()) for g, e in zip(got, expected))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike, format: str, *, image_size=None,
+                      dynamic: bool = False, log=print) -> tuple[Path, float]:
+    """``uresnet export``: :func:`export_model` of a checkpoint (a run folder's best/), with an
+    example input of ``image_size`` (default: the training size), then :func:`max_difference` on
+    a random input, of another batch and size where those are dynamic. Returns the file and
+    that difference."""
+    from .checkpoint import load_checkpoint
+    if not os.path.exists(checkpoint):
+        raise UsageError(f"--checkpoint {checkpoint}: no such folder")
+    model, info, meta = load_checkpoint(checkpoint, "cpu")
+    size = image_size or meta.get("config", {}).get("image_size") or 64
+    h, w = (size, size) if isinstance(size, int) else size
+    if dynamic and min(h, w) < 2:
+        raise UsageError(f"--image-size {h}x{w}: --dynamic needs H and W of at least 2")
+    example = torch.randn(2 if dynamic else 1, info.in_channels, h, w)
+    log(f"exporting {checkpoint} ({model.model_config['architecture']}) as {format}, input "
+        f"{'(N, ' if dynamic else '(1, '}{info.in_channels}, {'H, W) dynamic' if dynamic else f'{h}, {w})'}")
+    path = export_model(model, path, format, example=example, dynamic=dynamic)
+    check = torch.randn(1, info.in_channels, h + 3, w + 5) if dynamic else example
+    difference = max_difference(model, path, format, check)
+    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB); max difference vs eager on a random "
+        f"{'x'.join(map(str, check.shape))} input: {difference:.2e}")
+    return path, difference
 
 
 def _as_tuple(out) -> tuple:

@@ -1,0 +1,87 @@
+"""A training run's checkpoints. An output folder holds ``best/`` and ``last/``:
+``model.safetensors`` + ``config.json`` (+ the README.md model card) from ``save_pretrained``,
+``training.json`` with the data description, the config and the metrics, and in ``last/``
+``state.pt`` (optimizer, scheduler, scaler, history) for ``--resume``."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from .data import DataInfo
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+TRAINING_JSON = "training.json"
+STATE_NAME = "state.pt"
+
+
+def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainConfig, epoch: int, metrics: dict,
+                    state: dict | None = None) -> Path:
+    """``save_pretrained`` (its README.md card with the data and the metrics) + ``training.json``
+    (+ ``state.pt`` for resuming)."""
+    from .base import CARD_NAME, model_card
+    model.save_pretrained(folder)
+    training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {', '.join(map(str, info.class_names))})",
+                "epoch": epoch, "recipe": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, image size "
+                f"{cfg.image_size}, loss {cfg.loss or 'default'}" + (", encoder frozen" if cfg.freeze_encoder else "")}
+    card_config = json.loads((folder / "config.json").read_text())
+    (folder / CARD_NAME).write_text(model_card(card_config, model, metrics, training))
+    meta = {"epoch": epoch, "metrics": metrics, "data": info.to_dict(), "config": asdict(cfg)}
+    (folder / TRAINING_JSON).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    if state is not None:
+        torch.save(state, folder / STATE_NAME)
+    return folder
+
+
+def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
+    """The model, DataInfo and training.json of a checkpoint folder (or of a run folder's best/)."""
+    from .base import from_pretrained, read_json
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not (path / "config.json").is_file() and (path / "best" / "config.json").is_file():
+        path = path / "best"
+    meta_file = path / TRAINING_JSON
+    model = from_pretrained(path, device=device)
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found (expected a checkpoint written by uresnet train)")
+    meta = read_json(meta_file)
+    data = meta["data"]
+    info = DataInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
+    return model.eval(), info, meta
+
+
+def load_resume(path, model: nn.Module, device) -> tuple[Path, dict]:
+    """Load the weights of a run's ``last/`` (``path``: the run or its last/ folder) into
+    ``model``, which must be the same architecture with the same arguments; returns the folder
+    and its ``state.pt`` (what :func:`save_checkpoint` was given as ``state``)."""
+    from safetensors.torch import load_model
+    from .base import CONFIG_NAME, WEIGHTS_NAME, read_json
+    folder = Path(path)
+    folder = folder / "last" if (folder / "last").is_dir() else folder
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"cannot resume: {folder / name} not found (expected the last/ folder of a run)")
+    saved = read_json(folder / CONFIG_NAME)
+    if {k: saved.get(k) for k in ("architecture", "kwargs")} != getattr(model, "model_config", None):
+        raise ValueError(f"cannot resume from {folder}: it holds {saved.get('architecture')} with "
+                         f"{saved.get('kwargs')}, not the model asked for")
+    load_model(model, str(folder / WEIGHTS_NAME), device=str(device))
+    return folder, torch.load(folder / STATE_NAME, map_location=device, weights_only=False)
+
+
+def save_interrupted(out: Path, model: nn.Module, info: DataInfo, cfg: TrainConfig, state: dict, epoch: int,
+                     say: Callable = print) -> None:
+    """Ctrl-C in ``epoch``: write last/ with the weights so far and ``state``, which marks them as
+    the end of the epoch before, so that ``--resume`` repeats ``epoch`` from its start with them."""
+    history = state["history"]
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "last", model, info, cfg, epoch - 1, history[-1] if history else {}, state)
+    say(f"\ninterrupted in epoch {epoch}: saved the weights so far and the optimizer state to {out / 'last'}; "
+        f"continue with the same command and --resume (epoch {epoch} is repeated from its start)")
