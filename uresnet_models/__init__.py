@@ -19,6 +19,7 @@ _EXPORTS = {
     ".base": ["ModelBase", "SegmentationModel", "from_pretrained"],
     ".encoders": ["Encoder", "TimmEncoder", "DualEncoder", "create_encoder", "get_preprocessing"],
     ".architectures": ["UResNet", "UResNetClassifier", "DeResUNet", "ResUNetAtrous", "ResUNet", "UNet"],
+    ".constants": ["DEFAULT_ENCODER"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = ("architectures", "base", "benchmark", "blocks", "cli", "data", "encoders", "heads", "losses",
