@@ -1,5 +1,6 @@
 """Base classes: save/load (safetensors + JSON config) and the segmentation model contract
-(logits at the input's resolution for any H, W; optional auxiliary classification head)."""
+(logits at the input's resolution for any H, W; optional auxiliary classification head), with
+the U-Net builder and forward the U-Net-style architectures share."""
 from __future__ import annotations
 
 import functools
