@@ -85,6 +85,19 @@ def test_uresnet_upsample_choices(upsample):
         assert model(torch.randn(1, 3, 21, 19)).shape == (1, 1, 21, 19)
 
 
+def test_eucb_kinds_mean_one_interpolation():
+    def modes(model):
+        return {b.up.up.mode for b in model.decoder.blocks}, model.residual.up.mode
+
+    # the seed's "eucb": nearest in the U path; its ResBlock branch's EUCB is bilinear, "eucb_bilinear"
+    assert modes(um.create_model("uresnet", **SMALL["uresnet"])) == ({"nearest"}, "bilinear")
+    assert modes(um.create_model("uresnet", upsample="eucb_bilinear", **SMALL["uresnet"])) == ({"bilinear"}, "bilinear")
+    model = um.create_model("unet", encoder="mobilenetv3_small_100", upsample="eucb_bilinear", **_DEC).eval()
+    assert {b.up.up.mode for b in model.decoder.blocks} == {"bilinear"}
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 19, 23)).shape == (1, 1, 19, 23)
+
+
 @pytest.mark.parametrize("name,upsample", [("unet", "pixel_shuffle_bn"), ("unet", "eucb_star"),
                                            ("deresunet", "transpose"), ("resunet_atrous", "eucb"),
                                            ("resunet", "bilinear")])

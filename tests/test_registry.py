@@ -1,6 +1,7 @@
 """uresnet_models registry: register_model, create_model, list_models, entry-point plugins,
 errors, pretrained offline, parameter counts in the CLI."""
 import importlib.metadata
+import inspect
 import sys
 import types
 
@@ -10,6 +11,7 @@ from torch import nn
 
 import uresnet_models as um
 from uresnet_models import registry
+from uresnet_models.encoders import ResidualUNetEncoder, ResNetStagesEncoder
 
 
 @pytest.fixture
@@ -70,6 +72,20 @@ def test_unknown_kwargs():
         um.create_model("unet", encoder=None)
     with pytest.raises(ValueError, match="aux_classes"):
         um.create_model("uresnet_cls", encoder=None, aux_classes=3)
+
+
+def test_default_encoder_is_the_architectures_default():
+    assert um.DEFAULT_ENCODER == "default"
+    assert inspect.signature(um.create_model).parameters["encoder"].default == um.DEFAULT_ENCODER
+    with torch.device("meta"):  # only the encoders' identity matters here
+        for name, default in [("unet", "resnet34"), ("uresnet_cls", "resnet18")]:
+            for model in (um.create_model(name, encoder=um.DEFAULT_ENCODER), um.create_model(name)):
+                assert model.encoder.name == default and model.model_config["kwargs"]["encoder"] == default
+        # an architecture whose default is its own encoder, and None meaning that own encoder as before
+        for encoder in (um.DEFAULT_ENCODER, None):
+            model = um.create_model("resunet", encoder=encoder)
+            assert isinstance(model.encoder, ResidualUNetEncoder) and model.model_config["kwargs"]["encoder"] is None
+        assert isinstance(um.create_model("uresnet_cls", encoder=None).encoder, ResNetStagesEncoder)
 
 
 def test_plugin_entry_point(clean_registry, monkeypatch):

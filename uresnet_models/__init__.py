@@ -19,10 +19,12 @@ _EXPORTS = {
     ".base": ["ModelBase", "SegmentationModel", "from_pretrained"],
     ".encoders": ["Encoder", "TimmEncoder", "DualEncoder", "create_encoder", "get_preprocessing"],
     ".architectures": ["UResNet", "UResNetClassifier", "DeResUNet", "ResUNetAtrous", "ResUNet", "UNet"],
+    ".constants": ["DEFAULT_ENCODER"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = ("architectures", "base", "benchmark", "blocks", "cli", "data", "encoders", "heads", "losses",
-               "metrics", "registry", "train")
+_SUBMODULES = ("architectures", "base", "benchmark", "blocks", "checkpoint", "cli", "constants", "data", "demo",
+               "distributed", "encoders", "errors", "export", "heads", "losses", "metrics", "plots", "predict",
+               "registry", "train")
 
 __all__ = [name for names in _EXPORTS.values() for name in names] + ["__version__"]
 

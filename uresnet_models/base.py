@@ -1,5 +1,6 @@
 """Base classes: save/load (safetensors + JSON config) and the segmentation model contract
-(logits at the input's resolution for any H, W; optional auxiliary classification head)."""
+(logits at the input's resolution for any H, W; optional auxiliary classification head), with
+the U-Net builder and forward the U-Net-style architectures share."""
 from __future__ import annotations
 
 import functools
@@ -11,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .blocks import crop_to, pad_to_multiple
-from .heads import ClassificationHead
+from .blocks import UNetDecoder, check_upsample, crop_to, decoder_levels, fit_widths, pad_to_multiple
+from .heads import ClassificationHead, SegmentationHead
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -222,22 +223,54 @@ class SegmentationModel(ModelBase):
     back. Every x2 step of the decoder is then exact, so the fused upsampling ops (PixelShuffle,
     EUCB, transposed convs) need no resizing, and the valid region is computed as for an
     input that size; interpolating decoder features to odd skip sizes would instead blur every
-    level. Subclasses implement :meth:`forward_padded`."""
+    level.
+
+    A U-Net-style architecture passes its ``encoder`` here, sets ``self.bridge`` if it has a
+    block on the deepest feature, and calls :meth:`build_unet`; the default
+    :meth:`forward_padded` then runs encoder -> bridge -> decoder -> head. Others (U-ResNet's
+    two paths) override :meth:`forward_padded`."""
 
     output_stride: int = 1
 
-    def __init__(self, num_classes: int, aux_classes: int | None = None, aux_channels: int | None = None):
+    def __init__(self, num_classes: int, aux_classes: int | None = None, aux_channels: int | None = None,
+                 encoder: nn.Module | None = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if aux_classes is not None and (not isinstance(aux_classes, int) or aux_classes < 1):
             raise ValueError(f"aux_classes must be None or a positive int, got {aux_classes!r}")
         self.num_classes, self.aux_classes = num_classes, aux_classes
+        if aux_channels is None and encoder is not None:
+            aux_channels = encoder.channels[-1]  # the aux head classifies the deepest feature
         self.aux_head = ClassificationHead(aux_channels, aux_classes) if aux_classes else None
+        if encoder is not None:
+            self.encoder = encoder
+            self.output_stride = encoder.output_stride
+
+    def decoder_widths(self, decoder_channels, default) -> tuple:
+        """``decoder_channels`` checked against ``self.encoder``'s decoder levels, or for
+        ``None`` the architecture's ``default`` fitted to them (:func:`~.blocks.fit_widths`)."""
+        return fit_widths(decoder_channels, len(decoder_levels(self.encoder.reductions)), default)
+
+    def build_unet(self, widths, upsample: str, block, **decoder_kwargs) -> None:
+        """The half every U-Net-style architecture shares, after ``self.encoder`` (and the
+        architecture's ``self.bridge``, if any) are set: ``self.decoder``, a
+        :class:`~.blocks.UNetDecoder` of ``block``s with ``widths`` (deepest first) and
+        ``upsample``; ``self.head``, the 1x1 head. ``decoder_kwargs`` go to the decoder."""
+        check_upsample(upsample)
+        if not hasattr(self, "bridge"):
+            self.bridge = nn.Identity()  # a plain U-Net: the deepest feature goes straight to the decoder
+        self.decoder = UNetDecoder(self.encoder.channels, self.encoder.reductions, widths, upsample, block,
+                                   **decoder_kwargs)
+        self.head = SegmentationHead(self.decoder.out_channels, self.num_classes)
 
     def forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, deepest_feature)`` of an input whose H, W are multiples of ``output_stride``."""
-        raise NotImplementedError
+        """``(logits, deepest_feature)`` of an input whose H, W are multiples of ``output_stride``;
+        by default the parts :meth:`build_unet` made (``x`` is the decoder's full-resolution
+        skip where it takes one)."""
+        features = self.encoder(x)
+        deepest = features[-1]
+        return self.head(self.decoder(self.bridge(deepest), features, x)), deepest
 
     def forward(self, x: torch.Tensor):
         if x.dim() != 4:

@@ -1,11 +1,14 @@
-"""Building blocks shared by the architectures: convolution blocks, the upsampling choices and
-a generic U-Net decoder that works with any encoder's reductions.
+"""Building blocks of the architectures: convolution blocks, the upsampling choices, a generic
+U-Net decoder that works with any encoder's reductions, and U-ResNet's residual branch and
+feature merge. (The atrous block of resunet_atrous is a fused op's module:
+``uresnet_ops.nn.AtrousBlock``.)
 
 Upsampling kinds (``upsample=`` of the architectures):
 
 ==================== ==========================================================================
 ``"pixel_shuffle_bn"`` PixelShuffle(2) -> BatchNorm -> ReLU as one fused op (DeResUNet)
 ``"eucb"``             EMCAD's EUCB: nearest x2 -> depthwise 3x3 -> BN -> ReLU -> 1x1, one op
+``"eucb_bilinear"``    the same EUCB with bilinear x2 (U-ResNet's ResBlock branch)
 ``"eucb_star"``        U-ResNet's EUCB*: bilinear x2 -> grouped 3x3 stages with shuffles -> 1x1
 ``"bilinear"``         bilinear x2 (plus a 1x1 conv only when the width must change)
 ``"transpose"``        ConvTranspose2d(kernel 2, stride 2) (classic U-Net, Cross-Building)
@@ -21,7 +24,7 @@ from torch import nn
 
 from uresnet_ops.nn import EUCB, EUCBStar, PixelShuffleBN
 
-UPSAMPLE_KINDS = ("pixel_shuffle_bn", "eucb", "eucb_star", "bilinear", "transpose")
+UPSAMPLE_KINDS = ("pixel_shuffle_bn", "eucb", "eucb_bilinear", "eucb_star", "bilinear", "transpose")
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -85,9 +88,10 @@ def conv_pair(in_channels: int, out_channels: int) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- upsampling
-def check_upsample(kind: str, allowed: Sequence[str] = UPSAMPLE_KINDS) -> str:
-    if kind not in allowed:
-        raise ValueError(f"upsample={kind!r} is not supported here; expected one of {', '.join(map(repr, allowed))}")
+def check_upsample(kind: str) -> str:
+    if kind not in UPSAMPLE_KINDS:
+        raise ValueError(f"upsample={kind!r} is not supported here; expected one of "
+                         f"{', '.join(map(repr, UPSAMPLE_KINDS))}")
     return kind
 
 
@@ -111,8 +115,9 @@ class Upsample(nn.Module):
             self.pre = (nn.Identity() if in_channels == out_channels * s2
                         else nn.Conv2d(in_channels, out_channels * s2, 1, bias=False))
             self.up = PixelShuffleBN(out_channels * s2, scale, activation="relu")
-        elif kind == "eucb":
-            self.pre, self.up = nn.Identity(), EUCB(in_channels, out_channels, scale, mode="nearest")
+        elif kind in ("eucb", "eucb_bilinear"):
+            mode = "nearest" if kind == "eucb" else "bilinear"
+            self.pre, self.up = nn.Identity(), EUCB(in_channels, out_channels, scale, mode=mode)
         elif kind == "eucb_star":
             groups = in_channels // 4 if in_channels % 4 == 0 else in_channels  # C/4, else depthwise
             self.pre = nn.Identity()
@@ -165,7 +170,8 @@ def decoder_levels(reductions: Sequence[int]) -> list[int]:
     (resnet) and [4, 8, 16, 32] (convnext) alike."""
     deepest = reductions[-1]
     if deepest < 1 or deepest & (deepest - 1):
-        raise ValueError(f"the encoder's deepest reduction must be a power of 2, got {deepest} (reductions {list(reductions)})")
+        raise ValueError(f"the encoder's deepest reduction must be a power of 2, got {deepest} "
+                         f"(reductions {list(reductions)})")
     levels, r = [], deepest
     while r > 1:
         r //= 2
@@ -234,6 +240,42 @@ class UNetDecoder(nn.Module):
             skip = features[idx] if idx >= 0 else (image if use_input else None)
             x = block(x, None if skip is None else skip_block(skip))
         return x
+
+
+# --------------------------------------------------------------------------- U-ResNet
+class ResidualBranch(nn.Module):
+    """U-ResNet's ResBlock branch: a stride-2 7x7 stem, stages of two BasicBlocks at stride 1
+    (``widths``, seed 64/128/64/32), then an upsampling block back to full resolution (seed:
+    EUCB with bilinear x2, 32 -> 16; or any other of :data:`UPSAMPLE_KINDS`)."""
+
+    def __init__(self, in_channels: int, widths=(64, 128, 64, 32), out_channels: int = 16,
+                 upsample: str = "eucb_bilinear"):
+        super().__init__()
+        widths = tuple(widths)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        blocks, ch = [], widths[0]
+        for w in widths:
+            blocks += [BasicBlock(ch, w), BasicBlock(w, w)]
+            ch = w
+        self.stages = nn.Sequential(*blocks)
+        # the seed's EUCB bare, not in an Upsample: its weights are residual.up.*, not residual.up.up.*
+        self.up = (EUCB(ch, out_channels, 2, mode="bilinear") if upsample == "eucb_bilinear"
+                   else Upsample(upsample, ch, out_channels, 2))
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return self.up(self.stages(self.stem(x)))
+
+
+class FeatureMerge(nn.Sequential):
+    """U-ResNet's Feature Merge before the 1x1 head: concat -> BatchNorm -> ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, *paths: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cat(paths, dim=1))
 
 
 # --------------------------------------------------------------------------- padding

@@ -22,13 +22,14 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from .constants import DEFAULT_ENCODER
+
 __all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint", "count_parameters",
            "UnknownModelError", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "uresnet_models.architectures"
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PLUGINS: dict[str, metadata.EntryPoint] | None = None  # name -> entry point not loaded yet
-_DEFAULT = object()
 
 
 class UnknownModelError(ValueError):
@@ -147,12 +148,13 @@ def _accepted(builder) -> tuple[set[str], bool]:
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
-def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_classes: int = 1,
+def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, activation=None, **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
     ``encoder``: a timm model name that supports ``features_only=True`` (or ``None`` for the
-    seed's own encoder where the architecture has one); left out, the architecture's default.
+    seed's own encoder where the architecture has one); left out or :data:`DEFAULT_ENCODER`
+    (``"default"``), the architecture's default.
     ``pretrained``: load the encoder's timm weights (needs them downloaded or cached).
     ``num_classes``: output channels (logits); ``aux_classes``: add a classification head on the
     deepest feature, the model then returns ``(seg_logits, class_logits)``. ``activation``:
@@ -172,7 +174,7 @@ def create_model(name: str, *, encoder=_DEFAULT, in_channels: int = 3, num_class
     activation_module = Activation(activation)  # checked before the (possibly slow) build
     args = dict(in_channels=in_channels, num_classes=num_classes, aux_classes=aux_classes, pretrained=pretrained,
                 **kwargs)
-    if encoder is not _DEFAULT:
+    if encoder != DEFAULT_ENCODER:  # else the builder's own default (which may be None: the seed's encoder)
         args["encoder"] = encoder
     accepted, var_kw = _accepted(builder)
     if "encoder_kwargs" in args and "encoder_kwargs" not in accepted and not var_kw:

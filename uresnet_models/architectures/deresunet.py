@@ -2,10 +2,11 @@
 whose features are concatenated at every scale, and a PixelShuffle + BatchNorm decoder."""
 from __future__ import annotations
 
+from torch import nn
+
 from ..base import SegmentationModel
-from ..blocks import ConvBNReLU, UNetDecoder, check_upsample, conv_pair, decoder_levels, fit_widths
+from ..blocks import ConvBNReLU, conv_pair
 from ..encoders import DualEncoder, resolve_encoder, scaled_widths
-from ..heads import SegmentationHead
 from ..registry import register_model
 
 SEED_DECODER_CHANNELS = (1024, 512, 256, 64, 16)  # for two resnet50s (4096 wide at 1/32)
@@ -31,32 +32,28 @@ class DeResUNet(SegmentationModel):
                  bottleneck_channels: int | None = None, encoder_kwargs: dict | None = None):
         if not isinstance(depth_channels, int) or depth_channels < 0:
             raise ValueError(f"depth_channels must be a non-negative int, got {depth_channels!r}")
-        rgb = resolve_encoder(encoder, in_channels, pretrained, what="deresunet", encoder_kwargs=encoder_kwargs)
+        enc = resolve_encoder(encoder, in_channels, pretrained, what="deresunet", encoder_kwargs=encoder_kwargs)
         if depth_channels:
             depth = resolve_encoder(encoder if depth_encoder is None else depth_encoder, depth_channels, pretrained,
                                     what="deresunet", encoder_kwargs=encoder_kwargs)
-            enc = DualEncoder(rgb, depth, in_channels)
-        else:
-            enc = rgb
-        super().__init__(num_classes, aux_classes, enc.channels[-1])
-        check_upsample(upsample)
+            enc = DualEncoder(enc, depth, in_channels)
+        super().__init__(num_classes, aux_classes, encoder=enc)
         self.in_channels, self.depth_channels = in_channels, depth_channels
-        self.encoder = enc
-        self.output_stride = enc.output_stride
         deepest = enc.channels[-1]
-        levels = decoder_levels(enc.reductions)
-        widths = fit_widths(decoder_channels, len(levels), scaled_widths(SEED_DECODER_CHANNELS, deepest / 4096))
-        bottleneck = max(deepest // 2, 16) if bottleneck_channels is None else int(bottleneck_channels)
-        self.bottleneck = conv_pair(deepest, bottleneck)
-        self.decoder = UNetDecoder(enc.channels, enc.reductions, widths, upsample, conv_pair,
-                                   in_channels=bottleneck, final_block=ConvBNReLU)
-        self.head = SegmentationHead(self.decoder.out_channels, num_classes)
+        width = max(deepest // 2, 16) if bottleneck_channels is None else int(bottleneck_channels)
+        self.bottleneck = conv_pair(deepest, width)
+        widths = self.decoder_widths(decoder_channels, scaled_widths(SEED_DECODER_CHANNELS, deepest / 4096))
+        self.build_unet(widths, upsample, conv_pair, in_channels=width, final_block=ConvBNReLU)
+
+    @property
+    def bridge(self) -> nn.Module:
+        """The seed's Bottleneck, run by the default ``forward_padded`` (its weights keep the
+        seed's name, ``bottleneck.*``)."""
+        return self.bottleneck
 
     def forward_padded(self, x):
         expected = self.in_channels + self.depth_channels
         if x.shape[1] != expected:
             raise ValueError(f"deresunet expects {expected} input channels ({self.in_channels} RGB then "
                              f"{self.depth_channels} depth), got {x.shape[1]}")
-        features = self.encoder(x)
-        y = self.bottleneck(features[-1])
-        return self.head(self.decoder(y, features)), features[-1]
+        return super().forward_padded(x)

@@ -5,10 +5,11 @@ res_block 128 -> max-pool -> bottleneck res_block 256; a timm name replaces it."
 from __future__ import annotations
 
 from ..base import SegmentationModel
-from ..blocks import ResBlock, UNetDecoder, check_upsample, decoder_levels, fit_widths
+from ..blocks import ResBlock
 from ..encoders import ResidualUNetEncoder, resolve_encoder
-from ..heads import SegmentationHead
 from ..registry import register_model
+
+TIMM_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 @register_model("resunet")
@@ -22,19 +23,9 @@ class ResUNet(SegmentationModel):
                  aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
                  encoder_channels=(64, 128, 256), upsample: str = "bilinear",
                  encoder_kwargs: dict | None = None):
-        enc = resolve_encoder(encoder, in_channels, pretrained,
-                              own=lambda: ResidualUNetEncoder(in_channels, encoder_channels), what="resunet",
-                              encoder_kwargs=encoder_kwargs)
-        super().__init__(num_classes, aux_classes, enc.channels[-1])
-        check_upsample(upsample)
-        self.encoder = enc
-        self.output_stride = enc.output_stride
-        levels = decoder_levels(enc.reductions)
-        default = tuple(enc.channels[-2::-1]) if encoder is None else (256, 128, 64, 32, 16)
-        widths = fit_widths(decoder_channels, len(levels), default)
-        self.decoder = UNetDecoder(enc.channels, enc.reductions, widths, upsample, ResBlock)
-        self.head = SegmentationHead(self.decoder.out_channels, num_classes)
-
-    def forward_padded(self, x):
-        features = self.encoder(x)
-        return self.head(self.decoder(features[-1], features)), features[-1]
+        super().__init__(num_classes, aux_classes, encoder=resolve_encoder(
+            encoder, in_channels, pretrained, own=lambda: ResidualUNetEncoder(in_channels, encoder_channels),
+            what="resunet", encoder_kwargs=encoder_kwargs))
+        # the article's decoder mirrors its encoder (128, 64); a timm encoder gets the U-Net's widths
+        default = tuple(self.encoder.channels[-2::-1]) if encoder is None else TIMM_DECODER_CHANNELS
+        self.build_unet(self.decoder_widths(decoder_channels, default), upsample, ResBlock)

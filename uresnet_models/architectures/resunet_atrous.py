@@ -5,9 +5,8 @@ from __future__ import annotations
 from uresnet_ops.nn import AtrousBlock
 
 from ..base import SegmentationModel
-from ..blocks import UNetDecoder, check_upsample, conv_pair, decoder_levels, fit_widths
+from ..blocks import conv_pair
 from ..encoders import resolve_encoder, scaled_widths
-from ..heads import SegmentationHead
 from ..registry import register_model
 
 SEED_DECODER_CHANNELS = (1024, 512, 256, 128, 64)  # for resnet50's 2048-wide deepest feature
@@ -28,26 +27,16 @@ class ResUNetAtrous(SegmentationModel):
                  aux_classes: int | None = None, pretrained: bool = False, decoder_channels=None,
                  upsample: str = "transpose", atrous: bool = True, dilations=(1, 6, 12, 18),
                  encoder_kwargs: dict | None = None):
-        enc = resolve_encoder(encoder, in_channels, pretrained, what="resunet_atrous", encoder_kwargs=encoder_kwargs)
-        super().__init__(num_classes, aux_classes, enc.channels[-1])
-        check_upsample(upsample)
-        self.encoder = enc
-        self.output_stride = enc.output_stride
-        deepest = enc.channels[-1]
-        levels = decoder_levels(enc.reductions)
-        widths = fit_widths(decoder_channels, len(levels), scaled_widths(SEED_DECODER_CHANNELS, deepest / 2048))
+        super().__init__(num_classes, aux_classes, encoder=resolve_encoder(
+            encoder, in_channels, pretrained, what="resunet_atrous", encoder_kwargs=encoder_kwargs))
+        deepest = self.encoder.channels[-1]
         self.bridge = conv_pair(deepest, deepest)
+        widths = self.decoder_widths(decoder_channels, scaled_widths(SEED_DECODER_CHANNELS, deepest / 2048))
         dilations = tuple(dilations)
         skip_block = (lambda ch: AtrousBlock(ch, ch, kernel_sizes=(1,) + (3,) * (len(dilations) - 1),
                                              dilations=dilations)) if atrous else None
         # The seed's up blocks are ConvTranspose(in, out) then 2x ConvBlock(out + skip, out).
         # (bilinear and pixel shuffle keep their natural widths: in, in / 4).
         ups = [None] * len(widths) if upsample in ("bilinear", "pixel_shuffle_bn") else widths
-        self.decoder = UNetDecoder(enc.channels, enc.reductions, widths, upsample, conv_pair,
-                                   input_skip_channels=in_channels, skip_block=skip_block, up_channels=ups)
-        self.head = SegmentationHead(self.decoder.out_channels, num_classes)
-
-    def forward_padded(self, x):
-        features = self.encoder(x)
-        y = self.bridge(features[-1])
-        return self.head(self.decoder(y, features, x)), features[-1]
+        self.build_unet(widths, upsample, conv_pair, input_skip_channels=in_channels, skip_block=skip_block,
+                        up_channels=ups)

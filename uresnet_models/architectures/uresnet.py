@@ -19,56 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uresnet_ops.nn import EUCB
-
 from ..base import ModelBase, SegmentationModel
-from ..blocks import (BasicBlock, DoubleConv, UNetDecoder, Upsample, check_upsample, crop_to, decoder_levels,
-                      fit_widths, pad_to_multiple)
+from ..blocks import (DoubleConv, FeatureMerge, ResidualBranch, UNetDecoder, check_upsample, crop_to,
+                      decoder_levels, pad_to_multiple)
 from ..encoders import ResNetStagesEncoder, UNetEncoder, resolve_encoder
 from ..heads import SegmentationHead
 from ..registry import register_model
-
-UPSAMPLES = ("eucb", "eucb_star", "bilinear", "transpose", "pixel_shuffle_bn")
-
-
-class ResidualBranch(nn.Module):
-    """U-ResNet's ResBlock branch: a stride-2 7x7 stem, stages of two BasicBlocks at stride 1
-    (``widths``, seed 64/128/64/32), then an upsampling block back to full resolution (EUCB
-    with bilinear x2, seed 32 -> 16; EUCB* or the other kinds per ``upsample``)."""
-
-    def __init__(self, in_channels: int, widths=(64, 128, 64, 32), out_channels: int = 16, upsample: str = "eucb"):
-        super().__init__()
-        widths = tuple(widths)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
-                                  nn.ReLU(inplace=True))
-        blocks, ch = [], widths[0]
-        for w in widths:
-            blocks += [BasicBlock(ch, w), BasicBlock(w, w)]
-            ch = w
-        self.stages = nn.Sequential(*blocks)
-        self.up = (EUCB(ch, out_channels, 2, mode="bilinear") if upsample == "eucb"
-                   else Upsample(upsample, ch, out_channels, 2))
-        self.out_channels = out_channels
-
-    def forward(self, x):
-        return self.up(self.stages(self.stem(x)))
-
-
-class FeatureMerge(nn.Sequential):
-    """U-ResNet's Feature Merge before the 1x1 head: concat -> BatchNorm -> ReLU."""
-
-    def __init__(self, channels: int):
-        super().__init__(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-
-    def forward(self, *paths: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.cat(paths, dim=1))
 
 
 @register_model("uresnet")
 class UResNet(SegmentationModel):
     """U-ResNet segmentation: ``ResidualBranch`` and a U-Net (``encoder`` + decoder with
     ``upsample``: ``"eucb"`` (default), ``"eucb_star"``, ``"bilinear"``, ``"transpose"`` (the
-    seed's Up), ``"pixel_shuffle_bn"``) in parallel, joined by ``FeatureMerge`` and a 1x1 head.
+    seed's Up), ``"pixel_shuffle_bn"``, ``"eucb_bilinear"``) in parallel, joined by
+    ``FeatureMerge`` and a 1x1 head. The ResBlock branch upsamples with the same kind, except
+    that for the seed's ``"eucb"`` it uses the seed's own ``"eucb_bilinear"``.
 
     ``encoder=None`` (default) is the seed's U-Net contracting path with ``base_channels``
     (32); a timm name (e.g. ``"resnet34"``) replaces it. ``decoder_channels`` default: the
@@ -81,29 +46,30 @@ class UResNet(SegmentationModel):
                  upsample: str = "eucb", decoder_channels=None, residual_widths=(64, 128, 64, 32),
                  residual_out_channels: int = 16, residual: bool = True, unet: bool = True,
                  encoder_kwargs: dict | None = None):
-        check_upsample(upsample, UPSAMPLES)
+        check_upsample(upsample)
         if not (residual or unet):
             raise ValueError("uresnet: at least one of residual and unet must be True")
+        if aux_classes and not unet:
+            raise ValueError("uresnet: aux_classes needs the U path (unet=True)")
+        # built (and its arguments checked) for unet=False too, so a seeded model initialises as it always has
         enc = resolve_encoder(encoder, in_channels, pretrained,
                               own=lambda: UNetEncoder(in_channels, base_channels), what="uresnet",
                               encoder_kwargs=encoder_kwargs)
-        super().__init__(num_classes, aux_classes, enc.channels[-1])
-        self.encoder = enc if unet else None
-        self.output_stride = enc.output_stride
+        super().__init__(num_classes, aux_classes, encoder=enc if unet else None)
         merged = 0
-        if unet:
-            levels = decoder_levels(enc.reductions)
-            widths = fit_widths(decoder_channels, len(levels), tuple(base_channels * r for r in levels))
+        if unet:  # UBlock
+            widths = self.decoder_widths(decoder_channels, [base_channels * r for r in decoder_levels(enc.reductions)])
             self.decoder = UNetDecoder(enc.channels, enc.reductions, widths, upsample, DoubleConv)
             merged += self.decoder.out_channels
         else:
-            self.decoder = None
-            self.output_stride = 2
-            if aux_classes:
-                raise ValueError("uresnet: aux_classes needs the U path (unet=True)")
-        self.residual = (ResidualBranch(in_channels, residual_widths, residual_out_channels, upsample)
-                         if residual else None)
-        merged += residual_out_channels if residual else 0
+            self.encoder = self.decoder = None
+            self.output_stride = 2  # the ResBlock branch's stride-2 stem
+        if residual:  # ResBlock branch; the seed's EUCB is nearest in the U path, bilinear here
+            self.residual = ResidualBranch(in_channels, residual_widths, residual_out_channels,
+                                           "eucb_bilinear" if upsample == "eucb" else upsample)
+            merged += residual_out_channels
+        else:
+            self.residual = None
         self.merge = FeatureMerge(merged)
         self.head = SegmentationHead(merged, num_classes)
 
@@ -136,7 +102,7 @@ class UResNetClassifier(ModelBase):
             raise ValueError("uresnet_cls is a classifier: use num_classes (aux_classes is for segmentation models)")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        check_upsample(upsample, UPSAMPLES)
+        check_upsample(upsample)
         self.num_classes, self.selected_upsampling = num_classes, selected_upsampling
         self.encoder = resolve_encoder(encoder, in_channels, pretrained,
                                        own=lambda: ResNetStagesEncoder(in_channels), what="uresnet_cls",
