@@ -163,8 +163,7 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise ValueError(f"model argument activation={kwargs['activation']!r}: training computes its losses on "
                          "logits; train without it and give it when loading the checkpoint "
                          "(uresnet_models.from_pretrained(path, activation=...))")
-    if cfg.encoder != DEFAULT_ENCODER:
-        kwargs["encoder"] = cfg.encoder
+    kwargs["encoder"] = cfg.encoder
     if cfg.model == "deresunet" and info.depth_channels:
         kwargs.setdefault("depth_channels", info.depth_channels)
         in_channels = info.in_channels - info.depth_channels  # deresunet counts depth apart
