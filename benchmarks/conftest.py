@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import math
@@ -29,7 +28,7 @@ try:
 except ImportError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uresnet_ops  # noqa: E402
-from uresnet_ops import timing  # noqa: E402
+from uresnet_ops import testing, timing  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
@@ -137,8 +136,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": _version("triton"),
         "extension_built": uresnet_ops._library.HAS_EXTENSION,
         "cuda_kernels_built": uresnet_ops._library.HAS_CUDA_KERNELS,
-        "backends": {op: cases.implementations(op, opts.device)[:-2] for op in cases.OPS},
-        "default_backend": {op: uresnet_ops.get_backend(op, opts.device).name for op in cases.OPS},
+        "backends": {op: cases.implementations(op, opts.device)[:-2] for op in testing.OPS},
+        "default_backend": {op: uresnet_ops.get_backend(op, opts.device).name for op in testing.OPS},
         "ceilings": timing.device_ceilings(opts.device),
         # CPU timings of eager chains depend on the allocator (fresh pages fault): record it.
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
@@ -157,13 +156,14 @@ def run_bench(benchmark, bench_options, ceilings):
         cuda = device.type == "cuda"
         benchmark.group = f"{case.op} {case.label} {mode} {_dtype_name(dtype)}"
         inputs = cases.build(case, mode, device, dtype)
-        backend = impl not in (cases.EAGER, cases.COMPILED)
-        with uresnet_ops.use_backend(impl, case.op) if backend else contextlib.nullcontext():
+        backend = impl not in testing.BASELINES
+        fn, context = testing.implementation(case.op, impl)
+        with context:
             try:
-                step = cases.runner(cases.function(case.op, impl), inputs, mode)
+                step = testing.step_function(inputs.sample, fn, mode)
                 step()  # compile, autotune, caches
             except Exception as error:  # noqa: BLE001
-                if impl == cases.COMPILED:
+                if impl == testing.COMPILED:
                     pytest.skip(f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 raise
             estimate = float("inf")  # the fastest of a few calls (robust to a busy machine)
