@@ -201,9 +201,10 @@ def sample_inputs(op: str, device="cpu", dtype: torch.dtype = torch.float32, *, 
       ``shuffle_groups`` [1], ``pointwise`` [True] (False: no 1x1 conv, pw_weight=pw_bias=None),
       ``bias`` [True] (pw_bias), ``affine``, ``track_running_stats``, ``momentum``, ``eps``;
       shape [(2, 8, 6, 6)].
-    * ``multi_dilation_conv2d``: ``out_channels`` [4] (per branch: an int, or one width per
+    * ``multi_dilation_conv2d``: ``out_channels`` [3] (per branch: an int, or one width per
       branch), ``kernel_sizes`` [(1, 3, 3, 3)], ``dilations`` [(1, 6, 12, 18)], ``bias`` [True]
-      (else biases=None); shape [(2, 8, 20, 20)]. ``training`` has no effect.
+      (else biases=None); shape [(2, 4, 13, 13)]: some dilated taps land partly, the d=18 ones
+      wholly in the padding. ``training`` has no effect.
 
     Values: x ~ N(0, 1); convolution weights ~ N(0, 1/fan_in) (the 3x3 of shuffle_upsample
     N(0, 1/9)), biases ~ N(0, 1); BatchNorm weight ~ U(0.5, 1.5), bias ~ N(0, 1), running mean ~
@@ -240,7 +241,7 @@ def sample_inputs(op: str, device="cpu", dtype: torch.dtype = torch.float32, *, 
 
 
 _DEFAULT_SHAPES = {"pixel_shuffle_bn": (2, 16, 6, 6), "shuffle_upsample": (2, 8, 6, 6),
-                   "multi_dilation_conv2d": (2, 8, 20, 20)}
+                   "multi_dilation_conv2d": (2, 4, 13, 13)}
 
 
 class _Draw:
@@ -312,7 +313,7 @@ def _shuffle_upsample(ctx, shape, *, out_channels=None, conv_groups=None, scale_
             (n, cout if pointwise else c, h * scale_factor, w * scale_factor))
 
 
-def _multi_dilation_conv2d(ctx, shape, *, out_channels=4, kernel_sizes=(1, 3, 3, 3), dilations=(1, 6, 12, 18),
+def _multi_dilation_conv2d(ctx, shape, *, out_channels=3, kernel_sizes=(1, 3, 3, 3), dilations=(1, 6, 12, 18),
                            bias=True):
     n, c, h, w = shape
     kernel_sizes, dilations = list(kernel_sizes), list(dilations)
