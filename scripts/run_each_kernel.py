@@ -22,7 +22,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uresnet_ops  # noqa: E402
-from uresnet_ops.testing import evaluate, sample_inputs  # noqa: E402
+from uresnet_ops.testing import run_sample, sample_inputs  # noqa: E402
 
 
 def kernel_cases(device, dtype):
@@ -47,8 +47,8 @@ def kernel_cases(device, dtype):
 def check(sample, backend):
     """Forward and backward of ``sample`` with ``backend``, and with the reference backend on the
     same inputs (in float64) and output gradient; returns what went wrong, or None."""
-    ours = evaluate(sample.clone(), backend)
-    ref = evaluate(sample.clone(torch.float64), "reference", grad_out=ours.grad_out)
+    ours = run_sample(sample.clone(), backend)
+    ref = run_sample(sample.clone(torch.float64), "reference", grad_out=ours.grad_out)
     for impl, outcome in ((backend, ours), ("reference", ref)):
         if outcome.ran != (impl, impl):
             return f"{impl} was asked for, but forward/backward ran on {outcome.ran}"

@@ -24,8 +24,8 @@ def _cases():
 @pytest.mark.parametrize("op,mode,backend", list(_cases()))
 def test_sample_runs_on_every_backend_and_gives_the_reference_result(op, mode, backend):
     sample = testing.sample_inputs(op, "cpu", torch.float32, **testing.mode_flags(mode))
-    ours = testing.evaluate(sample.clone(), backend)
-    ref = testing.evaluate(sample.clone(torch.float64), testing.EAGER, grad_out=ours.grad_out)
+    ours = testing.run_sample(sample.clone(), backend)
+    ref = testing.run_sample(sample.clone(torch.float64), testing.EAGER, grad_out=ours.grad_out)
     backward = mode == "train_fwdbwd"
     assert ours.ran == (backend, backend if backward else None)
     assert ref.ran == (None, None)
@@ -127,7 +127,7 @@ def test_clone_is_independent_and_casts():
     assert c.running_stats[0] is c.arguments["running_mean"]
     same = s.clone(requires_grad=False)
     assert not same.requires_grad and same.x.dtype == torch.float32
-    testing.evaluate(same)  # a training call updates the clone's statistics only
+    testing.run_sample(same)  # a training call updates the clone's statistics only
     assert not torch.equal(same.running_stats[0], s.running_stats[0])
     assert same.x.data_ptr() != s.x.data_ptr()
 

@@ -8,9 +8,9 @@ commands. It is public and needs no pytest::
 
     sample = testing.sample_inputs("pixel_shuffle_bn", "cpu", torch.float32, shape=(2, 16, 6, 6),
                                    upscale_factor=2, training=True, requires_grad=True)
-    out = sample.call()                        # uresnet_ops.pixel_shuffle_bn(*sample.args, **sample.kwargs)
-    ours = testing.evaluate(sample, "cpu")     # output, gradients, running statistics, what ran
-    ref = testing.evaluate(sample.clone(torch.float64), testing.EAGER, grad_out=ours.grad_out)
+    out = sample.call()  # uresnet_ops.pixel_shuffle_bn(*sample.args, **sample.kwargs)
+    ours = testing.run_sample(sample.clone(), "cpu")  # output, gradients, running statistics, what ran
+    ref = testing.run_sample(sample.clone(torch.float64), testing.EAGER, grad_out=ours.grad_out)
 
 Names of implementations (the ``impl`` arguments below):
 
@@ -43,8 +43,8 @@ from uresnet_ops.backends import OPS
 
 __all__ = [
     "OPS", "MODES", "LAYOUTS", "BASELINES", "EAGER", "COMPILED", "DEFAULT",
-    "Sample", "Outcome", "sample_inputs", "mode_flags", "op_modes", "to_layout",
-    "implementation", "runnable_backends", "step_function", "evaluate",
+    "Sample", "SampleResult", "sample_inputs", "mode_flags", "op_modes", "to_layout",
+    "implementation", "runnable_backends", "step_function", "run_sample",
 ]
 
 MODES = ("eval_fwd", "train_fwd", "train_fwdbwd")
@@ -389,7 +389,7 @@ def step_function(sample: Sample, fn: Callable, mode: str, *, grad_seed: int = 1
 
 
 @dataclasses.dataclass
-class Outcome:
+class SampleResult:
     """What one call did: ``output``; ``grads`` to the sample's gradient inputs (empty when they
     do not require grad), with ``grad_out`` the output gradient used; ``running_stats`` after the
     call (copies); ``ran``: the backends that ran the forward and the backward (None for the
@@ -406,8 +406,8 @@ class Outcome:
         return list(zip(self.names, [self.output, *self.grads, *self.running_stats]))
 
 
-def evaluate(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | None = None,
-             grad_seed: int = 1) -> Outcome:
+def run_sample(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | None = None,
+             grad_seed: int = 1) -> SampleResult:
     """Call the op on ``sample`` with ``impl`` (see :func:`implementation`); when the sample's
     gradient inputs require grad, also take the gradients with ``grad_out`` (cast to the output's
     dtype; default :meth:`Sample.grad_output`). The sample's running statistics are updated in
@@ -426,7 +426,7 @@ def evaluate(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | No
                uresnet_ops.backends.last_used(sample.op, "backward") if backend and grads else None)
     names = ["output", *(f"grad {n}" for n in sample.grad_names[:len(grads)]),
              *(f"running_stats[{i}]" for i in range(len(sample.running_stats)))]
-    return Outcome(output.detach(), grads, grad_out, [s.detach().clone() for s in sample.running_stats], ran, names)
+    return SampleResult(output.detach(), grads, grad_out, [s.detach().clone() for s in sample.running_stats], ran, names)
 
 
 def _raise_recompile_limits():
