@@ -402,7 +402,7 @@ class SampleResult:
     names: list
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
-        """``[("output", out), ("grad x", ...), ..., ("running_stats[0]", ...)]``."""
+        """``[("output", out), ("grad x", ...), ..., ("running_mean", ...), ("running_var", ...)]``."""
         return list(zip(self.names, [self.output, *self.grads, *self.running_stats]))
 
 
@@ -424,8 +424,9 @@ def run_sample(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | 
             grads = list(torch.autograd.grad(output, sample.grad_inputs, grad_out))
         ran = (uresnet_ops.backends.last_used(sample.op, "forward") if backend else None,
                uresnet_ops.backends.last_used(sample.op, "backward") if backend and grads else None)
+    arguments = sample.arguments
     names = ["output", *(f"grad {n}" for n in sample.grad_names[:len(grads)]),
-             *(f"running_stats[{i}]" for i in range(len(sample.running_stats)))]
+             *(next(k for k, v in arguments.items() if v is t) for t in sample.running_stats)]
     return SampleResult(output.detach(), grads, grad_out, [s.detach().clone() for s in sample.running_stats], ran, names)
 
 
