@@ -49,7 +49,8 @@ def _mdc(n, c, h, w, per_branch, kernel_sizes=(1, 3, 3, 3), dilations=(1, 6, 12,
     label = f"{n}x{c}x{h}x{w}-{len(kernel_sizes)}x{per_branch}" + \
         ("" if dilations == (1, 6, 12, 18) else "-d" + ",".join(map(str, dilations)))
     return Case("multi_dilation_conv2d", label, (n, c, h, w),
-                (("out_channels", per_branch), ("kernel_sizes", kernel_sizes), ("dilations", dilations)), sizes, **extra)
+                (("out_channels", per_branch), ("kernel_sizes", kernel_sizes), ("dilations", dilations)),
+                sizes, **extra)
 
 
 CASES = [
@@ -107,7 +108,8 @@ def build(case: Case, mode: str, device, dtype: torch.dtype, seed: int = 0) -> I
     else:  # multi_dilation_conv2d
         W = sum(t.numel() for t in sample.arguments["weights"]) * es
         fwd, bwd = X + W + O, O + X + W + X + W
-        flops = 2 * n * h * w * c * kw["out_channels"] * sum(k * k for k in kw["kernel_sizes"])  # every tap, padding included
+        # every tap, padding included
+        flops = 2 * n * h * w * c * kw["out_channels"] * sum(k * k for k in kw["kernel_sizes"])
     per_mode = {m: 3 if m == "train_fwdbwd" else 1 for m in MODES}  # backward: twice the forward's flops
     useful = useful_flops(case)
     return Inputs(sample,

@@ -427,7 +427,8 @@ def run_sample(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | 
     arguments = sample.arguments
     names = ["output", *(f"grad {n}" for n in sample.grad_names[:len(grads)]),
              *(next(k for k, v in arguments.items() if v is t) for t in sample.running_stats)]
-    return SampleResult(output.detach(), grads, grad_out, [s.detach().clone() for s in sample.running_stats], ran, names)
+    stats = [s.detach().clone() for s in sample.running_stats]
+    return SampleResult(output.detach(), grads, grad_out, stats, ran, names)
 
 
 def _raise_recompile_limits():
