@@ -159,8 +159,8 @@ class Sample:
                 return type(t)(copy(v) for v in t)
             if not isinstance(t, torch.Tensor):
                 return t
-            c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
-            c = c.clone(memory_format=torch.preserve_format) if c is t or c.data_ptr() == t.data_ptr() else c
+            c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None,
+                              copy=True)
             if t is self.x and layout is not None:
                 c = to_layout(c, layout)
             if id(t) in grad_ids:
