@@ -14,7 +14,7 @@ import math
 import torch
 
 from uresnet_ops import testing
-from uresnet_ops.testing import COMPILED, EAGER, MODES, OPS  # noqa: F401  (the names conftest.py uses)
+from uresnet_ops.testing import COMPILED, EAGER, MODES, OPS  # noqa: F401  (OPS: re-exported, scripts/roofline.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +96,18 @@ def build(case: Case, mode: str, device, dtype: torch.dtype, seed: int = 0) -> I
                                    **case.kw)
     n, c, h, w = case.x_shape
     es = torch.finfo(dtype).bits // 8
-    X, O = sample.x.numel() * es, math.prod(sample.out_shape) * es
+    xb, ob = sample.x.numel() * es, math.prod(sample.out_shape) * es
     kw = case.kw
     if case.op == "pixel_shuffle_bn":
-        fwd, bwd, flops = X + O, O + X + X, None  # bwd reads grad_out and x, writes grad_x
+        fwd, bwd, flops = xb + ob, ob + xb + xb, None  # bwd reads grad_out and x, writes grad_x
     elif case.op == "shuffle_upsample":
         dw, pw = sample.arguments["dw_weight"], sample.arguments["pw_weight"]
-        W = (dw.numel() + pw.numel()) * es
-        fwd, bwd = X + W + O, O + X + W + X + W  # bwd reads grad_out, x, weights; writes grads
+        wb = (dw.numel() + pw.numel()) * es
+        fwd, bwd = xb + wb + ob, ob + xb + wb + xb + wb  # bwd reads grad_out, x, weights; writes grads
         flops = 2 * n * 4 * h * w * (9 * c + c * kw["out_channels"])  # the reference chain's depthwise + 1x1 conv
     else:  # multi_dilation_conv2d
-        W = sum(t.numel() for t in sample.arguments["weights"]) * es
-        fwd, bwd = X + W + O, O + X + W + X + W
+        wb = sum(t.numel() for t in sample.arguments["weights"]) * es
+        fwd, bwd = xb + wb + ob, ob + xb + wb + xb + wb
         # every tap, padding included
         flops = 2 * n * h * w * c * kw["out_channels"] * sum(k * k for k in kw["kernel_sizes"])
     per_mode = {m: 3 if m == "train_fwdbwd" else 1 for m in MODES}  # backward: twice the forward's flops
@@ -129,7 +129,7 @@ def useful_flops(case: Case) -> int | None:
     if case.op == "shuffle_upsample":  # the depthwise 3x3 as 2x2, then the dense 1x1 conv
         return 2 * n * (4 * h * w) * (4 * c + c * kw["out_channels"])
     inside = 0  # over every tap of every branch: the outputs whose tap lands inside the image
-    for k, d in zip(kw["kernel_sizes"], kw["dilations"]):
+    for k, d in zip(kw["kernel_sizes"], kw["dilations"], strict=True):
         for i in range(k):
             for j in range(k):
                 inside += max(h - abs(i - k // 2) * d, 0) * max(w - abs(j - k // 2) * d, 0)

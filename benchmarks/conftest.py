@@ -24,14 +24,14 @@ import pytest
 import torch
 
 try:
-    import uresnet_ops  # noqa: F401
+    import uresnet_ops
 except ImportError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_ops  # noqa: E402
-from uresnet_ops import testing, timing  # noqa: E402
+import uresnet_ops
+from uresnet_ops import testing, timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cases  # noqa: E402
+import cases
 
 _CUDA = torch.cuda.is_available()
 
@@ -162,7 +162,7 @@ def run_bench(benchmark, bench_options, ceilings):
             try:
                 step = testing.step_function(inputs.sample, fn, mode)
                 step()  # compile, autotune, caches
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 if impl == testing.COMPILED:
                     pytest.skip(f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 raise
@@ -203,7 +203,9 @@ def run_bench(benchmark, bench_options, ceilings):
             else:
                 benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)
             last_used = uresnet_ops.backends.last_used
-            used = [last_used(case.op, "forward")] + ([last_used(case.op, "backward")] if mode == "train_fwdbwd" else [])
+            used = [last_used(case.op, "forward")]
+            if mode == "train_fwdbwd":
+                used.append(last_used(case.op, "backward"))
 
         info = benchmark.extra_info
         info.update(op=case.op, shape=list(case.x_shape), case=case.label, params={k: v for k, v in case.params},

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 try:
-    import uresnet_ops  # noqa: F401
+    import uresnet_ops
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_ops  # noqa: E402
-from uresnet_ops.testing import run_sample, sample_inputs  # noqa: E402
+import uresnet_ops
+from uresnet_ops.testing import run_sample, sample_inputs
 
 
 def kernel_cases(device, dtype):
@@ -54,7 +54,7 @@ def check(sample, backend):
             return f"{impl} was asked for, but forward/backward ran on {outcome.ran}"
     tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(sample.x.dtype, 2e-2)
     compared = 1 + len(ours.grads)  # the output and every gradient (running statistics: not compared)
-    for (what, mine), (_, want) in list(zip(ours.named(), ref.named()))[:compared]:
+    for (what, mine), (_, want) in list(zip(ours.named(), ref.named(), strict=True))[:compared]:
         error = ((mine.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
         if not error <= tolerance:  # NaN fails too
             return f"{what}: relative error {error:.1e} > {tolerance:.0e}"
@@ -85,7 +85,8 @@ def main(argv=None):
         for name, sample in kernel_cases(args.device, dtype):
             error = check(sample, backend)
             failures += error is not None
-            print(f"{'FAIL' if error else 'ok  '} {backend:6s} {str(dtype)[6:]:8s} {name}{': ' + error if error else ''}")
+            status = "FAIL" if error else "ok  "
+            print(f"{status} {backend:6s} {str(dtype)[6:]:8s} {name}{': ' + error if error else ''}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

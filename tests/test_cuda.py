@@ -43,7 +43,7 @@ def assert_graph_replay_matches_eager(step, refill):
     graph.replay()
     torch.cuda.synchronize()
     expected = step()
-    for actual, want in zip(captured, expected):
+    for actual, want in zip(captured, expected, strict=False):
         torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
 
 
@@ -144,8 +144,9 @@ def test_training_over_2_pow_31_elements(backend, layout_name):
     with uresnet_ops.use_backend(backend, OP):
         out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(x, 2, None, None, None, None, True, 0.0, "none", 0.0)
         assert x.numel() > 2 ** 31
-        torch.testing.assert_close(mean.double().cpu(), torch.tensor([1 + 2 * p], dtype=torch.float64), rtol=1e-5, atol=0)
-        torch.testing.assert_close(var.double().cpu(), torch.tensor([4 * p * (1 - p)], dtype=torch.float64), rtol=1e-3, atol=0)
+        f64 = torch.float64
+        torch.testing.assert_close(mean.double().cpu(), torch.tensor([1 + 2 * p], dtype=f64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(var.double().cpu(), torch.tensor([4 * p * (1 - p)], dtype=f64), rtol=1e-3, atol=0)
         std = (4 * p * (1 - p)) ** 0.5
         assert abs(out[0, 0, -1, -1].item() - (2 - 2 * p) / std) < 0.05 * (2 - 2 * p) / std
         assert abs(out[0, 0, 0, 0].item() + 2 * p / std) < 0.05 * 2 * p / std
@@ -209,7 +210,7 @@ def _mdc_check(backend, x, weights, dilations, biases, activation, dtype):
     expected.backward(grad_out.double())
     assert_close(out, expected.detach(), dtype, scale=5)
     assert_close(x.grad, x64.grad, dtype, scale=10)
-    for got, want in zip(weights + (biases or []), w64 + (b64 or [])):
+    for got, want in zip(weights + (biases or []), w64 + (b64 or []), strict=False):
         assert_close(got.grad, want.grad, dtype, scale=50)
 
 

@@ -142,7 +142,7 @@ def test_step_function_runs_each_mode(mode):
         result = step()
     if mode == "train_fwdbwd":
         assert len(result) == len(sample.grad_inputs)
-        assert all(g.shape == t.shape for g, t in zip(result, sample.grad_inputs))
+        assert all(g.shape == t.shape for g, t in zip(result, sample.grad_inputs, strict=True))
         assert all(t.grad is None for t in sample.grad_inputs)  # autograd.grad: nothing accumulates
     else:
         assert result.shape == sample.out_shape and not result.requires_grad

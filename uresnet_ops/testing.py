@@ -321,7 +321,7 @@ def _multi_dilation_conv2d(ctx, shape, *, out_channels=3, kernel_sizes=(1, 3, 3,
     if not len(widths) == len(kernel_sizes) == len(dilations):
         raise ValueError(f"sample_inputs: multi_dilation_conv2d needs one kernel size, dilation and width per "
                          f"branch, got {len(kernel_sizes)}, {len(dilations)} and {len(widths)}")
-    weights = [ctx.draw((o, c, k, k), scale=(c * k * k) ** -0.5) for o, k in zip(widths, kernel_sizes)]
+    weights = [ctx.draw((o, c, k, k), scale=(c * k * k) ** -0.5) for o, k in zip(widths, kernel_sizes, strict=True)]
     biases = [ctx.draw((o,)) for o in widths]
     biases = biases if bias else None
     grads = weights + (biases or [])
@@ -403,7 +403,7 @@ class SampleResult:
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
         """``[("output", out), ("grad x", ...), ..., ("running_mean", ...), ("running_var", ...)]``."""
-        return list(zip(self.names, [self.output, *self.grads, *self.running_stats]))
+        return list(zip(self.names, [self.output, *self.grads, *self.running_stats], strict=True))
 
 
 def run_sample(sample: Sample, impl: str = DEFAULT, *, grad_out: torch.Tensor | None = None,
