@@ -21,12 +21,12 @@ import pytest
 import torch
 
 try:
-    import uresnet_ops  # noqa: F401
+    import uresnet_ops
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_ops  # noqa: E402
-from uresnet_models.benchmark import median_step_seconds  # noqa: E402
-from uresnet_ops.timing import synchronize  # noqa: E402
+import uresnet_ops
+from uresnet_models.benchmark import median_step_seconds
+from uresnet_ops.timing import synchronize
 
 IMPLS = ("original", "fused")
 MODES = ("inference", "train_step")

@@ -26,10 +26,10 @@ try:
     import uresnet_models  # noqa: F401
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_ops  # noqa: E402
+import uresnet_ops
 
-from uresnet_models.benchmark import IMPLS, MODELS, make_step, print_table, shape  # noqa: E402
-from uresnet_ops.timing import synchronize  # noqa: E402
+from uresnet_models.benchmark import IMPLS, MODELS, make_step, print_table, shape
+from uresnet_ops.timing import synchronize
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark

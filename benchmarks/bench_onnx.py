@@ -25,8 +25,8 @@ try:
     import uresnet_models  # noqa: F401
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_models as um  # noqa: E402
-from uresnet_models import export  # noqa: E402
+import uresnet_models as um
+from uresnet_models import export
 
 MODELS = ("uresnet", "uresnet_cls", "deresunet", "resunet_atrous", "resunet", "unet")
 IMPLS = ("eager", "compiled", "onnxruntime")

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import math
@@ -25,14 +24,14 @@ import pytest
 import torch
 
 try:
-    import uresnet_ops  # noqa: F401
+    import uresnet_ops
 except ImportError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import uresnet_ops  # noqa: E402
-from uresnet_ops import timing  # noqa: E402
+import uresnet_ops
+from uresnet_ops import testing, timing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cases  # noqa: E402
+import cases
 
 _CUDA = torch.cuda.is_available()
 
@@ -137,8 +136,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "triton": _version("triton"),
         "extension_built": uresnet_ops._library.HAS_EXTENSION,
         "cuda_kernels_built": uresnet_ops._library.HAS_CUDA_KERNELS,
-        "backends": {op: cases.implementations(op, opts.device)[:-2] for op in cases.OPS},
-        "default_backend": {op: uresnet_ops.get_backend(op, opts.device).name for op in cases.OPS},
+        "backends": {op: cases.implementations(op, opts.device)[:-2] for op in testing.OPS},
+        "default_backend": {op: uresnet_ops.get_backend(op, opts.device).name for op in testing.OPS},
         "ceilings": timing.device_ceilings(opts.device),
         # CPU timings of eager chains depend on the allocator (fresh pages fault): record it.
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
@@ -157,13 +156,14 @@ def run_bench(benchmark, bench_options, ceilings):
         cuda = device.type == "cuda"
         benchmark.group = f"{case.op} {case.label} {mode} {_dtype_name(dtype)}"
         inputs = cases.build(case, mode, device, dtype)
-        backend = impl not in (cases.EAGER, cases.COMPILED)
-        with uresnet_ops.use_backend(impl, case.op) if backend else contextlib.nullcontext():
+        backend = impl not in testing.BASELINES
+        fn, context = testing.implementation(case.op, impl)
+        with context:
             try:
-                step = cases.runner(cases.function(case.op, impl), inputs, mode)
+                step = testing.step_function(inputs.sample, fn, mode)
                 step()  # compile, autotune, caches
-            except Exception as error:  # noqa: BLE001
-                if impl == cases.COMPILED:
+            except Exception as error:
+                if impl == testing.COMPILED:
                     pytest.skip(f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
                 raise
             estimate = float("inf")  # the fastest of a few calls (robust to a busy machine)
@@ -203,7 +203,9 @@ def run_bench(benchmark, bench_options, ceilings):
             else:
                 benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)
             last_used = uresnet_ops.backends.last_used
-            used = [last_used(case.op, "forward")] + ([last_used(case.op, "backward")] if mode == "train_fwdbwd" else [])
+            used = [last_used(case.op, "forward")]
+            if mode == "train_fwdbwd":
+                used.append(last_used(case.op, "backward"))
 
         info = benchmark.extra_info
         info.update(op=case.op, shape=list(case.x_shape), case=case.label, params={k: v for k, v in case.params},

@@ -135,7 +135,7 @@ def chart(groups: dict[str, list[dict]], path: Path, title: str) -> bool:
                     xs.append(row[key])
             # Bars grow from 1 (no change): right is faster, left is slower.
             ax.barh(ys, [x - 1 for x in xs], height=bar, left=1, label=impl)
-            for y, x in zip(ys, xs):
+            for y, x in zip(ys, xs, strict=False):
                 ax.text(x, y, f" {x:.3g} ", va="center", ha="left" if x >= 1 else "right", fontsize=6)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")

@@ -83,7 +83,8 @@ def render() -> str:
         if r["op"] != current:
             current = r["op"]
             lines += ["", f"## {current}", "", DESIGN[current], "",
-                      "| shape | mode | dtype | MB | useful GFLOP | nominal GFLOP | FLOP/B | bound | µs at bandwidth | µs at FLOP rate | predicted µs |",
+                      "| shape | mode | dtype | MB | useful GFLOP | nominal GFLOP | FLOP/B | bound "
+                      "| µs at bandwidth | µs at FLOP rate | predicted µs |",
                       "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         lines.append(f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['mb']:.1f} | {r['gflop']:.2f} | "
                      f"{r['nominal']:.2f} | {r['intensity']:.1f} | {r['bound']} | {r['t_mem']:.1f} | "

@@ -13,70 +13,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+try:
+    import uresnet_ops
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uresnet_ops
-from uresnet_ops import backends, multi_dilation_conv2d, pixel_shuffle_bn, shuffle_upsample
+from uresnet_ops.testing import run_sample, sample_inputs
 
 
-def pixel_shuffle_bn_cases(device, dtype):
-    for layout in (torch.contiguous_format, torch.channels_last):
+def kernel_cases(device, dtype):
+    """(name, sample) per call: small odd shapes (uresnet_ops.testing.sample_inputs), BatchNorm
+    weight and bias in ``dtype``, running statistics in float32 (any x dtype)."""
+    bn = dict(param_dtype=dtype, stats_dtype=torch.float32)
+    for layout in ("contiguous", "channels_last"):
         for training in (True, False):
-            stats = torch.randn(9, device=device) * 0.1, torch.rand(9, device=device) + 0.5  # float32, any x
-
-            def call(x, weight, bias, training=training, stats=stats):
-                running = [s.clone() for s in stats]
-                return pixel_shuffle_bn(x, 2, weight, bias, *running, training=training, activation="relu")
-            x = torch.randn(3, 36, 5, 7, device=device, dtype=dtype).contiguous(memory_format=layout)
-            yield (f"pixel_shuffle_bn r=2 {str(layout)[6:]} training={training}", "pixel_shuffle_bn", call,
-                   [x, torch.rand(9, device=device, dtype=dtype) + 0.5, torch.randn(9, device=device, dtype=dtype)])
-
-
-def shuffle_upsample_cases(device, dtype):
+            yield (f"pixel_shuffle_bn r=2 {layout} training={training}",
+                   sample_inputs("pixel_shuffle_bn", device, dtype, shape=(3, 36, 5, 7), upscale_factor=2,
+                                 layout=layout, training=training, requires_grad=True, **bn))
     for mode in ("nearest", "bilinear"):
         for groups in (1, 4):
-            def call(x, dw, pw, pw_bias, bn_weight, bn_bias, mode=mode, groups=groups):
-                stats = torch.zeros(8, device=device), torch.ones(8, device=device)
-                return shuffle_upsample(x, dw, pw, pw_bias, bn_weight, bn_bias, *stats, mode=mode,
-                                        shuffle_groups=groups)
-            rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
-            yield (f"shuffle_upsample {mode} shuffle_groups={groups}", "shuffle_upsample", call,
-                   [rand(2, 8, 5, 6), rand(8, 1, 3, 3), rand(12, 8, 1, 1), rand(12), rand(8).abs() + 0.5, rand(8)])
+            yield (f"shuffle_upsample {mode} shuffle_groups={groups}",
+                   sample_inputs("shuffle_upsample", device, dtype, shape=(2, 8, 5, 6), out_channels=12, mode=mode,
+                                 shuffle_groups=groups, training=True, requires_grad=True, seed=1, **bn))
+    yield ("multi_dilation_conv2d k=(1,3,3,3) d=(1,6,12,18)",
+           sample_inputs("multi_dilation_conv2d", device, dtype, shape=(2, 6, 19, 23), out_channels=5,
+                         kernel_sizes=(1, 3, 3, 3), dilations=(1, 6, 12, 18), requires_grad=True, seed=2))
 
 
-def multi_dilation_cases(device, dtype):
-    kernels, dilations = (1, 3, 3, 3), [1, 6, 12, 18]
-
-    def call(x, *params):
-        return multi_dilation_conv2d(x, list(params[:4]), dilations, list(params[4:]), "relu")
-    weights = [torch.randn(5, 6, k, k, device=device, dtype=dtype) * 0.3 for k in kernels]
-    biases = [torch.randn(5, device=device, dtype=dtype) for _ in kernels]
-    yield ("multi_dilation_conv2d k=(1,3,3,3) d=(1,6,12,18)", "multi_dilation_conv2d", call,
-           [torch.randn(2, 6, 19, 23, device=device, dtype=dtype), *weights, *biases])
-
-
-def check(op, call, inputs, backend):
-    """Forward and backward of ``call(*inputs)`` with ``backend``, and with the reference backend
-    on the same inputs and output gradient in float64; returns what went wrong, or None."""
-    grad_out, results = None, {}
-    for impl in (backend, "reference"):
-        leaves = [t.detach().clone().requires_grad_() if impl == backend else t.detach().double().requires_grad_()
-                  for t in inputs]
-        with uresnet_ops.use_backend(impl):
-            out = call(*leaves)
-            if grad_out is None:
-                grad_out = torch.randn_like(out)
-            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-            used = backends.last_used(op, "forward"), backends.last_used(op, "backward")
-        if used != (impl, impl):
-            return f"{impl} was asked for, but forward/backward ran on {used}"
-        results[impl] = [out] + list(grads)
-    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(inputs[0].dtype, 2e-2)
-    for i, (ours, ref) in enumerate(zip(results[backend], results["reference"])):
-        error = ((ours.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+def check(sample, backend):
+    """Forward and backward of ``sample`` with ``backend``, and with the reference backend on the
+    same inputs (in float64) and output gradient; returns what went wrong, or None."""
+    ours = run_sample(sample.clone(), backend)
+    ref = run_sample(sample.clone(torch.float64), "reference", grad_out=ours.grad_out)
+    for impl, outcome in ((backend, ours), ("reference", ref)):
+        if outcome.ran != (impl, impl):
+            return f"{impl} was asked for, but forward/backward ran on {outcome.ran}"
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(sample.x.dtype, 2e-2)
+    compared = 1 + len(ours.grads)  # the output and every gradient (running statistics: not compared)
+    for (what, mine), (_, want) in list(zip(ours.named(), ref.named(), strict=True))[:compared]:
+        error = ((mine.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
         if not error <= tolerance:  # NaN fails too
-            what = "output" if i == 0 else f"gradient of input {i - 1}"
             return f"{what}: relative error {error:.1e} > {tolerance:.0e}"
     return None
 
@@ -102,11 +82,11 @@ def main(argv=None):
     failures = 0
     print(f"run_each_kernel: {backend} kernels on {args.device}; reference: float64")
     for dtype in dtypes:
-        for cases in (pixel_shuffle_bn_cases, shuffle_upsample_cases, multi_dilation_cases):
-            for name, op, call, inputs in cases(args.device, dtype):
-                error = check(op, call, inputs, backend)
-                failures += error is not None
-                print(f"{'FAIL' if error else 'ok  '} {backend:6s} {str(dtype)[6:]:8s} {name}{': ' + error if error else ''}")
+        for name, sample in kernel_cases(args.device, dtype):
+            error = check(sample, backend)
+            failures += error is not None
+            status = "FAIL" if error else "ok  "
+            print(f"{status} {backend:6s} {str(dtype)[6:]:8s} {name}{': ' + error if error else ''}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

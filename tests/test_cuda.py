@@ -2,6 +2,8 @@
 reference computed in float64, 64-bit indexing (contiguous and channels_last), grids beyond
 65535 tiles, CUDA graph capture. The tests named *2_pow_31* need 12-24 GiB and run serially in
 scripts/gpu_check.sh."""
+import random
+
 import pytest
 import torch
 import triton
@@ -9,6 +11,7 @@ import triton
 import uresnet_ops
 from uresnet_ops import reference
 from uresnet_ops.backends import last_used
+from uresnet_ops.testing import sample_inputs
 
 from helpers import LAYOUTS, assert_close, backend_params, layout
 
@@ -16,13 +19,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 OP = "pixel_shuffle_bn"
 
 
-def case(dtype, param_dtype=torch.float32, n=3, c=5, r=2, h=7, w=9):
-    x = torch.randn(n, c * r * r, h, w, device="cuda", dtype=dtype)
-    p = dict(weight=torch.randn(c, device="cuda", dtype=param_dtype),
-             bias=torch.randn(c, device="cuda", dtype=param_dtype),
-             running_mean=torch.randn(c, device="cuda", dtype=param_dtype),
-             running_var=torch.rand(c, device="cuda", dtype=param_dtype) + 0.5)
-    return x, r, p
+def case(dtype, param_dtype=torch.float32, n=3, c=5, r=2, h=7, w=9, seed=0):
+    """(x, r, BatchNorm weight/bias/running statistics by name) on the GPU (uresnet_ops.testing)."""
+    sample = sample_inputs(OP, "cuda", dtype, shape=(n, c * r * r, h, w), upscale_factor=r, param_dtype=param_dtype,
+                           seed=seed)
+    p = {k: sample.arguments[k] for k in ("weight", "bias", "running_mean", "running_var")}
+    return sample.x, r, p
 
 
 def assert_graph_replay_matches_eager(step, refill):
@@ -41,7 +43,7 @@ def assert_graph_replay_matches_eager(step, refill):
     graph.replay()
     torch.cuda.synchronize()
     expected = step()
-    for actual, want in zip(captured, expected):
+    for actual, want in zip(captured, expected, strict=False):
         torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-4)
 
 
@@ -142,8 +144,9 @@ def test_training_over_2_pow_31_elements(backend, layout_name):
     with uresnet_ops.use_backend(backend, OP):
         out, mean, var = torch.ops.uresnet_ops.pixel_shuffle_bn(x, 2, None, None, None, None, True, 0.0, "none", 0.0)
         assert x.numel() > 2 ** 31
-        torch.testing.assert_close(mean.double().cpu(), torch.tensor([1 + 2 * p], dtype=torch.float64), rtol=1e-5, atol=0)
-        torch.testing.assert_close(var.double().cpu(), torch.tensor([4 * p * (1 - p)], dtype=torch.float64), rtol=1e-3, atol=0)
+        f64 = torch.float64
+        torch.testing.assert_close(mean.double().cpu(), torch.tensor([1 + 2 * p], dtype=f64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(var.double().cpu(), torch.tensor([4 * p * (1 - p)], dtype=f64), rtol=1e-3, atol=0)
         std = (4 * p * (1 - p)) ** 0.5
         assert abs(out[0, 0, -1, -1].item() - (2 - 2 * p) / std) < 0.05 * (2 - 2 * p) / std
         assert abs(out[0, 0, 0, 0].item() + 2 * p / std) < 0.05 * 2 * p / std
@@ -182,13 +185,12 @@ MDC = "multi_dilation_conv2d"
 
 
 def mdc_case(dtype, c_in=70, widths=(65, 3, 17, 1), kernels=(1, 3, 3, 5), dilations=(1, 6, 12, 18), n=2, h=21,
-             w=19, bias=True):
+             w=19, bias=True, seed=0):
     """Ragged sizes: more than one pixel / channel tile, branches of one channel, taps in padding."""
-    x = torch.randn(n, c_in, h, w, device="cuda").to(dtype)
-    weights = [(torch.randn(c, c_in, k, k, device="cuda") / (c_in * k * k) ** 0.5).to(dtype)
-               for c, k in zip(widths, kernels)]
-    biases = [torch.randn(c, device="cuda").to(dtype) for c in widths] if bias else None
-    return x, weights, list(dilations), biases
+    sample = sample_inputs(MDC, "cuda", dtype, shape=(n, c_in, h, w), out_channels=list(widths),
+                           kernel_sizes=kernels, dilations=dilations, bias=bias, seed=seed)
+    a = sample.arguments
+    return sample.x, a["weights"], a["dilations"], a["biases"]
 
 
 def _mdc_check(backend, x, weights, dilations, biases, activation, dtype):
@@ -208,7 +210,7 @@ def _mdc_check(backend, x, weights, dilations, biases, activation, dtype):
     expected.backward(grad_out.double())
     assert_close(out, expected.detach(), dtype, scale=5)
     assert_close(x.grad, x64.grad, dtype, scale=10)
-    for got, want in zip(weights + (biases or []), w64 + (b64 or [])):
+    for got, want in zip(weights + (biases or []), w64 + (b64 or []), strict=False):
         assert_close(got.grad, want.grad, dtype, scale=50)
 
 
@@ -259,6 +261,28 @@ def test_multi_dilation_cuda_graph_capture_training_step(backend):
 
 # ---- shuffle_upsample on the GPU ------------------------------------------------------------
 SU = "shuffle_upsample"
+PARAMS = ("dw_weight", "pw_weight", "pw_bias", "bn_weight", "bn_bias")  # the ones that take a gradient
+
+
+def su_sample(dtype, param_dtype, seed=0, **params):
+    """(x, tensors by name, configuration) of a shuffle_upsample call on the GPU (uresnet_ops.testing)."""
+    sample = sample_inputs(SU, "cuda", dtype, param_dtype=param_dtype, seed=seed, **params)
+    a = sample.arguments
+    t = {k: a[k] for k in (*PARAMS, "running_mean", "running_var")}
+    return sample.x, t, {k: a[k] for k in ("scale_factor", "mode", "shuffle_groups")}
+
+
+def random_su_case(seed, dtype, param_dtype):
+    """A random small configuration (depthwise, grouped or dense 3x3; shuffle groups; nearest x1-3 or bilinear x2)."""
+    rng = random.Random(seed)
+    c = rng.choice([4, 6, 8])
+    conv_groups = rng.choice([c, c // 2, 1])
+    shuffle_groups = rng.choice([1, 2, c // 2])
+    mode = rng.choice(["nearest", "bilinear"])
+    scale = rng.choice([1, 2, 3]) if mode == "nearest" else 2
+    n, h, w, c_out = rng.choice([1, 2]), rng.randint(1, 5), rng.randint(2, 6), rng.choice([3, 5])
+    return su_sample(dtype, param_dtype, seed, shape=(n, c, h, w), out_channels=c_out, conv_groups=conv_groups,
+                     scale_factor=scale, mode=mode, shuffle_groups=shuffle_groups)
 
 
 @pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
@@ -267,8 +291,7 @@ SU = "shuffle_upsample"
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("seed", range(4))
 def test_shuffle_upsample_forward_backward_on_gpu(backend, dtype, param_dtype, layout_name, training, seed):
-    from test_shuffle_upsample import PARAMS, make_case
-    x, t, cfg = make_case(seed, dtype, param_dtype, device="cuda")
+    x, t, cfg = random_su_case(seed, dtype, param_dtype)
     x = layout(x, layout_name).requires_grad_()
     t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
     x64 = x.detach().double().requires_grad_()
@@ -291,8 +314,7 @@ def test_shuffle_upsample_forward_backward_on_gpu(backend, dtype, param_dtype, l
 
 @pytest.mark.parametrize("backend", backend_params(SU, "cuda") if torch.cuda.is_available() else [])
 def test_shuffle_upsample_cuda_graph_capture(backend):
-    from test_shuffle_upsample import make_case
-    x, t, cfg = make_case(3, torch.float32, torch.float32, device="cuda")
+    x, t, cfg = random_su_case(3, torch.float32, torch.float32)
     args = [t[k] for k in ("dw_weight", "pw_weight", "pw_bias", "bn_weight", "bn_bias")]
     config = (True, 1e-5, cfg["scale_factor"], cfg["mode"], cfg["shuffle_groups"], "relu", 0.01)
     with uresnet_ops.use_backend(backend, SU):
@@ -301,17 +323,12 @@ def test_shuffle_upsample_cuda_graph_capture(backend):
 
 
 def shuffle_upsample_case(dtype, scale, mode, n=2, c=8, groups=2, h=7, w=9, c_out=5, param_dtype=torch.float32):
-    """An EUCB-like case with grouped 3x3 weights, on the GPU."""
-    rand = lambda *shape, dt=dtype: torch.randn(*shape, device="cuda").to(dt)  # noqa: E731
-    x = rand(n, c, h, w)
-    t = dict(dw_weight=rand(c, c // groups, 3, 3) / 3, pw_weight=rand(c_out, c, 1, 1) / c ** 0.5, pw_bias=rand(c_out),
-             bn_weight=rand(c, dt=param_dtype), bn_bias=rand(c, dt=param_dtype),
-             running_mean=rand(c, dt=param_dtype), running_var=rand(c, dt=param_dtype).abs() + 0.5)
-    return x, t, dict(scale_factor=scale, mode=mode, shuffle_groups=2)
+    """An EUCB-like case with grouped 3x3 weights (``groups`` groups), on the GPU."""
+    return su_sample(dtype, param_dtype, shape=(n, c, h, w), out_channels=c_out, conv_groups=groups,
+                     scale_factor=scale, mode=mode, shuffle_groups=2)
 
 
 def _shuffle_upsample_check(backend, x, t, cfg, dtype, param_dtype, training, activation="silu"):
-    from test_shuffle_upsample import PARAMS
     x = x.requires_grad_()
     t = {k: v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
     x64 = x.detach().double().requires_grad_()

@@ -16,10 +16,10 @@ def test_committed_report_is_current():
 
 
 def test_multi_dilation_useful_flops_count_only_taps_inside_the_image():
-    case = roofline.cases._mdc(2, 3, 7, 10, 4, kernels=(1, 3, 3), dilations=(1, 2, 8))
+    case = roofline.cases._mdc(2, 3, 7, 10, 4, kernel_sizes=(1, 3, 3), dilations=(1, 2, 8))
     ones = torch.ones(1, 1, 7, 10, dtype=torch.float64)
     inside = sum(F.conv2d(ones, torch.ones(1, 1, k, k, dtype=torch.float64), padding=d * (k // 2), dilation=d).sum()
-                 for k, d in zip((1, 3, 3), (1, 2, 8)))  # per output: the taps that land in the image
+                 for k, d in zip((1, 3, 3), (1, 2, 8), strict=False))  # per output: the taps that land in the image
     assert roofline.cases.useful_flops(case) == 2 * 2 * 3 * 4 * int(inside)
 
 
