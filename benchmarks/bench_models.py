@@ -28,7 +28,7 @@ except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uresnet_ops
 
-from uresnet_models.benchmark import IMPLS, MODELS, make_step, print_table, shape
+from uresnet_models.benchmark import IMPLS, MODELS, model_shape, model_step, print_model_table
 from uresnet_ops.timing import synchronize
 
 
@@ -37,11 +37,11 @@ from uresnet_ops.timing import synchronize
 @pytest.mark.parametrize("name,encoder", MODELS, ids=[f"{n}-{e}" for n, e in MODELS])
 def test_model_train_step(benchmark, bench_options, name, encoder, impl):
     device = torch.device(bench_options.device)
-    batch, side = shape(bench_options.size, device.type)
+    batch, side = model_shape(bench_options.size, device.type)
     benchmark.group = f"train_step {name}({encoder}) {batch}x{side}x{side}"
     ctx = uresnet_ops.use_backend("reference") if impl == "reference" else contextlib.nullcontext()
     with ctx:
-        _, step = make_step(name, encoder, device, batch, side)
+        _, step = model_step(name, encoder, device, batch, side)
         step()
         synchronize(device)
         if device.type == "cuda":
@@ -64,9 +64,9 @@ def test_unet_vs_smp_train_step(benchmark, bench_options, name):
     if name == "smp:Unet":
         pytest.importorskip("segmentation_models_pytorch")
     device = torch.device(bench_options.device)
-    batch, side = shape(bench_options.size, device.type)
+    batch, side = model_shape(bench_options.size, device.type)
     benchmark.group = f"train_step unet(resnet50) vs smp {batch}x{side}x{side}"
-    _, step = make_step(name, "resnet50", device, batch, side)
+    _, step = model_step(name, "resnet50", device, batch, side)
     step()
     synchronize(device)
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     size = args.size or ("full" if args.device == "cuda" else "small")
     print(f"device={args.device} size={size} torch={torch.__version__} backends={uresnet_ops.available_backends()}")
-    print_table(args.device, size, args.rounds, args.models.split(","))
+    print_model_table(args.device, size, args.rounds, args.models.split(","))
     return 0
 
 

@@ -16,120 +16,49 @@ import time
 import torch
 
 import uresnet_ops
+from uresnet_ops import testing
 from uresnet_ops.timing import measure, synchronize
 
-from .constants import OPS
 from .registry import create_model
 
-BASELINES = ("eager", "compiled")
-
-# Op shapes per `bench --size`, and for the demo; benchmarks/cases.py has the full benchmark set.
+# Op shapes per `bench --size`, and for the demo (uresnet_ops.testing.sample_inputs keywords);
+# benchmarks/cases.py has the full benchmark set.
 SHAPES = {
-    "small": {"pixel_shuffle_bn": dict(x=(2, 256, 16, 16), r=2),
-              "shuffle_upsample": dict(x=(1, 64, 32, 32), cout=32),
-              "multi_dilation_conv2d": dict(x=(1, 128, 32, 32), per_branch=32)},
-    "full": {"pixel_shuffle_bn": dict(x=(8, 2048, 16, 16), r=2),
-             "shuffle_upsample": dict(x=(8, 320, 32, 32), cout=128),
-             "multi_dilation_conv2d": dict(x=(8, 256, 32, 32), per_branch=64)},
+    "small": {"pixel_shuffle_bn": dict(shape=(2, 256, 16, 16), upscale_factor=2),
+              "shuffle_upsample": dict(shape=(1, 64, 32, 32), out_channels=32),
+              "multi_dilation_conv2d": dict(shape=(1, 128, 32, 32), out_channels=32)},
+    "full": {"pixel_shuffle_bn": dict(shape=(8, 2048, 16, 16), upscale_factor=2),
+             "shuffle_upsample": dict(shape=(8, 320, 32, 32), out_channels=128),
+             "multi_dilation_conv2d": dict(shape=(8, 256, 32, 32), out_channels=64)},
     # Tiny shapes for the demo's correctness check; 20x20 makes the dilated taps fall into padding.
-    "check": {"pixel_shuffle_bn": dict(x=(2, 16, 6, 6), r=2),
-              "shuffle_upsample": dict(x=(2, 8, 6, 6), cout=12),
-              "multi_dilation_conv2d": dict(x=(2, 8, 20, 20), per_branch=6)},
+    "check": {"pixel_shuffle_bn": dict(shape=(2, 16, 6, 6), upscale_factor=2),
+              "shuffle_upsample": dict(shape=(2, 8, 6, 6), out_channels=12),
+              "multi_dilation_conv2d": dict(shape=(2, 8, 20, 20), out_channels=6)},
 }
 
 
 # --------------------------------------------------------------------------- ops
-def op_inputs(op: str, params: dict, device, dtype, *, training: bool, requires_grad: bool, seed: int = 0):
-    """``(args, kwargs, grad_tensors)`` for ``uresnet_ops.<op>(*args, **kwargs)`` with random
-    inputs. The same seed gives the same values in every dtype; BatchNorm parameters and
-    running statistics are float32 (float64 for float64 inputs), as in mixed precision."""
-    gen = torch.Generator().manual_seed(seed)
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def rand(*shape, dt=dtype, scale=1.0, positive=False):
-        t = torch.rand(shape, generator=gen) + 0.5 if positive else torch.randn(shape, generator=gen) * scale
-        return t.to(device=device, dtype=dt).requires_grad_(requires_grad)
-
-    def bn(c):
-        return (rand(c, dt=stat, positive=True), rand(c, dt=stat),
-                (torch.randn(c, generator=gen) * 0.1).to(device, stat), (torch.rand(c, generator=gen) + 0.5).to(device, stat))
-
-    n, c, h, w = params["x"]
-    x = rand(n, c, h, w)
-    if op == "pixel_shuffle_bn":
-        r = params["r"]
-        weight, bias, rm, rv = bn(c // (r * r))
-        return (x, r, weight, bias, rm, rv), dict(training=training, activation="relu"), [x, weight, bias]
-    if op == "shuffle_upsample":
-        cout = params["cout"]
-        dw, pw, pb = rand(c, 1, 3, 3, scale=1 / 3), rand(cout, c, 1, 1, scale=c ** -0.5), rand(cout)
-        bw, bb, rm, rv = bn(c)
-        kwargs = dict(training=training, scale_factor=2, mode="nearest", shuffle_groups=1, activation="relu")
-        return (x, dw, pw, pb, bw, bb, rm, rv), kwargs, [x, dw, pw, pb, bw, bb]
-    if op == "multi_dilation_conv2d":
-        per, kernels = params["per_branch"], params.get("kernels", (1, 3, 3, 3))
-        weights = [rand(per, c, k, k, scale=(c * k * k) ** -0.5) for k in kernels]
-        biases = [rand(per) for _ in kernels]
-        dilations = list(params.get("dilations", (1, 6, 12, 18)))
-        return (x, weights, dilations, biases), dict(activation="relu"), [x, *weights, *biases]
-    raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
-
-
-def op_step(op: str, impl: str, params: dict, device, dtype, mode: str):
-    """A no-argument callable running one iteration of ``mode`` with implementation ``impl``
-    (a backend name, "eager" or "compiled"), and the context manager to run it in."""
-    backward = mode == "train_fwdbwd"
-    args, kwargs, grads = op_inputs(op, params, device, dtype, training=mode != "eval_fwd", requires_grad=backward)
-    if impl == "eager":
-        fn, ctx = getattr(uresnet_ops.reference, op), contextlib.nullcontext()
-    elif impl == "compiled":
-        fn, ctx = torch.compile(getattr(uresnet_ops.reference, op), dynamic=False), contextlib.nullcontext()
-    else:
-        fn, ctx = getattr(uresnet_ops, op), uresnet_ops.use_backend(impl, op)
-    if not backward:
-        def step():
-            with torch.no_grad():
-                return fn(*args, **kwargs)
-        return step, ctx
-    grad_out = []
-
-    def step_backward():
-        out = fn(*args, **kwargs)
-        if not grad_out:
-            grad_out.append(torch.randn_like(out))
-        return torch.autograd.grad(out, grads, grad_out[0])
-    return step_backward, ctx
-
-
-def runnable_backends(op: str, device_type: str) -> list[str]:
-    """The backends of ``op`` that run on ``device_type`` here (Triton's CPU interpreter left out)."""
-    names = []
-    for name in uresnet_ops.available_backends(op):
-        with uresnet_ops.use_backend(name, op):
-            if uresnet_ops.get_backend(op, device_type).name == name and not (name == "triton" and device_type == "cpu"):
-                names.append(name)
-    return names
-
-
 def time_impls(op, impls, params, device, dtype, mode, *, min_time=0.2, out=print) -> list[dict]:
     """Median time of each implementation of ``op``; a compile failure is reported, not raised."""
     from uresnet_ops.backends import last_used
     rows = []
     for impl in impls:
         try:
-            step, ctx = op_step(op, impl, params, device, dtype, mode)
+            sample = testing.sample_inputs(op, device, dtype, **params, **testing.mode_flags(mode))
+            fn, ctx = testing.implementation(op, impl)
             with ctx:
+                step = testing.step_function(sample, fn, mode)
                 res = measure(step, device=device, warmup=3, min_time=min_time)
             label = impl
-            if impl not in BASELINES:  # a backend may hand a case to the next one: show what ran
+            if impl not in testing.BASELINES:  # a backend may hand a case to the next one: show what ran
                 ran = {last_used(op, "forward")} | ({last_used(op, "backward")} if mode == "train_fwdbwd" else set())
                 label = impl if ran == {impl} else f"{impl}>{'+'.join(sorted(map(str, ran)))}"
-            rows.append(dict(op=op, shape=list(params["x"]), mode=mode, implementation=label, **res))
+            rows.append(dict(op=op, shape=list(params["shape"]), mode=mode, implementation=label, **res))
         except Exception as error:  # noqa: BLE001  (a broken or declining implementation: report, go on)
             out(f"  {op} {impl} {mode}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
     base = {r["implementation"]: r["median_s"] for r in rows}
     for r in rows:
-        for b in BASELINES:
+        for b in testing.BASELINES:
             r[f"vs_{b}"] = base[b] / r["median_s"] if b in base else None
     return rows
 

@@ -83,6 +83,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     import torch
+    from uresnet_ops import testing
+
     from . import benchmark
     device = _device(args.device)
     _check_folder_of("--json", args.json)
@@ -106,10 +108,10 @@ def cmd_bench(args) -> int:
     print(f"uresnet bench: {device.type} ({_device_name(device)}), {args.dtype}, size {size}")
     rows = []
     for op in ops:
-        impls = benchmark.runnable_backends(op, device.type) + ["eager"] + ([] if args.no_compile else ["compiled"])
+        impls = testing.runnable_backends(op, device.type) + [testing.EAGER] + ([] if args.no_compile else [testing.COMPILED])
         for mode in modes:
-            if op == "multi_dilation_conv2d" and mode == "train_fwd":
-                continue  # no BatchNorm: the same as eval_fwd
+            if mode not in testing.op_modes(op):
+                continue
             rows += benchmark.time_impls(op, impls, benchmark.SHAPES[size][op], device, dtype, mode,
                                          min_time=args.min_time)
     benchmark.print_op_table(rows)

@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 
 import uresnet_ops
-from uresnet_ops import _library
+from uresnet_ops import _library, testing
 from uresnet_ops import nn as fused
 from uresnet_ops.backends import last_used
 from uresnet_ops.timing import device_name
 
-from .benchmark import SHAPES, op_inputs, print_op_table, runnable_backends, time_impls
+from .benchmark import SHAPES, print_op_table, time_impls
 from .constants import MODES, OPS
 from .train import TrainConfig, build_data, build_model, fit
 
@@ -50,7 +50,7 @@ def demo_environment(ctx: DemoContext) -> None:
     ctx.print(f"compiled kernels: C++ {'built' if _library.HAS_EXTENSION else 'NOT built'}, "
               f"CUDA {'built' if _library.HAS_CUDA_KERNELS else 'not built'}")
     for op in OPS:
-        ctx.print(f"  {op:<22} backends here: {', '.join(runnable_backends(op, ctx.device.type)):<24} "
+        ctx.print(f"  {op:<22} backends here: {', '.join(testing.runnable_backends(op, ctx.device.type)):<24} "
                   f"default: {uresnet_ops.get_backend(op, ctx.device.type).name}")
 
 
@@ -69,15 +69,14 @@ def demo_correctness(ctx: DemoContext) -> None:
 def _check_all(ctx: DemoContext) -> None:
     for op in OPS:
         params = SHAPES["check"][op]
-        ref = _run_check(op, params, ctx.device, torch.float64, getattr(uresnet_ops.reference, op), ctx.args.seed)
-        for name in runnable_backends(op, ctx.device.type):
+        ref, _ = _run_check(op, params, ctx.device, torch.float64, testing.EAGER, ctx.args.seed)
+        for name in testing.testing.runnable_backends(op, ctx.device.type):
             try:
-                with uresnet_ops.use_backend(name, op):
-                    got = _run_check(op, params, ctx.device, torch.float32, getattr(uresnet_ops, op), ctx.args.seed)
-                    ran = {last_used(op, "forward"), last_used(op, "backward")}
-                err = max((g.double() - r).abs().max().item() for g, r in zip(got, ref))
+                got, ran = _run_check(op, params, ctx.device, torch.float32, name, ctx.args.seed)
+                err = max((g.double() - r).abs().max().item() for g, r in zip(got, ref, strict=True))
                 scale = max(r.abs().max().item() for r in ref)
-                ok = all(torch.allclose(g.double(), r, rtol=1e-3, atol=1e-4 * max(1.0, scale)) for g, r in zip(got, ref))
+                ok = all(torch.allclose(g.double(), r, rtol=1e-3, atol=1e-4 * max(1.0, scale))
+                         for g, r in zip(got, ref, strict=True))
                 note = "" if ran == {name} else f"  (ran: {', '.join(sorted(n or '?' for n in ran))})"
                 ctx.print(f"  {op:<22} {name:<10} max abs err {err:.2e}  {'PASS' if ok else 'FAIL'}{note}")
             except Exception as error:  # noqa: BLE001  (report and carry on)
@@ -87,16 +86,15 @@ def _check_all(ctx: DemoContext) -> None:
                 ctx.failures.append(f"{op}/{name}")
 
 
-def _run_check(op, params, device, dtype, fn, seed):
-    args, kwargs, grads = op_inputs(op, params, device, dtype, training=True, requires_grad=True, seed=seed)
-    out = fn(*args, **kwargs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    results = [out.detach(), *torch.autograd.grad(out, grads, grad_out)]
-    stats = [a for a in args[-2:] if isinstance(a, torch.Tensor) and not a.requires_grad]  # running mean/var
-    eval_args, eval_kwargs, _ = op_inputs(op, params, device, dtype, training=False, requires_grad=False, seed=seed)
+def _run_check(op, params, device, dtype, impl, seed):
+    """Train forward, its gradients, the updated running statistics and an eval forward of
+    ``impl`` on the seeded sample, and the backends that ran."""
+    train = testing.run_sample(testing.sample_inputs(op, device, dtype, **params, training=True,
+                                                     requires_grad=True, seed=seed), impl, grad_seed=seed + 1)
     with torch.no_grad():
-        results.append(fn(*eval_args, **eval_kwargs))
-    return results + [s.clone() for s in stats]
+        evaluated = testing.run_sample(testing.sample_inputs(op, device, dtype, **params, training=False,
+                                                             seed=seed), impl)
+    return [train.output, *train.grads, evaluated.output, *train.running_stats], set(train.ran)
 
 
 def demo_speed(ctx: DemoContext) -> None:
@@ -106,8 +104,8 @@ def demo_speed(ctx: DemoContext) -> None:
     for op in OPS:
         default = uresnet_ops.get_backend(op, ctx.device.type).name
         for mode in MODES:
-            if op == "multi_dilation_conv2d" and mode == "train_fwd":
-                continue  # no BatchNorm: the same as eval_fwd
+            if mode not in testing.op_modes(op):
+                continue
             try:
                 rows += time_impls(op, [default, "eager", *impls_extra], SHAPES["small"][op], ctx.device,
                                    torch.float32, mode, min_time=0.15, out=ctx.print)
