@@ -33,3 +33,13 @@ def _seed_and_poison(request):
     yield
     torch.use_deterministic_algorithms(False)
     uresnet_ops.set_backend(None)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the model-level tests: on two cores shared with other jobs, more
+    threads oversubscribe them and run about 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

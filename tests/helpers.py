@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import uresnet_ops
+from uresnet_ops import testing
 
 TOLERANCES = {  # (rtol, atol) against the reference computed in float64
     torch.float64: (1e-7, 1e-9),
@@ -41,33 +42,12 @@ def assert_close(actual, expected, dtype=None, scale=1.0, precision=None):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
 
 
-def layout(x, name):
-    """Return x in one of the tested layouts: contiguous, channels_last, or a non-contiguous view."""
-    if name == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if name == "strided":  # a view into a larger tensor: no layout is contiguous
-        big = torch.zeros(*x.shape[:-1], x.shape[-1] * 2 + 1, dtype=x.dtype, device=x.device)
-        view = big[..., 1::2]
-        view.copy_(x)
-        return view
-    return x.contiguous()
-
-
-LAYOUTS = ["contiguous", "channels_last", "strided"]
+LAYOUTS = testing.LAYOUTS
+layout = testing.to_layout  # (x, name): x in one of the tested LAYOUTS
 
 
 def expected_format(x):
     return torch._prims_common.suggest_memory_format(x)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the model-level tests: on two cores shared with other jobs, more
-    threads oversubscribe them and run about 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(argv, capsys):

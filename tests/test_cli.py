@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import one_thread, run_cli  # noqa: F401  (one_thread: a fixture)
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "none", "--model-arg", "base_channels=4", "--model-arg", "residual_widths=(8,8,8,8)",

@@ -9,7 +9,6 @@ import torch
 
 import uresnet_models as um
 from uresnet_models.encoders import TimmEncoder
-from helpers import one_thread  # noqa: F401  (the fixture)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

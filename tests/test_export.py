@@ -23,7 +23,7 @@ from uresnet_models.train import load_checkpoint
 from uresnet_ops import reference
 from uresnet_ops.export import DECOMPOSITIONS, export_onnx, to_aten
 from uresnet_ops.nn import ASPP, EUCB, AtrousBlock, EUCBStar, MultiDilationConv2d, PixelShuffleBN
-from helpers import one_thread, run_cli  # noqa: F401  (one_thread: a fixture)
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = ["resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"]

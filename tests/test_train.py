@@ -13,7 +13,6 @@ import torch
 
 import uresnet_models
 from uresnet_models.train import TrainConfig, fit, load_checkpoint
-from helpers import one_thread  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="uresnet", encoder=None,
