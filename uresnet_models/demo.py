@@ -70,7 +70,7 @@ def _check_all(ctx: DemoContext) -> None:
     for op in OPS:
         params = SHAPES["check"][op]
         ref, _ = _run_check(op, params, ctx.device, torch.float64, testing.EAGER, ctx.args.seed)
-        for name in testing.testing.runnable_backends(op, ctx.device.type):
+        for name in testing.runnable_backends(op, ctx.device.type):
             try:
                 got, ran = _run_check(op, params, ctx.device, torch.float32, name, ctx.args.seed)
                 err = max((g.double() - r).abs().max().item() for g, r in zip(got, ref, strict=True))
