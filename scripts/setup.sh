@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 # same command, or pip swaps torch for the newest release.
 $PY -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 $PY -m pip install --quiet timm numpy tqdm safetensors matplotlib ninja pybind11 pytest pytest-benchmark \
-    segmentation-models-pytorch onnx onnxscript onnxruntime
+    segmentation-models-pytorch onnx onnxscript onnxruntime "ruff==0.17.6"
 # --no-build-isolation: compile against the torch installed above, not a fresh copy in a build env.
 # The object files persist in build/temp (setup.py): a second run on an unchanged tree only relinks.
 start=$(date +%s)

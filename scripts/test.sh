@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Runs the test suite; fails when any test fails and when no test ran.
+# Runs ruff and the test suite; fails when ruff finds a problem, when any test fails and when no test ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export URESNET_REQUIRE_EXTENSION=${URESNET_REQUIRE_EXTENSION:-1}
+# Lint first (pyproject.toml [tool.ruff]): a finding fails the run like a failing test.
+if ! $PY -m ruff check --quiet .; then
+    echo "uresnet: ruff check found problems (above): failing" >&2
+    exit 1
+fi
 log=$(mktemp)
 $PY -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
