@@ -148,7 +148,8 @@ def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     import uresnet_models.benchmark as model_bench
     monkeypatch.setattr(model_bench, "model_shape", lambda size, device: (1, 64))  # a tiny step: fast here
     path = tmp_path / "models.json"
-    status, out, _ = run(["bench", "--models", "uresnet", "--device", "cpu", "--rounds", "1", "--json", str(path)], capsys)
+    argv = ["bench", "--models", "uresnet", "--device", "cpu", "--rounds", "1", "--json", str(path)]
+    status, out, _ = run(argv, capsys)
     assert status == 0 and "uresnet(resnet34)" in out and "1x64x64" in out
     (row,) = json.loads(path.read_text())["models"]
     assert row["fused"]["impl"] == "fused" and row["reference"]["impl"] == "reference"

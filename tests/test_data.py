@@ -109,7 +109,8 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
-    ids = np.array([[7, 8, 26, 0], [23, 24, 1, 33]], np.uint8)  # road, sidewalk, car, unlabeled / sky, person, ego, bicycle
+    # road, sidewalk, car, unlabeled / sky, person, ego vehicle, bicycle
+    ids = np.array([[7, 8, 26, 0], [23, 24, 1, 33]], np.uint8)
     for split in ("train", "val"):
         _png(tmp_path / "leftImg8bit" / split / "aachen" / "aachen_000000_000019_leftImg8bit.png", _rgb(0, 2, 4))
         _png(tmp_path / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png", ids)

@@ -111,7 +111,8 @@ def test_focal_loss_by_hand():
     want = (-(1 - pt) ** 2 * pt.log()).mean()
     assert focal_loss(logits, target).item() == pytest.approx(want.item(), rel=1e-6)
     # gamma 0 is cross-entropy
-    assert focal_loss(logits, target, gamma=0).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-6)
+    expected = F.cross_entropy(logits, target, ignore_index=255).item()
+    assert focal_loss(logits, target, gamma=0).item() == pytest.approx(expected, rel=1e-6)
     # binary with alpha: alpha for foreground pixels, 1 - alpha for background
     x = torch.tensor([[[[1.5, -0.5, 0.2, 3.0]]]])
     y = torch.tensor([[[1, 0, 1, 255]]])
@@ -184,7 +185,8 @@ def test_lovasz_softmax_by_enumeration():
     probs = logits.softmax(1)[0].permute(1, 2, 0).reshape(-1, 4)
     flat = target.flatten()
     probs, flat = probs[flat != 255], flat[flat != 255]
-    per_class = [_lovasz_by_enumeration(((flat == c).float() - probs[:, c]).abs(), (flat == c).long()) for c in range(3)]
+    per_class = [_lovasz_by_enumeration(((flat == c).float() - probs[:, c]).abs(), (flat == c).long())
+                 for c in range(3)]
     assert lovasz_softmax_loss(logits, target).item() == pytest.approx(sum(per_class) / 3, rel=1e-5)
     x = logits.clone().requires_grad_(True)
     lovasz_softmax_loss(x, target).backward()

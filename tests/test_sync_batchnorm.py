@@ -92,7 +92,8 @@ def _fused_modules():
     """name -> (module factory, input shape); BatchNorm parameters and statistics randomised."""
     from uresnet_ops.nn import ASPP, EUCB, EUCBStar, MultiDilationConv2d
     return {
-        "eucb_bilinear_shuffle": (lambda: EUCB(6, 5, 2, mode="bilinear", shuffle_groups=3, activation="silu"), (4, 6, 3, 5)),
+        "eucb_bilinear_shuffle": (lambda: EUCB(6, 5, 2, mode="bilinear", shuffle_groups=3, activation="silu"),
+                                  (4, 6, 3, 5)),
         "eucb_nearest_x3": (lambda: EUCB(4, 3, 3, mode="nearest", activation=("leaky_relu", 0.2)), (4, 4, 3, 3)),
         "eucb_star": (lambda: EUCBStar(8, 5, 2, stages=2), (4, 8, 3, 4)),
         "multi_dilation": (lambda: MultiDilationConv2d(5, (3, 4), (1, 3), (1, 2)), (4, 5, 7, 6)),

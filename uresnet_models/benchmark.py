@@ -197,7 +197,8 @@ def print_model_table(device: str, size: str, rounds: int = 3, models=None, out=
         if fused["peak_bytes"]:
             mem = (f"{fused['peak_bytes'] / 2**30:.2f}G", f"{ref['peak_bytes'] / 2**30:.2f}G",
                    f"{1 - fused['peak_bytes'] / ref['peak_bytes']:.0%}")
-        out(f"{fused['model']:<26} {fused['batch']}x{fused['side']}x{fused['side']:<6} {fused['median_s'] * 1e3:>8.0f}ms "
+        size = f"{fused['batch']}x{fused['side']}x{fused['side']}"
+        out(f"{fused['model']:<26} {size:<10} {fused['median_s'] * 1e3:>8.0f}ms "
             f"{ref['median_s'] * 1e3:>8.0f}ms {ref['median_s'] / fused['median_s']:>7.2f}x {mem[0]:>10} {mem[1]:>10} "
             f"{mem[2]:>9}")
     if "unet" in wanted:

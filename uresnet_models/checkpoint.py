@@ -27,7 +27,8 @@ def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainCo
     (+ ``state.pt`` for resuming)."""
     from .base import CARD_NAME, model_card
     model.save_pretrained(folder)
-    training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {', '.join(map(str, info.class_names))})",
+    classes = ", ".join(map(str, info.class_names))
+    training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {classes})",
                 "epoch": epoch, "recipe": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, image size "
                 f"{cfg.image_size}, loss {cfg.loss or 'default'}" + (", encoder frozen" if cfg.freeze_encoder else "")}
     card_config = json.loads((folder / "config.json").read_text())

@@ -108,7 +108,8 @@ def cmd_bench(args) -> int:
     print(f"uresnet bench: {device.type} ({_device_name(device)}), {args.dtype}, size {size}")
     rows = []
     for op in ops:
-        impls = testing.runnable_backends(op, device.type) + [testing.EAGER] + ([] if args.no_compile else [testing.COMPILED])
+        baselines = [testing.EAGER] + ([] if args.no_compile else [testing.COMPILED])
+        impls = testing.runnable_backends(op, device.type) + baselines
         for mode in modes:
             if mode not in testing.op_modes(op):
                 continue

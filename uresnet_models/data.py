@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .constants import FORMATS, IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
+from .constants import FORMATS, IMAGE_EXTENSIONS
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -146,7 +146,8 @@ class SyntheticShapes(Dataset):
     def __init__(self, length: int = 256, size: int = 64, num_classes: int = 4, seed: int = 0, max_shapes: int = 3):
         if not 2 <= num_classes <= len(SHAPE_NAMES):
             raise DataError(f"synthetic shapes have 2 to {len(SHAPE_NAMES)} classes, got {num_classes}")
-        self.length, self.size, self.num_classes, self.seed, self.max_shapes = length, size, num_classes, seed, max_shapes
+        self.length, self.size, self.num_classes = length, size, num_classes
+        self.seed, self.max_shapes = seed, max_shapes
         self.hues = torch.tensor([[0.85, 0.25, 0.2], [0.2, 0.75, 0.3], [0.25, 0.35, 0.9]])
 
     def __len__(self):
@@ -156,7 +157,9 @@ class SyntheticShapes(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
+
+        def rand(*shape):
+            return torch.rand(shape, generator=g)
         s = self.size
         yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
         image = 0.35 + 0.15 * rand(3, 1, 1) + 0.08 * torch.randn(3, s, s, generator=g)
@@ -450,7 +453,8 @@ def _synthetic(split, task, image_size, num_classes, length, seed):
     if task == "cls":
         classes = num_classes or 3
         ds = SyntheticClassification(length, size, classes, split_seed)
-        return ds, DataInfo("synthetic", "cls", classes, class_names=list(SHAPE_NAMES[1:classes + 1]), mean=mean, std=std)
+        names = list(SHAPE_NAMES[1:classes + 1])
+        return ds, DataInfo("synthetic", "cls", classes, class_names=names, mean=mean, std=std)
     classes = num_classes or 4
     ds = SyntheticShapes(length, size, classes, split_seed)
     aux = classes - 1 if task == "joint" else None

@@ -79,7 +79,7 @@ def _check_all(ctx: DemoContext) -> None:
                          for g, r in zip(got, ref, strict=True))
                 note = "" if ran == {name} else f"  (ran: {', '.join(sorted(n or '?' for n in ran))})"
                 ctx.print(f"  {op:<22} {name:<10} max abs err {err:.2e}  {'PASS' if ok else 'FAIL'}{note}")
-            except Exception as error:  # noqa: BLE001  (report and carry on)
+            except Exception as error:  # noqa: BLE001
                 ok = False
                 ctx.print(f"  {op:<22} {name:<10} ERROR {type(error).__name__}: {str(error).splitlines()[0][:100]}")
             if not ok:
@@ -189,8 +189,9 @@ def demo_model_speed(ctx: DemoContext) -> None:
 
 def _fused_ops(model) -> list[str]:
     """The uresnet_ops ops that ``model``'s modules call."""
-    kinds = {fused.EUCB: "shuffle_upsample", fused.EUCBStar: "shuffle_upsample", fused.PixelShuffleBN: "pixel_shuffle_bn",
-             fused.MultiDilationConv2d: "multi_dilation_conv2d", fused.ASPP: "multi_dilation_conv2d",
+    kinds = {fused.EUCB: "shuffle_upsample", fused.EUCBStar: "shuffle_upsample",
+             fused.PixelShuffleBN: "pixel_shuffle_bn", fused.MultiDilationConv2d: "multi_dilation_conv2d",
+             fused.ASPP: "multi_dilation_conv2d",
              fused.AtrousBlock: "multi_dilation_conv2d"}
     return sorted({op for m in model.modules() for cls, op in kinds.items() if isinstance(m, cls)})
 

@@ -85,7 +85,7 @@ class TimmEncoder(Encoder):
             kwargs["out_indices"] = tuple(out_indices)
         try:
             self.model = timm.create_model(name, **kwargs)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if pretrained and not isinstance(error, (TypeError, AssertionError, NotImplementedError)):
                 raise _weights_error(name, error) from error  # hub / network / cache errors
             if isinstance(error, (TypeError, ValueError, RuntimeError, AssertionError, NotImplementedError, KeyError)):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constants import LOSSES  # noqa: F401  (re-exported)
+from .constants import LOSSES
 from .data import IGNORE_INDEX
 
 

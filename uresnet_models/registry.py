@@ -71,7 +71,8 @@ def _plugins() -> dict[str, metadata.EntryPoint]:
         try:
             eps = _entry_points()
         except Exception as error:  # noqa: BLE001 - a broken environment must not break the library
-            warnings.warn(f"uresnet_models: could not read the {ENTRY_POINT_GROUP!r} entry points: {error}")
+            warnings.warn(f"uresnet_models: could not read the {ENTRY_POINT_GROUP!r} entry points: {error}",
+                          stacklevel=2)
             eps = []
         _PLUGINS = {ep.name: ep for ep in eps}
     return _PLUGINS
@@ -91,7 +92,7 @@ def _load_plugin(name: str) -> None:
         obj = ep.load()
     except Exception as error:  # noqa: BLE001
         warnings.warn(f"uresnet_models: the plugin architecture {name!r} ({ep.value}) failed to load: "
-                      f"{type(error).__name__}: {error}")
+                      f"{type(error).__name__}: {error}", stacklevel=2)
         return
     if name not in _REGISTRY and callable(obj) and not inspect.ismodule(obj):
         register_model(obj, name=name)  # a builder: register it under the entry point's name

@@ -39,6 +39,7 @@ from .plots import plot_curves, save_best_samples, write_logs
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SHOWN_METRICS = ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")  # in the per-epoch line
 
 
 @dataclass
@@ -332,7 +333,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        history, best, best_epoch, bad_epochs = saved["history"], saved["best"], saved["best_epoch"], saved["bad_epochs"]
+        history, best = saved["history"], saved["best"]
+        best_epoch, bad_epochs = saved["best_epoch"], saved["bad_epochs"]
         start = saved["epoch"] + 1
         say(f"resumed from {resume_dir} at epoch {saved['epoch']} (best {monitor_key(info)} {best:.4f})")
     if env.main:
@@ -396,8 +398,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             row.update({f"val_{k}": v for k, v in metrics.items() if k != "loss"})
             history.append(row)
             say(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  val_loss {metrics['loss']:.4f}  "
-                + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")
-                            if k in metrics)
+                + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in SHOWN_METRICS if k in metrics)
                 + f"  lr {lr:.2e}  ({row['seconds']:.1f} s){'  *best' if improved else ''}")
             if env.main:
                 save_checkpoint(out / "last", model, info, cfg, epoch, row, state(epoch))

@@ -11,11 +11,11 @@ from .backends import available_backends, get_backend, register_backend, set_bac
 from .multi_dilation_conv2d import multi_dilation_conv2d
 from .pixel_shuffle_bn import pixel_shuffle_bn
 from .shuffle_upsample import shuffle_upsample
-from . import triton as _triton  # noqa: F401,E402  (registers the Triton backends where importable)
-from . import nn, reference  # noqa: E402
-from .fuse import fuse  # noqa: E402
-from . import export  # noqa: E402,F401  (the decompositions: torch.export, AOTInductor, ONNX)
-from .backends import set_backend_from_environment  # noqa: E402
+from . import triton as _triton  # noqa: F401  (registers the Triton backends where importable)
+from . import nn, reference
+from .fuse import fuse
+from . import export
+from .backends import set_backend_from_environment
 
 set_backend_from_environment()  # URESNET_BACKEND, once every backend is registered
 

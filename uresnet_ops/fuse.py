@@ -542,7 +542,7 @@ def _same_in_both_modes(module) -> bool:
             module.train(mode)
             codes.append(_trace(module).python_code("self").src)
         return codes[0] == codes[1]
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - not a forward we can read: not a pooling branch of ours
         return False
     finally:
         for m, mode in modes.items():
@@ -659,7 +659,8 @@ def _branch(t, root, counts):
         return None
     conv, rest = flat[0], flat[1:]
     problem = ""
-    if rest and isinstance(rest[0], nn.Conv2d) and conv.groups == conv.in_channels > 1 and rest[0].kernel_size == (1, 1):
+    depthwise = conv.groups == conv.in_channels > 1
+    if rest and isinstance(rest[0], nn.Conv2d) and depthwise and rest[0].kernel_size == (1, 1):
         rest.pop(0)  # depthwise + pointwise: a separable branch
         problem = "separable (depthwise + pointwise) convolution: multi_dilation_conv2d takes dense ones"
     bn = rest.pop(0) if rest and isinstance(rest[0], _BatchNorm) else None

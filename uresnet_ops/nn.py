@@ -35,7 +35,8 @@ def _activation_of(module: nn.Module):
     for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Identity, "none")):
         if isinstance(module, cls):
             return name
-    raise TypeError(f"unsupported activation module {type(module).__name__}; expected ReLU, LeakyReLU, SiLU or Identity")
+    raise TypeError(f"unsupported activation module {type(module).__name__}; "
+                    "expected ReLU, LeakyReLU, SiLU or Identity")
 
 
 def batch_norm_args(bn) -> dict:
@@ -163,7 +164,8 @@ class EUCB(_RemapStateDict, nn.Module):
             nn.BatchNorm2d(in_channels),
             activation_module(activation))
         self.pwc = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1))
-        self.scale_factor, self.mode, self.shuffle_groups, self.activation = scale_factor, mode, shuffle_groups, activation
+        self.scale_factor, self.mode = scale_factor, mode
+        self.shuffle_groups, self.activation = shuffle_groups, activation
 
     @classmethod
     def from_modules(cls, upsample: nn.Upsample, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None,
@@ -273,11 +275,13 @@ def fused_conv_branches(x, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNor
         return multi_dilation_conv2d(x, [w for w, _ in folded], dilations, [b for _, b in folded], activation)
     y = multi_dilation_conv2d(x, weights, dilations, biases, "none")
     args = [batch_norm_args(bn) for bn in bns]
-    config = lambda a: (a["training"], a["momentum"], a["eps"], a["running_mean"] is None)  # noqa: E731
-    if any(config(a) != config(args[0]) for a in args):
+    configs = {(a["training"], a["momentum"], a["eps"], a["running_mean"] is None) for a in args}
+    if len(configs) > 1:
         raise ValueError("fused_conv_branches: the branches' BatchNorms must share momentum, eps, mode and "
                          "track_running_stats")
-    cat = lambda name: None if args[0][name] is None else torch.cat([a[name] for a in args])  # noqa: E731
+
+    def cat(name):
+        return None if args[0][name] is None else torch.cat([a[name] for a in args])
     params = [None if bns[0].weight is None else torch.cat([bn.weight for bn in bns]),
               None if bns[0].bias is None else torch.cat([bn.bias for bn in bns])]
     running_mean, running_var = cat("running_mean"), cat("running_var")

@@ -124,7 +124,6 @@ def _ceilings(device: torch.device) -> dict:
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     copy = measure(lambda: dst.copy_(src), device=device, warmup=2, min_time=0.3 if cuda else 0.5)
-    del src, dst
     # Matmul throughput: bf16 on CUDA, float32 on CPU.
     n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
