@@ -77,12 +77,15 @@ def test_package_works_without_the_extension():
 def test_capped_isa_kernels_match_reference(isa):
     """The CPU kernels run AVX-512 / AVX2 clones where the CPU has them; URESNET_CPU_ISA caps the
     choice, and every level must compute the same (in a subprocess: the choice is made once)."""
-    tests = os.path.dirname(__file__)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    # The subprocess runs in tests/: PYTHONPATH makes it import this checkout, as the caller does,
+    # not whichever uresnet_ops is installed (or none).
+    path = os.pathsep.join(p for p in (os.path.dirname(tests), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          os.path.join(tests, "test_shuffle_upsample.py"), os.path.join(tests, "test_pixel_shuffle_bn.py"),
          "-k", "batch_norm_passes_match_formula or (matches_reference and cpu and contiguous and float32)"],
         capture_output=True, text=True, timeout=600, cwd=tests,
-        env={**os.environ, "URESNET_CPU_ISA": isa, "TRITON_INTERPRET": "0"})
+        env={**os.environ, "URESNET_CPU_ISA": isa, "TRITON_INTERPRET": "0", "PYTHONPATH": path})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

@@ -7,15 +7,18 @@
 // stride 1), so neither layout is converted. Half types are computed in float32.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // errors if a heavy all-operators header sneaks in
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "../multi_dilation_conv2d.h"
 #include "cpu_common.h"
 
 // The Fortran BLAS that libtorch_cpu carries (MKL on x86 builds). Weak, so a torch built

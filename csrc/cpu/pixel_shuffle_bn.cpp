@@ -5,13 +5,16 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // errors if a heavy all-operators header sneaks in
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #include "../common.h"
+#include "../pixel_shuffle_bn.h"
 #include "cpu_common.h"
 
 namespace uresnet {

@@ -13,13 +13,16 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
+#include "../shuffle_upsample.h"
 #include "cpu_common.h"
 
 namespace uresnet {
@@ -133,11 +136,12 @@ void shifted_moments(const T* v, int64_t len, T& mean, T& m2) {
   m2 = std::max<T>(t2 - t1 * t1 / static_cast<T>(len), 0);
 }
 
-// Nearest x2 by parity (DESIGN.md; tests/test_shuffle_upsample.py proves the identity): output
-// row 2i+a reads two low-resolution rows, top (i-1 for a=0, i for a=1) and bottom (the next),
-// with the 3x3 kernel's rows summed into two (a=0: w0 | w1+w2, a=1: w0+w1 | w2); output column
-// 2j+b likewise reads columns j-1, j (b=0) or j, j+1 (b=1). 8 multiply-adds per output pair
-// instead of 18, read straight from a zero-bordered low-resolution plane.
+// Nearest x2 by parity (docs/design.md §3.2; tests/test_shuffle_upsample.py proves the
+// identity): output row 2i+a reads two low-resolution rows, top (i-1 for a=0, i for a=1) and
+// bottom (the next), with the 3x3 kernel's rows summed into two (a=0: w0 | w1+w2,
+// a=1: w0+w1 | w2); output column 2j+b likewise reads columns j-1, j (b=0) or j, j+1 (b=1).
+// 8 multiply-adds per output pair instead of 18, read straight from a zero-bordered
+// low-resolution plane.
 struct ParityTaps {
   // [a][top/bottom][even-left, even-right, odd-left, odd-right]
   template <typename T>

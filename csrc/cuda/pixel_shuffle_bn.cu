@@ -9,12 +9,16 @@
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/native/CanUse32BitIndexMath.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "../common.h"
+#include "../pixel_shuffle_bn.h"
 #include "cuda_common.cuh"
 
 namespace uresnet {
