@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON (``--benchmark-json``) into a markdown report and a PNG chart.
 
-    python benchmarks/report.py results.json [--out DIR]
+    python benchmarks/report.py results.json [--out DIR] [--check]
 
 Writes DIR/<name>.md and DIR/<name>.png (DIR defaults to the JSON's folder) and prints the
 markdown. Per group (op, shape, mode, dtype): each implementation's median time, the ratios
@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; fail unless <name>.md is what the JSON gives (committed results)")
     args = parser.parse_args(argv)
     try:
         machine, groups = load(args.results)
@@ -166,6 +168,12 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(machine, groups)
     md_path, png_path = out_dir / f"{args.results.stem}.md", out_dir / f"{args.results.stem}.png"
+    if args.check:
+        if not md_path.exists() or md_path.read_text() != text + "\n":
+            print(f"{md_path} is not what {args.results} gives: run python benchmarks/report.py {args.results}",
+                  file=sys.stderr)
+            return 1
+        return 0
     md_path.write_text(text + "\n")
     print(text)
     info = machine.get("uresnet", {})

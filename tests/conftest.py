@@ -18,6 +18,16 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where no GPU is present (``pytest -m cuda`` selects them)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_poison(request):
     # A fresh, reproducible seed per test; printed by pytest on failure via the test id.

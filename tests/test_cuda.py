@@ -15,7 +15,7 @@ from uresnet_ops.testing import sample_inputs
 
 from helpers import LAYOUTS, assert_close, backend_params, layout
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 OP = "pixel_shuffle_bn"
 
 
