@@ -31,9 +31,11 @@ import argparse
 import concurrent.futures
 import dataclasses
 import glob
+import importlib
 import itertools
 import multiprocessing
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -82,8 +84,10 @@ def _triton_setup():
             return torch.device("cuda", 0)
 
     driver.set_active(StandInDriver())
-    from uresnet_ops.triton import multi_dilation_conv2d as mdc, pixel_shuffle_bn as psbn, shuffle_upsample as su
-    return torch, triton, {"pixel_shuffle_bn": psbn, "shuffle_upsample": su, "multi_dilation_conv2d": mdc}
+    import uresnet_ops.triton
+    # Every module of the package (the ops' and _common's), so that a kernel anywhere is covered.
+    names = [info.name for info in pkgutil.iter_modules(uresnet_ops.triton.__path__)]
+    return torch, triton, {name: importlib.import_module(f"uresnet_ops.triton.{name}") for name in names}
 
 
 def _strides(shape, channels_last):

@@ -124,6 +124,15 @@ def batch_norm_forward(y: torch.Tensor, weight, bias, running_mean, running_var,
     return out, mean, var
 
 
+def scale_shift(mean, var, weight, bias, eps: float):
+    """BatchNorm as ``y * scale + shift`` per channel, in the statistics' dtype."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    shift = -mean * scale
+    return scale, shift if bias is None else shift + bias.to(var.dtype)
+
+
 def normalize(y, mean, var, weight, bias, eps: float):
     """``(y - mean) / sqrt(var + eps) * weight + bias`` per channel, computed in the statistics'
     precision (float32, float64 for float64 input) and returned in y's dtype."""
