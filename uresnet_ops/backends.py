@@ -143,8 +143,9 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
 
 def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
     """The backend that would run ``op`` for tensors on ``device_type`` right now (under
-    ``"auto"``, whose choice depends on the call, the default order's first; :func:`last_used`
-    says what ran; for meta tensors, the reference: it only computes shapes)."""
+    ``"auto"``, whose choice depends on the call, the default order's first; a backend's
+    ``declines`` policy and a returned ``NotImplemented`` depend on the call too:
+    :func:`last_used` says what ran; for meta tensors, the reference: it only computes shapes)."""
     backend = next(_candidates(_check_op(op), device_type, phase, _chosen_name(op)), None)
     if backend is None and device_type == "meta":
         backend = _registry[op].get("reference")
