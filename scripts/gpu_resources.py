@@ -22,8 +22,8 @@ divisions; DESIGN_NEEDS lists the properties each kernel's design needs, reporte
 and the gate fails when a kernel loses one it has (``required``).
 
 Exit status 1 on any compile error, on a kernel without a configuration here, on any stack
-or spill bytes (a kept configuration must not spill) and on a lost required property. The report is markdown on stdout or in
---write's file (sections for what was asked; ``all`` writes both).
+or spill bytes (a kept configuration must not spill) and on a lost required property. The report
+is markdown on stdout or in --write's file (sections for what was asked; ``all`` writes both).
 """
 from __future__ import annotations
 
@@ -422,7 +422,8 @@ def machine_code_table(profiles):
              "Widest global load/store in bits; counts of wgmma (HGMMA), mma (HMMA) and asynchronous "
              "copies (LDGSTS/TMA) in the SASS; 64-bit div/rem in the PTX; instructions in all. Ranges "
              "are over the configurations.", "",
-             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem | instructions |",
+             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem "
+             "| instructions |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict = {}
     for kernel, label, profile in profiles:

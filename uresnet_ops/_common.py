@@ -72,7 +72,8 @@ def check_batch_norm_args(op: str, x, channels: int, weight, bias, running_mean,
                           training: bool, count: int, momentum, eps, prefix: str = "") -> None:
     """Checks shared by the ops with a BatchNorm; ``count`` is values per channel; ``prefix``
     names the affine parameters (``bn_`` for ``bn_weight``)."""
-    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
         check_tensor(op, name, t, like=x, optional=True, shape=(channels,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: 'running_mean' and 'running_var' must both be given or both be None")

@@ -16,14 +16,14 @@ import torch
 from . import backends
 
 try:
-    from . import _C  # noqa: F401  (registers the native ops)
+    from . import _C  # registers the native ops
     HAS_EXTENSION = True
     HAS_CUDA_KERNELS = bool(_C.cuda_built())
 except ImportError as error:
     HAS_EXTENSION = HAS_CUDA_KERNELS = False
     warnings.warn(f"uresnet_ops: compiled kernels not available ({error}); the 'cpu' and 'cuda' "
                   "backends are disabled and the reference/Triton backends run instead. "
-                  "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning)
+                  "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning, stacklevel=2)
 
 LIB = torch.library.Library("uresnet_ops", "FRAGMENT")
 

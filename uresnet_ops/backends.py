@@ -95,7 +95,8 @@ def register_backend(op: str, name: str, device_type, forward: Callable,
             raise TypeError(f"register_backend: {arg!r} must be callable or None, got {type(value).__name__}")
     types = (device_type,) if isinstance(device_type, str) else tuple(device_type)
     if not types or not all(t in ("cpu", "cuda") for t in types):
-        raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, got {device_type!r}")
+        raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, "
+                         f"got {device_type!r}")
     _registry[op][name] = Backend(name, frozenset(types), forward, backward, available, declines)
 
 

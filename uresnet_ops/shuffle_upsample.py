@@ -24,7 +24,8 @@ from .reference import upsample_conv3x3
 OP = "shuffle_upsample"
 MODES = ("nearest", "bilinear")
 _PARAMS = ("Tensor x, Tensor dw_weight, Tensor? pw_weight, Tensor? pw_bias, Tensor? bn_weight, Tensor? bn_bias")
-_CONFIG = "bool training, float eps, int scale_factor, str mode, int shuffle_groups, str activation, float negative_slope"
+_CONFIG = ("bool training, float eps, int scale_factor, str mode, int shuffle_groups, str activation, "
+           "float negative_slope")
 # Returns (out, mean, var): the BatchNorm statistics it normalised with.
 define_op(OP, f"({_PARAMS}, Tensor? running_mean, Tensor? running_var, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
 define_op(OP + "_backward", f"(Tensor grad_out, {_PARAMS}, Tensor mean, Tensor var, {_CONFIG}) "
@@ -178,7 +179,8 @@ def _reference_backward(grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, 
     grad = F.channel_shuffle(grad_shuffled, c // groups)  # the inverse permutation
     grad = activation_backward(grad, pre_activation, activation, slope)
     param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-    grad, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad, conv, bn_weight, mean, var, training, eps, param_dtype)
+    grad, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad, conv, bn_weight, mean, var, training, eps,
+                                                             param_dtype)
     grad_up, grad_dw, _ = _conv_backward(grad, up, dw, 1, 1, conv_groups, False)
     sizes = dict(output_size=list(up.shape[2:]), input_size=list(x.shape), scales_h=float(s), scales_w=float(s))
     if mode == "nearest":
