@@ -22,8 +22,8 @@ divisions; DESIGN_NEEDS lists the properties each kernel's design needs, reporte
 and the gate fails when a kernel loses one it has (``required``).
 
 Exit status 1 on any compile error, on a kernel without a configuration here, on any stack
-or spill bytes (a kept configuration must not spill) and on a lost required property. The report is markdown on stdout or in
---write's file (sections for what was asked; ``all`` writes both).
+or spill bytes (a kept configuration must not spill) and on a lost required property. The report
+is markdown on stdout or in --write's file (sections for what was asked; ``all`` writes both).
 """
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ import argparse
 import concurrent.futures
 import dataclasses
 import glob
+import importlib
 import itertools
 import multiprocessing
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -82,8 +84,10 @@ def _triton_setup():
             return torch.device("cuda", 0)
 
     driver.set_active(StandInDriver())
-    from uresnet_ops.triton import multi_dilation_conv2d as mdc, pixel_shuffle_bn as psbn, shuffle_upsample as su
-    return torch, triton, {"pixel_shuffle_bn": psbn, "shuffle_upsample": su, "multi_dilation_conv2d": mdc}
+    import uresnet_ops.triton
+    # Every module of the package (the ops' and _common's), so that a kernel anywhere is covered.
+    names = [info.name for info in pkgutil.iter_modules(uresnet_ops.triton.__path__)]
+    return torch, triton, {name: importlib.import_module(f"uresnet_ops.triton.{name}") for name in names}
 
 
 def _strides(shape, channels_last):
@@ -418,7 +422,8 @@ def machine_code_table(profiles):
              "Widest global load/store in bits; counts of wgmma (HGMMA), mma (HMMA) and asynchronous "
              "copies (LDGSTS/TMA) in the SASS; 64-bit div/rem in the PTX; instructions in all. Ranges "
              "are over the configurations.", "",
-             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem | instructions |",
+             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem "
+             "| instructions |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict = {}
     for kernel, label, profile in profiles:

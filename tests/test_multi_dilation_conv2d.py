@@ -90,6 +90,19 @@ def test_gradcheck_float64(activation):
                              (x, *weights, *biases))
 
 
+def test_autograd_sees_the_tensors_inside_the_lists():
+    # _library.register_autograd hands each Tensor[] argument's tensors to autograd.Function one
+    # by one: a weight shared by two branches gets both gradients; a bias without grad gets none.
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64)
+    uresnet_ops.multi_dilation_conv2d(x, [w, w], [1, 2], [b, b], "silu").sum().backward()
+    w64 = w.detach().clone().requires_grad_()
+    reference.multi_dilation_conv2d(x, [w64, w64], [1, 2], [b, b], "silu").sum().backward()
+    torch.testing.assert_close(w.grad, w64.grad)
+    assert b.grad is None
+
+
 def test_autocast_casts_operands():
     x, weights, dilations, biases = make_case(6, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

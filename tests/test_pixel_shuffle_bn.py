@@ -22,7 +22,8 @@ def declines(backend, training, dtype):
 
 def make_case(seed, dtype, param_dtype, training, device="cpu"):
     rng = random.Random(seed)
-    n, c, r, h, w = rng.choice([1, 2, 3]), rng.choice([1, 3, 4]), rng.choice([1, 2, 3]), rng.randint(1, 7), rng.randint(2, 7)
+    n, c, r = rng.choice([1, 2, 3]), rng.choice([1, 3, 4]), rng.choice([1, 2, 3])
+    h, w = rng.randint(1, 7), rng.randint(2, 7)
     x = torch.randn(n, c * r * r, h, w, device=device).to(dtype) * 2 + 0.5
     p = dict(weight=torch.randn(c, device=device).to(param_dtype),
              bias=torch.randn(c, device=device).to(param_dtype),
@@ -141,7 +142,8 @@ def test_stable_variance_large_mean(backend):
         out = uresnet_ops.pixel_shuffle_bn(x, 2, None, None, rm, rv, training=True, activation="none")
     expected = reference.pixel_shuffle_bn(x.double(), 2, None, None, training=True, activation="none")
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=2e-3)
-    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * F.pixel_shuffle(x.double(), 2).var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * F.pixel_shuffle(x.double(), 2).var(dim=(0, 2, 3)),
+                               rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", backend_params(OP))

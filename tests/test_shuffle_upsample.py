@@ -147,7 +147,7 @@ def test_bad_input_raises_clear_error(match, override):
         uresnet_ops.shuffle_upsample(**args)
 
 
-# --- batch statistics far from zero, the identities of DESIGN.md §3.2, kernel-level errors ----
+# --- batch statistics far from zero, the identities of docs/design.md §3.2, kernel-level errors ----
 
 @pytest.mark.parametrize("backend", backend_params(OP))
 @pytest.mark.parametrize("mode,scale", [("nearest", 2), ("nearest", 3), ("bilinear", 2)])
@@ -192,7 +192,7 @@ def test_channel_shuffle_identity_folds_into_pointwise_weight(c, groups):
 @pytest.mark.parametrize("c,conv_groups", [(4, 4), (6, 3), (4, 1)], ids=["depthwise", "grouped", "dense"])
 @pytest.mark.parametrize("h,w", [(5, 6), (3, 7), (1, 2)])
 def test_nearest_x2_is_per_parity_2x2_conv_on_low_res(c, conv_groups, h, w):
-    # DESIGN.md §3.2: nearest x2 then 3x3 conv (padding 1) equals, per output parity (a, b), a
+    # docs/design.md §3.2: nearest x2 then 3x3 conv (padding 1) equals, per output parity (a, b), a
     # 2x2 conv on the low-res input with summed taps: a=0 rows {i-1: w0, i: w1+w2}; a=1 rows
     # {i: w0+w1, i+1: w2}; columns alike.
     F = torch.nn.functional
@@ -219,7 +219,7 @@ def _kernel_pairs():
                                   torch.ops.uresnet_ops._shuffle_upsample_conv_native_backward, id="native"))
     if "triton" in uresnet_ops.available_backends(OP):
         from uresnet_ops.triton import shuffle_upsample as triton_kernels
-        if "cpu" in uresnet_ops.backends._registry[OP]["triton"].device_types:
+        if "cpu" in uresnet_ops.triton.DEVICE_TYPES:
             pairs.append(pytest.param(triton_kernels.KERNELS.forward, triton_kernels.KERNELS.backward, id="triton"))
     return pairs or [pytest.param(None, None, marks=pytest.mark.skip(reason="no kernel-level ops here"))]
 
@@ -338,8 +338,8 @@ def test_batch_slices_match_reference(training, pw):
     import dataclasses
     import importlib
     module = importlib.import_module("uresnet_ops.shuffle_upsample")
-    sliced = dataclasses.replace(uresnet_ops.backends._registry[OP]["cpu"].forward.args[0], chunk_bytes=1)
-    module.register_fused_backend("cpu_one_sample_slices", "cpu", sliced, True)
+    sliced = dataclasses.replace(uresnet_ops.get_backend(OP, "cpu").forward.args[0], chunk_bytes=1)
+    uresnet_ops.register_backend(OP, "cpu_one_sample_slices", "cpu", *module.fused_backend(sliced))
     try:
         for seed, layout_name in enumerate(LAYOUTS):
             x, t, cfg = make_case(seed + 20 * pw, torch.float64, torch.float64, pw=pw)

@@ -72,7 +72,8 @@ def check_batch_norm_args(op: str, x, channels: int, weight, bias, running_mean,
                           training: bool, count: int, momentum, eps, prefix: str = "") -> None:
     """Checks shared by the ops with a BatchNorm; ``count`` is values per channel; ``prefix``
     names the affine parameters (``bn_`` for ``bn_weight``)."""
-    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in ((prefix + "weight", weight), (prefix + "bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
         check_tensor(op, name, t, like=x, optional=True, shape=(channels,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: 'running_mean' and 'running_var' must both be given or both be None")
@@ -122,6 +123,15 @@ def batch_norm_forward(y: torch.Tensor, weight, bias, running_mean, running_var,
     weight, bias = (None if p is None else p.to(mean.dtype) for p in (weight, bias))
     out = F.batch_norm(y, None if training else mean, None if training else var, weight, bias, training, 0.0, eps)
     return out, mean, var
+
+
+def scale_shift(mean, var, weight, bias, eps: float):
+    """BatchNorm as ``y * scale + shift`` per channel, in the statistics' dtype."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    shift = -mean * scale
+    return scale, shift if bias is None else shift + bias.to(var.dtype)
 
 
 def normalize(y, mean, var, weight, bias, eps: float):

@@ -3,7 +3,9 @@
 The native kernel ops (``_<op>_native``) are defined in csrc/ops.cpp; the public ops are
 defined here, so they exist (running the reference and Triton backends) even where the
 extension could not be built. Each public op's CPU and CUDA kernel is
-:func:`uresnet_ops.backends.dispatch`.
+:func:`uresnet_ops.backends.dispatch`. Every op file registers its pieces with the helpers here:
+:func:`define_op` (schema), :func:`register_autograd` (autograd), :func:`register_native_backends`
+(the "cpu" and "cuda" backends).
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import torch
 from . import backends
 
 try:
-    from . import _C  # noqa: F401  (registers the native ops)
+    from . import _C  # registers the native ops
     HAS_EXTENSION = True
     HAS_CUDA_KERNELS = bool(_C.cuda_built())
 except ImportError as error:
     HAS_EXTENSION = HAS_CUDA_KERNELS = False
     warnings.warn(f"uresnet_ops: compiled kernels not available ({error}); the 'cpu' and 'cuda' "
                   "backends are disabled and the reference/Triton backends run instead. "
-                  "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning)
+                  "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning, stacklevel=2)
 
 LIB = torch.library.Library("uresnet_ops", "FRAGMENT")
 
@@ -64,35 +66,107 @@ def op_to_call(name: str):
     return op
 
 
+def register_native_backends(op: str, *, kernels: str | None = None, compose=None, declines=None) -> None:
+    """Register ``op``'s "cpu" and "cuda" backends: the compiled ops
+    ``torch.ops.uresnet_ops._<kernels>_native`` and ``_<kernels>_native_backward`` (csrc/ops.cpp;
+    ``kernels`` defaults to ``op``). Both are registered in every build, so that they can be
+    named; they are available where the extension has both ops, "cuda" where they also have
+    CUDA kernels.
+
+    By default the two ops are the backends' forward and backward (their schemas are the op's and
+    its backward's). Where they compute a part of the op (shuffle_upsample's upsample-conv),
+    ``compose(device_type, forward, backward)`` returns the backend's ``(forward, backward)``
+    built around them. ``declines`` maps a device type to its backend's measured dispatch policy
+    (``declines`` of :func:`uresnet_ops.backends.register_backend`).
+    """
+    name = kernels or op
+    forward = native_op(name)
+    backward = None if forward is None else getattr(torch.ops.uresnet_ops, f"_{name}_native_backward", None)
+    for device_type in ("cpu", "cuda"):
+        if backward is None:
+            functions, available = (_not_built, _not_built), False
+        else:
+            functions = (forward, backward) if compose is None else compose(device_type, forward, backward)
+            available = device_type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
+                forward.default.name(), "CUDA")
+        backends.register_backend(op, device_type, device_type, *functions, available=available,
+                                  declines=(declines or {}).get(device_type))
+
+
+def _not_built(*args):
+    raise RuntimeError("uresnet_ops: the compiled kernels are not built")  # registered unavailable: never runs
+
+
 def register_autograd(name: str, backward, setup_context) -> None:
-    """Autograd for ``uresnet_ops::<name>`` as ``torch.library.register_autograd`` makes it (an
-    autograd.Function at the Autograd key; same ``backward`` and ``setup_context`` signatures),
-    without its per-call ``fill_defaults``: that rebuilds the schema's argument list once per
-    argument (pytorch/pytorch#195110), 32 us a call for pixel_shuffle_bn's 10 arguments and 75 us
-    for shuffle_upsample's 15, more than the CPU kernels take at small shapes and more than the
-    GPU ones at most. Our schemas have no defaults to fill. Only for ops without Tensor[]
-    arguments: autograd.Function does not look inside lists."""
+    """Autograd for ``uresnet_ops::<name>``, the one mechanism of every op: what
+    ``torch.library.register_autograd`` makes (an autograd.Function at the Autograd key; the same
+    ``backward`` and ``setup_context`` signatures: ``setup_context(ctx, inputs, output)`` gets the
+    op's arguments, ``backward(ctx, *grads)`` returns one gradient per argument, a list of them
+    for a ``Tensor[]`` argument), without its per-call ``fill_defaults``: that rebuilds the
+    schema's argument list once per argument (pytorch/pytorch#195110), 32 us a call for
+    pixel_shuffle_bn's 10 arguments and 75 us for shuffle_upsample's 15, more than the CPU kernels
+    take at small shapes and more than the GPU ones at most. Our schemas have no defaults to fill.
+
+    autograd.Function tracks only the tensors among its positional arguments, not those inside
+    lists: each ``Tensor[]`` argument's tensors are passed to it one by one in the list's place,
+    the list is rebuilt for the op and ``setup_context``, and ``backward``'s list of gradients is
+    spread back the same way.
+    """
     op = getattr(torch.ops.uresnet_ops, name).default
+    arity = len(op._schema.arguments)
+    positions = tuple(i for i, a in enumerate(op._schema.arguments)
+                      if a.type.isSubtypeOf(torch._C.ListType.ofTensors()))
+    lists = frozenset(positions)
     below_autograd = torch._C._after_autograd_keyset
+
+    def spread(values, lengths):
+        """``values`` (one per argument) with each Tensor[] argument's entries in its place (for a
+        gradient of None, one None per tensor)."""
+        if not lists:
+            return values
+        flat, sizes = [], iter(lengths)
+        for i, value in enumerate(values):
+            if i in lists:
+                n = next(sizes)
+                flat += [None] * n if value is None else value
+            else:
+                flat.append(value)
+        return flat
+
+    def gather(flat, lengths):
+        """The inverse of ``spread``: the arguments, with their lists."""
+        if not lists:
+            return flat
+        args, sizes, k = [], iter(lengths), 0
+        for i in range(arity):
+            n = next(sizes) if i in lists else None
+            args.append(list(flat[k:k + n]) if n is not None else flat[k])
+            k += 1 if n is None else n
+        return tuple(args)
 
     def redispatch(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below_autograd, *args)
 
-    def forward(ctx, keyset, *args):
+    def forward(ctx, keyset, lengths, *flat):
+        args = gather(flat, lengths)
         output = redispatch(keyset, args)
         setup_context(ctx, args, output)
+        ctx.list_lengths = lengths
         return output
 
     def function_backward(ctx, *grads):
-        return (None, *backward(ctx, *grads))  # no gradient for the keyset
+        return (None, None, *spread(backward(ctx, *grads), ctx.list_lengths))  # none for keyset, lengths
 
     function = type(f"{name}_function", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return function.apply(keyset, *args)
+        if torch.is_grad_enabled():
+            lengths = tuple(len(args[i]) for i in positions)
+            flat = spread(args, lengths)
+            if any(isinstance(a, torch.Tensor) and a.requires_grad for a in flat):
+                return function.apply(keyset, lengths, *flat)
         return redispatch(keyset, args)
 
     LIB.impl(name, kernel, "Autograd", with_keyset=True)

@@ -22,6 +22,12 @@ passed over for that device, so ``set_backend("triton")`` does not break CPU cod
 function may return ``NotImplemented`` for an argument combination it does not cover; the next
 backend in the default order then runs. A selected backend that is not available here (built
 without a compiler, Triton missing) degrades to the default order with one warning.
+
+A measured dispatch policy is declared with the backend: ``register_backend(..., declines=pred)``
+passes the calls for which ``pred(*args)`` holds to the next backend of the default order, but
+only when the default order reached it; asked for by name (or measured fastest by ``"auto"``)
+it runs them. multi_dilation_conv2d's "cpu" backend declines channels_last input that way
+(oneDNN's convolutions, in the reference backend, measured faster there).
 """
 from __future__ import annotations
 
@@ -53,6 +59,8 @@ class Backend:
     backward: Callable | None = None
     # False when the backend is registered but cannot run here (extension or Triton missing).
     available: bool = True
+    # (*forward args) -> bool: forward calls passed on unless the backend was asked for by name.
+    declines: Callable | None = None
 
 
 _registry: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
@@ -64,26 +72,32 @@ _auto_cache: dict[tuple, str] = {}  # call key (see _call_key) -> the backend "a
 
 
 def register_backend(op: str, name: str, device_type, forward: Callable,
-                     backward: Callable | None = None, *, available: bool = True) -> None:
+                     backward: Callable | None = None, *, available: bool = True,
+                     declines: Callable | None = None) -> None:
     """Plug in an implementation of ``op`` called ``name`` for ``device_type`` ("cpu", "cuda",
     or a list of them).
 
     ``forward`` (and ``backward``) take exactly the arguments of ``torch.ops.uresnet_ops.<op>``
     (and ``<op>_backward``) and return what those return. Without ``backward``, the backward
     pass uses the next backend of the default order that has one. Registering a name again
-    replaces it.
+    replaces it. ``available=False`` registers a backend that cannot run here (listed by
+    name, skipped with a warning when selected). ``declines``, a predicate on the forward's
+    arguments, is a measured dispatch policy: the calls it is true for go to the next backend
+    of the default order, unless this backend was asked for by name (module docstring).
     """
     _check_op(op)
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_backend: 'name' must be a non-empty string, got {name!r}")
     if not callable(forward):
         raise TypeError(f"register_backend: 'forward' must be callable, got {type(forward).__name__}")
-    if backward is not None and not callable(backward):
-        raise TypeError(f"register_backend: 'backward' must be callable or None, got {type(backward).__name__}")
+    for arg, value in (("backward", backward), ("declines", declines)):
+        if value is not None and not callable(value):
+            raise TypeError(f"register_backend: {arg!r} must be callable or None, got {type(value).__name__}")
     types = (device_type,) if isinstance(device_type, str) else tuple(device_type)
     if not types or not all(t in ("cpu", "cuda") for t in types):
-        raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, got {device_type!r}")
-    _registry[op][name] = Backend(name, frozenset(types), forward, backward, available)
+        raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, "
+                         f"got {device_type!r}")
+    _registry[op][name] = Backend(name, frozenset(types), forward, backward, available, declines)
 
 
 def available_backends(op: str | None = None) -> list[str]:
@@ -130,9 +144,10 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
 
 def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
     """The backend that would run ``op`` for tensors on ``device_type`` right now (under
-    ``"auto"``, whose choice depends on the call, the default order's first; :func:`last_used`
-    says what ran; for meta tensors, the reference: it only computes shapes)."""
-    backend = next(_candidates(_check_op(op), device_type, phase), None)
+    ``"auto"``, whose choice depends on the call, the default order's first; a backend's
+    ``declines`` policy and a returned ``NotImplemented`` depend on the call too:
+    :func:`last_used` says what ran; for meta tensors, the reference: it only computes shapes)."""
+    backend = next(_candidates(_check_op(op), device_type, phase, _chosen_name(op)), None)
     if backend is None and device_type == "meta":
         backend = _registry[op].get("reference")
     if backend is None:
@@ -157,12 +172,15 @@ def clear_auto_choices() -> None:
 
 def dispatch(op: str, phase: str, device_type: str, args: tuple):
     """Run ``op``'s ``phase`` ("forward" or "backward") with the resolved backend."""
-    if phase == "forward" and _chosen_name(op) == AUTO:
+    chosen = _chosen_name(op)
+    if phase == "forward" and chosen == AUTO:
         fastest = _auto_pick(op, device_type, args)
         if fastest is not None:
-            with use_backend(fastest, op):  # as if asked for by name (a backend may ask)
+            with use_backend(fastest, op):  # as if asked for by name: it does not decline
                 return dispatch(op, phase, device_type, args)
-    for backend in _candidates(op, device_type, phase):
+    for backend in _candidates(op, device_type, phase, chosen):
+        if phase == "forward" and backend.declines is not None and backend.name != chosen and backend.declines(*args):
+            continue
         result = getattr(backend, phase)(*args)
         if result is not NotImplemented:
             _last_used[(op, phase)] = backend.name
@@ -170,9 +188,8 @@ def dispatch(op: str, phase: str, device_type: str, args: tuple):
     raise RuntimeError(f"uresnet_ops.{op}: no backend could run this {phase} on {device_type}")
 
 
-def _candidates(op: str, device_type: str, phase: str) -> Iterator[Backend]:
+def _candidates(op: str, device_type: str, phase: str, chosen: str | None) -> Iterator[Backend]:
     backends = _registry[op]
-    chosen = _chosen_name(op)
     if chosen == AUTO:
         chosen = None  # not measured for this call: the default order
     order = DEFAULT_ORDER[op].get(device_type, ["reference"])
@@ -199,7 +216,7 @@ def _auto_pick(op: str, device_type: str, args: tuple) -> str | None:
     if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None  # no timing while tracing or capturing: the default order
     timings = {}
-    for backend in list(_candidates(op, device_type, "forward")):
+    for backend in list(_candidates(op, device_type, "forward", AUTO)):
         seconds = _time_forward(op, backend, device_type, args)
         if seconds is not None:
             timings[backend.name] = seconds
@@ -214,20 +231,16 @@ def _time_forward(op: str, backend: Backend, device_type: str, args: tuple) -> f
     arguments the op writes are copied, so the caller's running statistics stay as they were."""
     written = _written_args(op)
     call_args = tuple(a.clone() if i in written and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
-    stack = _stack()
-    stack.append((op, backend.name))  # a backend that asks who was chosen sees itself
-    try:
-        if backend.forward(*call_args) is NotImplemented:  # the warm-up: compiles, autotunes
-            return None
-        times = []
-        for _ in range(AUTO_RUNS):
-            _synchronize(device_type)
-            start = time.perf_counter()
-            backend.forward(*call_args)
-            _synchronize(device_type)
-            times.append(time.perf_counter() - start)
-    finally:
-        stack.pop()
+    # Called directly, as if asked for by name: a backend's ``declines`` policy does not apply.
+    if backend.forward(*call_args) is NotImplemented:  # the warm-up: compiles, autotunes
+        return None
+    times = []
+    for _ in range(AUTO_RUNS):
+        _synchronize(device_type)
+        start = time.perf_counter()
+        backend.forward(*call_args)
+        _synchronize(device_type)
+        times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 

@@ -1,4 +1,4 @@
-"""Multi-dilation atrous convolution as one op (DESIGN.md §3.3).
+"""Multi-dilation atrous convolution as one op (docs/design.md §3.3).
 
 out = cat([act(conv2d(x, w_b, b_b, padding=d_b * (k_b - 1) // 2, dilation=d_b)) for each branch b]).
 """
@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from ._common import activation_backward, autocast_dtype, check_tensor, memory_format, parse_activation
-from ._library import define_op, native_op, op_to_call
+from ._library import define_op, op_to_call, register_autograd, register_native_backends
+
+# --- schema ---------------------------------------------------------------------------------------
 
 OP = "multi_dilation_conv2d"
 # biases: one per branch, or an empty list for none.
@@ -18,6 +20,8 @@ define_op(OP, "(Tensor x, Tensor[] weights, int[] dilations, Tensor[] biases, st
 define_op(OP + "_backward", "(Tensor grad_out, Tensor x, Tensor[] weights, int[] dilations, Tensor[] biases, "
           "str activation, float negative_slope) -> (Tensor, Tensor[], Tensor[])")
 
+
+# --- front end ------------------------------------------------------------------------------------
 
 def multi_dilation_conv2d(x, weights, dilations, biases=None, activation="none"):
     """``torch.cat([act(F.conv2d(x, w, b, padding=d * (w.shape[-1] - 1) // 2, dilation=d))
@@ -53,9 +57,10 @@ def multi_dilation_conv2d(x, weights, dilations, biases=None, activation="none")
             for i, (w, b) in enumerate(zip(weights, biases)):
                 check_tensor(OP, f"biases[{i}]", b, like=x, same_dtype=True, shape=(w.shape[0],))
     act, slope = parse_activation(activation, OP)
-    return op_to_call(OP)(x, list(weights), [int(d) for d in dilations],
-                                                       list(biases or []), act, slope)
+    return op_to_call(OP)(x, list(weights), [int(d) for d in dilations], list(biases or []), act, slope)
 
+
+# --- fake kernels ---------------------------------------------------------------------------------
 
 @torch.library.register_fake("uresnet_ops::" + OP)
 def _fake(x, weights, dilations, biases, activation, negative_slope):
@@ -68,6 +73,8 @@ def _fake(x, weights, dilations, biases, activation, negative_slope):
 def _fake_backward(grad_out, x, weights, dilations, biases, activation, negative_slope):
     return torch.empty_like(x), [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
+
+# --- autograd -------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
     x, weights, dilations, biases, activation, slope = inputs
@@ -83,13 +90,15 @@ def _backward(ctx, grad_out):
         grad_x, grad_w, grad_b = torch.ops.uresnet_ops.multi_dilation_conv2d_backward(
             grad_out.contiguous(memory_format=memory_format(grad_out)), x, params[:n], dilations,
             params[n:], activation, slope)
-    return grad_x, list(grad_w), None, list(grad_b), None, None
+    return grad_x, grad_w, None, grad_b, None, None
 
 
-torch.library.register_autograd("uresnet_ops::" + OP, _backward, setup_context=_setup_context)
+register_autograd(OP, _backward, _setup_context)
 
 
-# --- reference backend: the chain of torch.nn.functional calls and ATen's backward formulas --
+# --- reference backend ----------------------------------------------------------------------------
+# The reference chain (reference.multi_dilation_conv2d) at the op's schema; the backward by
+# ATen's formulas.
 
 def _reference_forward(x, weights, dilations, biases, activation, slope):
     out = reference.multi_dilation_conv2d(x, weights, dilations, biases or None, (activation, slope))
@@ -117,36 +126,19 @@ def _reference_backward(grad_out, x, weights, dilations, biases, activation, slo
 backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
 
 
-# --- native C++ backend (cpu): shifted GEMMs per tap over the valid region (csrc/cpu) -----------
+# --- native backends (cpu, cuda) ------------------------------------------------------------------
+# csrc/cpu/multi_dilation_conv2d.cpp (shifted GEMMs per tap over the valid region) and
+# csrc/cuda/multi_dilation_conv2d.cu (implicit GEMMs, WMMA tensor cores for half types): the
+# compiled ops are the backends.
 
-_native = native_op(OP)
-_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_native_backward", None)
-
-
-def _native_forward(x, weights, dilations, biases, activation, slope):
-    return _native(x, weights, dilations, biases, activation, slope)
-
-
-def _cpu_forward(x, weights, dilations, biases, activation, slope):
-    # oneDNN's channels_last convolutions measured faster than the C++ kernel here: unless the
-    # cpu backend was asked for by name, leave channels_last input to the reference backend.
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and backends._chosen_name(OP) != "cpu":
-        return NotImplemented
-    return _native_forward(x, weights, dilations, biases, activation, slope)
+def _channels_last(x, *args):
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _native_backward_fn(grad_out, x, weights, dilations, biases, activation, slope):
-    grad_x, grad_w, grad_b = _native_backward(grad_out, x, weights, dilations, biases, activation, slope)
-    return grad_x, list(grad_w), list(grad_b)
+# Measured: oneDNN's channels_last convolutions (the reference backend) beat the C++ kernel, so
+# by default the cpu backend leaves channels_last input to them; asked for by name, it runs it.
+register_native_backends(OP, declines={"cpu": _channels_last})
 
 
-backends.register_backend(OP, "cpu", "cpu", _cpu_forward, _native_backward_fn,
-                          available=_native is not None and _native_backward is not None)
-
-
-# --- native CUDA backend: implicit GEMMs (WMMA tensor cores for half types) in csrc/cuda -------
-
-backends.register_backend(OP, "cuda", "cuda", _native_forward, _native_backward_fn,
-                          available=_native is not None and _native_backward is not None
-                          and torch._C._dispatch_has_kernel_for_dispatch_key(_native.default.name(), "CUDA"))
+# --- triton backend -------------------------------------------------------------------------------
+# Registered by uresnet_ops/triton/multi_dilation_conv2d.py, where Triton imports.

@@ -1,4 +1,4 @@
-"""PixelShuffle + BatchNorm (+ activation) as one op (DESIGN.md §3.1).
+"""PixelShuffle + BatchNorm (+ activation) as one op (docs/design.md §3.1).
 
 out = act(batch_norm(pixel_shuffle(x, r))). Output channel c reads input channels
 [c*r*r, (c+1)*r*r), so kernels compute statistics on x in its own layout and do the shuffle in
@@ -13,7 +13,9 @@ from . import backends
 from ._common import (activation_backward, apply_activation, batch_norm_backward, batch_norm_forward,
                       check_batch_norm_args, check_tensor, memory_format, normalize, parse_activation,
                       stat_dtype, update_running_stats)
-from ._library import define_op, native_op, op_to_call, register_autograd
+from ._library import define_op, op_to_call, register_autograd, register_native_backends
+
+# --- schema ---------------------------------------------------------------------------------------
 
 OP = "pixel_shuffle_bn"
 _ARGS = ("Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -24,6 +26,8 @@ define_op(OP + "_backward", "(Tensor grad_out, Tensor x, int upscale_factor, Ten
           "Tensor mean, Tensor var, bool training, float eps, str activation, float negative_slope) "
           "-> (Tensor, Tensor, Tensor)")
 
+
+# --- front end ------------------------------------------------------------------------------------
 
 def pixel_shuffle_bn(x, upscale_factor, weight=None, bias=None, running_mean=None, running_var=None,
                      training=True, momentum=0.1, eps=1e-5, activation="relu"):
@@ -47,6 +51,8 @@ def pixel_shuffle_bn(x, upscale_factor, weight=None, bias=None, running_mean=Non
     return out
 
 
+# --- fake kernels ---------------------------------------------------------------------------------
+
 @torch.library.register_fake("uresnet_ops::" + OP)
 def _fake(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope):
     n, c, h, w = x.shape
@@ -59,6 +65,12 @@ def _fake(x, r, weight, bias, running_mean, running_var, training, eps, activati
 def _fake_backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation, negative_slope):
     return torch.empty_like(x), _param_like(weight, x, mean.shape[0]), _param_like(bias, x, mean.shape[0])
 
+
+def _param_like(param, x, channels):
+    return torch.empty(channels, dtype=x.dtype, device=x.device) if param is None else torch.empty_like(param)
+
+
+# --- autograd -------------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
     x, r, weight, bias, _, _, training, eps, activation, slope = inputs
@@ -83,11 +95,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 register_autograd(OP, _backward, _setup_context)
 
 
-def _param_like(param, x, channels):
-    return torch.empty(channels, dtype=x.dtype, device=x.device) if param is None else torch.empty_like(param)
-
-
-# --- reference backend: the chain of torch.nn.functional calls -----------------------------
+# --- reference backend ----------------------------------------------------------------------------
+# The reference chain (reference.pixel_shuffle_bn) at the op's schema: it returns the statistics
+# it normalised with and updates nothing; the backward by ATen's formulas.
 
 def _reference_forward(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope):
     y, mean, var = batch_norm_forward(F.pixel_shuffle(x, r), weight, bias, running_mean, running_var, training, eps)
@@ -113,22 +123,11 @@ def _reference_backward(grad_out, x, r, weight, bias, mean, var, training, eps, 
 backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
 
 
-# --- native C++ (cpu) and CUDA (cuda) backends ------------------------------------------------
+# --- native backends (cpu, cuda) ------------------------------------------------------------------
+# csrc/cpu/pixel_shuffle_bn.cpp, csrc/cuda/pixel_shuffle_bn.cu: the compiled ops are the backends.
 
-_native = native_op(OP)
-_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_native_backward", None)
-
-
-def _native_forward(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope):
-    return _native(x, r, weight, bias, running_mean, running_var, training, eps, activation, slope)
+register_native_backends(OP)
 
 
-def _native_backward_fn(grad_out, x, r, weight, bias, mean, var, training, eps, activation, slope):
-    return _native_backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation, slope)
-
-
-_has_native = _native is not None and _native_backward is not None
-backends.register_backend(OP, "cpu", "cpu", _native_forward, _native_backward_fn, available=_has_native)
-backends.register_backend(OP, "cuda", "cuda", _native_forward, _native_backward_fn,
-                          available=_has_native and torch._C._dispatch_has_kernel_for_dispatch_key(
-                              _native.default.name(), "CUDA"))
+# --- triton backend -------------------------------------------------------------------------------
+# Registered by uresnet_ops/triton/pixel_shuffle_bn.py, where Triton imports.

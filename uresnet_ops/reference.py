@@ -1,6 +1,9 @@
-"""The ground truth: each op written as its chain of plain ``torch.nn.functional`` calls
-(DESIGN.md §3, the "means" lines). Every backend is tested against these functions, and the
-``reference`` backend runs them."""
+"""The ground truth: each op as its reference chain, the plain ``torch.nn.functional`` calls it
+means (docs/design.md §3.1-§3.3). Every backend is tested against these functions (in float64).
+The backend named "reference" runs the same chain at the op's schema (each op file's "reference
+backend" section: it also returns the statistics it normalised with, and has a backward by
+ATen's formulas); "reference" means this chain throughout.
+"""
 from __future__ import annotations
 
 import torch

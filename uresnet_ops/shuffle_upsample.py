@@ -1,4 +1,4 @@
-"""Channel-shuffle upsampling, the EUCB block, as one op (DESIGN.md §3.2).
+"""Channel-shuffle upsampling, the EUCB block, as one op (docs/design.md §3.2).
 
 out = conv1x1(channel_shuffle(act(batch_norm(conv3x3_grouped(upsample(x))))), pw_weight, pw_bias).
 ``pw_weight=None`` ends the block after the channel shuffle (the inner stages of EUCB*).
@@ -15,19 +15,24 @@ import torch.nn.functional as F
 from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
                       batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
-                      parse_activation, stat_dtype, update_running_stats)
-from ._library import define_op, native_op, op_to_call, register_autograd
+                      parse_activation, scale_shift, stat_dtype, update_running_stats)
+from ._library import define_op, op_to_call, register_autograd, register_native_backends
 from .reference import upsample_conv3x3
+
+# --- schema ---------------------------------------------------------------------------------------
 
 OP = "shuffle_upsample"
 MODES = ("nearest", "bilinear")
 _PARAMS = ("Tensor x, Tensor dw_weight, Tensor? pw_weight, Tensor? pw_bias, Tensor? bn_weight, Tensor? bn_bias")
-_CONFIG = "bool training, float eps, int scale_factor, str mode, int shuffle_groups, str activation, float negative_slope"
+_CONFIG = ("bool training, float eps, int scale_factor, str mode, int shuffle_groups, str activation, "
+           "float negative_slope")
 # Returns (out, mean, var): the BatchNorm statistics it normalised with.
 define_op(OP, f"({_PARAMS}, Tensor? running_mean, Tensor? running_var, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
 define_op(OP + "_backward", f"(Tensor grad_out, {_PARAMS}, Tensor mean, Tensor var, {_CONFIG}) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
+
+# --- front end ------------------------------------------------------------------------------------
 
 def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_bias=None,
                      running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5,
@@ -75,6 +80,8 @@ def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_b
     return out
 
 
+# --- fake kernels ---------------------------------------------------------------------------------
+
 @torch.library.register_fake("uresnet_ops::" + OP)
 def _fake(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
           training, eps, s, mode, groups, activation, negative_slope):
@@ -102,6 +109,19 @@ def _with_defaults(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias):
     return x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias
 
 
+if hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native"):  # the cpu backend's BatchNorm passes
+    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_sums_native")
+    def _fake_bn_sums(grad, x, weight, scale, shift, mean, s, mode, activation, slope, write_y):
+        y = x.new_empty(grad.shape) if write_y else x.new_empty(0)
+        return y, scale.new_empty((2, x.shape[1]))
+
+    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_backward_native")
+    def _fake_bn_backward(grad, x, weight, *rest):
+        return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+# --- autograd -------------------------------------------------------------------------------------
+
 def _setup_context(ctx, inputs, output):
     x, dw, pw, pw_bias, bn_weight, bn_bias, _, _, *config = inputs
     _, mean, var = output
@@ -124,7 +144,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 register_autograd(OP, _backward, _setup_context)
 
 
-# --- reference backend: the chain of torch.nn.functional calls and ATen's backward formulas --
+# --- reference backend ----------------------------------------------------------------------------
+# The reference chain (reference.shuffle_upsample) at the op's schema: it returns the statistics
+# it normalised with and updates nothing; the backward by ATen's formulas.
 
 def _reference_forward(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
                        training, eps, s, mode, groups, activation, slope):
@@ -157,7 +179,8 @@ def _reference_backward(grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, 
     grad = F.channel_shuffle(grad_shuffled, c // groups)  # the inverse permutation
     grad = activation_backward(grad, pre_activation, activation, slope)
     param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-    grad, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad, conv, bn_weight, mean, var, training, eps, param_dtype)
+    grad, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad, conv, bn_weight, mean, var, training, eps,
+                                                             param_dtype)
     grad_up, grad_dw, _ = _conv_backward(grad, up, dw, 1, 1, conv_groups, False)
     sizes = dict(output_size=list(up.shape[2:]), input_size=list(x.shape), scales_h=float(s), scales_w=float(s))
     if mode == "nearest":
@@ -171,9 +194,9 @@ def _reference_backward(grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, 
 backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, _reference_backward)
 
 
-# --- fused backends (cpu, cuda, triton): kernels for the upsample-conv, the rest composed here --
-#
-# A backend supplies two kernels (ConvKernels): the 3x3 grouped conv of the upsampled input with
+# --- native backends (cpu, cuda) ------------------------------------------------------------------
+# The native backends (and the Triton one) are one composition around kernels of their own.
+# Each supplies two (ConvKernels): the 3x3 grouped conv of the upsampled input with
 # the upsample fused in (the upsampled tensor is never written), with an optional bias +
 # activation epilogue and optional per-channel batch statistics; and its backward. Around them:
 # eval folds BatchNorm into the conv weights and a bias; the channel shuffle is folded into the
@@ -215,16 +238,6 @@ def shuffled_pointwise_weight(pw, groups):
     return F.channel_shuffle(pw, pw.shape[1] // groups).flatten(1)
 
 
-def _scale_shift(mean, var, bn_weight, bn_bias, eps):
-    scale = torch.rsqrt(var + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight.to(var.dtype)
-    shift = -mean * scale
-    return scale, shift if bn_bias is None else shift + bn_bias.to(var.dtype)
-
-
-
-
 def _pointwise(y, w, bias, out):
     """``out[:] = F.conv2d(y, w[..., None, None], bias)`` for NCHW-contiguous y as one batched
     GEMM written straight into ``out`` (NCHW or channels_last: the GEMM's (N, H*W, C_out) result)."""
@@ -254,7 +267,7 @@ def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, 
     else:
         mean, var = running_mean.to(dw_acc.dtype).clone(), running_var.to(dw_acc.dtype).clone()
     # BatchNorm folded into the conv: the epilogue writes the activation directly.
-    scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+    scale, shift = scale_shift(mean, var, bn_weight, bn_bias, eps)
     folded = dw_acc * scale.view(-1, 1, 1, 1)
     if pw is None:
         y, _, _ = kernels.forward(x, folded, shift, s, mode, activation, slope, False)
@@ -275,7 +288,7 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
         return (torch.zeros_like(x, memory_format=memory_format(x)), torch.zeros_like(dw_), torch.zeros_like(pw_),
                 torch.zeros_like(pw_bias_), torch.zeros_like(bn_weight_), torch.zeros_like(bn_bias_))
     dw_acc = dw.to(stat_dtype(x))
-    scale, shift = _scale_shift(mean, var, bn_weight, bn_bias, eps)
+    scale, shift = scale_shift(mean, var, bn_weight, bn_bias, eps)
     pointwise = _PointwiseGrads(grad_out, pw, pw_, groups)
     param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
     if kernels.batch_norm_backward is not None:
@@ -358,13 +371,11 @@ class _PointwiseGrads:
         return grad_pw, self.grad_out.sum((0, 2, 3))
 
 
-def register_fused_backend(name: str, device_types, kernels: ConvKernels, available: bool) -> None:
-    backends.register_backend(OP, name, device_types, functools.partial(fused_forward, kernels),
-                              functools.partial(fused_backward, kernels), available=available)
+def fused_backend(kernels: ConvKernels) -> tuple[Callable, Callable]:
+    """The (forward, backward) of a backend made of ``kernels``."""
+    return functools.partial(fused_forward, kernels), functools.partial(fused_backward, kernels)
 
 
-_native = native_op(OP + "_conv")
-_native_backward = None if _native is None else getattr(torch.ops.uresnet_ops, f"_{OP}_conv_native_backward", None)
 def _native_normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope):
     return torch.ops.uresnet_ops._pixel_shuffle_bn_native(z, 1, bn_weight, bn_bias, mean, var, False, eps,
                                                           activation, slope)[0]
@@ -375,25 +386,21 @@ def _native_normalize_backward(grad_y, z, bn_weight, bn_bias, mean, var, trainin
                                                                    training, eps, activation, slope)
 
 
-if _native is not None and hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native"):
-    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_sums_native")
-    def _fake_bn_sums(grad, x, weight, scale, shift, mean, s, mode, activation, slope, write_y):
-        y = x.new_empty(grad.shape) if write_y else x.new_empty(0)
-        return y, scale.new_empty((2, x.shape[1]))
+def _native_backend(device_type, conv, conv_backward):
+    kernels = ConvKernels(conv, conv_backward, _native_normalize, _native_normalize_backward)
+    if device_type == "cpu":
+        # On CPU the backward recomputes through BatchNorm in two passes, and the forward runs in
+        # batch slices of about L2 size (2 MiB per core here) that stay in cache between conv and GEMM.
+        kernels = dataclasses.replace(
+            kernels, batch_norm_sums=torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native,
+            batch_norm_backward=torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native, chunk_bytes=2 << 20)
+    return fused_backend(kernels)
 
-    @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_backward_native")
-    def _fake_bn_backward(grad, x, weight, *rest):
-        return x.new_empty(x.shape), torch.empty_like(weight)
 
-if _native is not None and _native_backward is not None:
-    _NATIVE = ConvKernels(_native, _native_backward, _native_normalize, _native_normalize_backward)
-    # On CPU the backward recomputes through BatchNorm in two passes, and the forward runs in
-    # batch slices of about L2 size (2 MiB per core here) that stay in cache between conv and GEMM.
-    register_fused_backend("cpu", "cpu", dataclasses.replace(
-        _NATIVE, batch_norm_sums=torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native,
-        batch_norm_backward=torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native, chunk_bytes=2 << 20), True)
-    register_fused_backend("cuda", "cuda", _NATIVE, torch._C._dispatch_has_kernel_for_dispatch_key(
-        _native.default.name(), "CUDA"))
-else:
-    for _name in ("cpu", "cuda"):
-        backends.register_backend(OP, _name, _name, _reference_forward, _reference_backward, available=False)
+# csrc/cpu/shuffle_upsample.cpp, csrc/cuda/shuffle_upsample.cu: the upsample-conv and its backward.
+register_native_backends(OP, kernels=OP + "_conv", compose=_native_backend)
+
+
+# --- triton backend -------------------------------------------------------------------------------
+# Registered by uresnet_ops/triton/shuffle_upsample.py, where Triton imports: its upsample-conv
+# kernels in this composition (fused_backend).

@@ -18,6 +18,6 @@ DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 AVAILABLE = HAS_TRITON and (INTERPRET or torch.cuda.is_available())
 
 if HAS_TRITON:
-    from . import pixel_shuffle_bn  # noqa: F401,E402
-    from . import multi_dilation_conv2d  # noqa: F401,E402
-    from . import shuffle_upsample  # noqa: F401,E402
+    from . import pixel_shuffle_bn  # noqa: F401
+    from . import multi_dilation_conv2d  # noqa: F401
+    from . import shuffle_upsample  # noqa: F401

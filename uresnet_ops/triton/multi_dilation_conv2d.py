@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backends
 from .._common import memory_format
-from . import AVAILABLE, DEVICE_TYPES, INTERPRET
-from .pixel_shuffle_bn import _activation_grad, _apply_activation
+from . import INTERPRET
+from ._common import activation_grad, apply_activation, register_triton_backend
 
 OP = "multi_dilation_conv2d"
 
@@ -98,9 +97,9 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, go_ptr, NHW, C_I
     if GRAD:
         g_ptr = go_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (c_off + offs_n)[None, :] * sgc
         dy = tl.load(g_ptr, mask=mask_out, other=0.0).to(acc.dtype)
-        acc = _activation_grad(dy, acc, ACTIVATION, negative_slope)
+        acc = activation_grad(dy, acc, ACTIVATION, negative_slope)
     else:
-        acc = _apply_activation(acc, ACTIVATION, negative_slope)
+        acc = apply_activation(acc, ACTIVATION, negative_slope)
     o_ptr = out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (c_off + offs_n)[None, :] * soc
     tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
@@ -373,4 +372,4 @@ def _backward(grad_out, x, weights, dilations, biases, activation, slope):
     return grad_x, grad_w, grad_b
 
 
-backends.register_backend(OP, "triton", DEVICE_TYPES, _forward, _backward, available=AVAILABLE)
+register_triton_backend(OP, _forward, _backward)

@@ -8,20 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backends
-from .._common import memory_format
-from . import AVAILABLE, DEVICE_TYPES
-
-
-@triton.jit
-def _apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == "relu":  # NaN stays NaN, as in ATen (tl.maximum alone would give 0)
-        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACTIVATION == "leaky_relu":
-        y = tl.where(y >= 0, y, y * negative_slope)
-    elif ACTIVATION == "silu":
-        y = y / (1.0 + tl.exp(-y))
-    return y
+from .._common import memory_format, scale_shift
+from ._common import activation_grad, apply_activation, register_triton_backend
 
 
 @triton.jit
@@ -48,20 +36,8 @@ def _eval_forward_kernel(x_ptr, out_ptr, scale_ptr, shift_ptr, total, C, H, W,
     src_c = c * (R * R) + (oh % R) * R + (ow % R)
     x = tl.load(x_ptr + n * sxn + src_c * sxc + (oh // R) * sxh + (ow // R) * sxw, mask=mask, other=0.0)
     y = x.to(tl.float32) * tl.load(scale_ptr + c, mask=mask) + tl.load(shift_ptr + c, mask=mask)
-    y = _apply_activation(y, ACTIVATION, negative_slope)
+    y = apply_activation(y, ACTIVATION, negative_slope)
     tl.store(out_ptr + n * son + c * soc + oh * soh + ow * sow, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _activation_grad(dy, y, ACTIVATION: tl.constexpr, negative_slope):
-    if ACTIVATION == "relu":
-        dy = tl.where(y > 0, dy, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        dy = tl.where(y > 0, dy, dy * negative_slope)
-    elif ACTIVATION == "silu":
-        s = 1.0 / (1.0 + tl.exp(-y))
-        dy = dy * s * (1.0 + y * (1.0 - s))
-    return dy
 
 
 @triton.jit
@@ -125,7 +101,7 @@ def _backward_sums_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, part_pt
         x_off, o_off = _channel_offsets(c, e, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, R)
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask, _activation_grad(dy, x * sc + sh, ACTIVATION, negative_slope), 0.0)
+        g = tl.where(mask, activation_grad(dy, x * sc + sh, ACTIVATION, negative_slope), 0.0)
         acc1 += g
         acc2 += g * (x - mu)
     base = (c * S + s) * 2
@@ -154,7 +130,7 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, total, C, H, W, sxn,
     a = tl.load(coef_ptr + 2 * C + c, mask=mask)
     b = tl.load(coef_ptr + 3 * C + c, mask=mask)
     d = tl.load(coef_ptr + 4 * C + c, mask=mask)
-    g = _activation_grad(dy, x * sc + sh, ACTIVATION, negative_slope)
+    g = activation_grad(dy, x * sc + sh, ACTIVATION, negative_slope)
     tl.store(gx_ptr + n * sgn + k * sgc + h * sgh + w * sgw, (a * g + b * x + d).to(gx_ptr.dtype.element_ty),
              mask=mask)
 
@@ -186,14 +162,6 @@ def _split(m, c, device):
     return triton.cdiv(m, per), per
 
 
-def _scale_shift(mean, var, weight, bias, eps):
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.float()
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
-    return scale.contiguous(), shift.contiguous()
-
-
 def _batch_stats(x, r, c):
     n, _, h, w = x.shape
     m = n * r * r * h * w
@@ -219,7 +187,7 @@ def _forward(x, r, weight, bias, running_mean, running_var, training, eps, activ
         mean, var = _batch_stats(x, r, c)
     else:
         mean, var = running_mean.float().clone(), running_var.float().clone()
-    scale, shift = _scale_shift(mean, var, weight, bias, eps)
+    scale, shift = scale_shift(mean, var, weight, bias, eps)
     out = torch.empty((n, c, h * r, w * r), dtype=x.dtype, device=x.device,
                       memory_format=memory_format(x))
     total = out.numel()
@@ -238,7 +206,7 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
     m = n * r * r * h * w
     mean, var = mean.float(), var.float()
     invstd = torch.rsqrt(var + eps)
-    scale, shift = _scale_shift(mean, var, weight, bias, eps)
+    scale, shift = scale_shift(mean, var, weight, bias, eps)
     grad_x = torch.empty_like(x, memory_format=memory_format(x))
     if m:
         splits, per = _split(m, c, x.device)
@@ -266,4 +234,4 @@ def _backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation
     return grad_x, grad_w.to(param_dtype), s1.to(param_dtype)
 
 
-backends.register_backend("pixel_shuffle_bn", "triton", DEVICE_TYPES, _forward, _backward, available=AVAILABLE)
+register_triton_backend("pixel_shuffle_bn", _forward, _backward)

@@ -1,9 +1,9 @@
 """Triton kernels of shuffle_upsample's fused upsample + grouped 3x3 conv (the ConvKernels pair of
 uresnet_ops/shuffle_upsample.py; BatchNorm folding, the shuffled 1x1 GEMM and the rest are
-composed there). The upsampled tensor is never written.
+composed there, by fused_backend). The upsampled tensor is never written.
 
 Upsample + 3x3 conv is, per output parity (a, b), a 3x3 conv on the LOW-resolution input
-(DESIGN.md §3.2): out[i*s+a, j*s+b] = sum_d W[d, a, b] * x[i+dr-1, j+dc-1], with the effective
+(docs/design.md §3.2): out[i*s+a, j*s+b] = sum_d W[d, a, b] * x[i+dr-1, j+dc-1], with the effective
 weights W = einsum(w, S, S) built on the host from a 0/1 (nearest) or bilinear-weight selection
 S[a, d, k]. So every program owns a tile of low-resolution pixels of one (n, c) plane, loads the
 3x3 low-resolution neighbourhood of each once per input channel, and writes all s*s outputs.
@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import stat_dtype
-from ..shuffle_upsample import ConvKernels, register_fused_backend
-from . import AVAILABLE, DEVICE_TYPES, INTERPRET
-from .pixel_shuffle_bn import _apply_activation
+from .._common import ACTIVATIONS, stat_dtype
+from ..shuffle_upsample import ConvKernels, fused_backend
+from . import INTERPRET
+from ._common import apply_activation, register_triton_backend
 
 OP = "uresnet_ops::_shuffle_upsample_conv (triton)"
 
@@ -55,9 +55,6 @@ def _block(width, budget, dtype):
     if dtype == torch.float64:
         budget //= 2
     return 32 if INTERPRET else max(1, min(128, budget // width))
-
-
-_ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
 
 
 @triton.jit
@@ -156,7 +153,7 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + co)
-        y = _apply_activation(acc, ACTIVATION, negative_slope)
+        y = apply_activation(acc, ACTIVATION, negative_slope)
         tl.store(out_ptr + plane * OH * OW + oh * OW + ow, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -197,7 +194,7 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + co)
-        y = _apply_activation(acc, ACTIVATION, negative_slope)
+        y = apply_activation(acc, ACTIVATION, negative_slope)
         tl.store(out_ptr + plane * OH * OW + oh * OW + ow, y.to(out_ptr.dtype.element_ty), mask=emask)
 
 
@@ -460,8 +457,8 @@ def _merge_moments(parts, dtype):
 
 def _forward(x, weight, bias, s, mode, activation, slope, stats):
     _check(x, weight, s, mode, bias)
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"{OP}: argument 'activation' must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: argument 'activation' must be one of {list(ACTIVATIONS)}, got {activation!r}")
     n, c, h, w = x.shape
     oh, ow, cg = h * s, w * s, weight.shape[1]
     bilinear = mode == "bilinear"
@@ -554,4 +551,4 @@ def _backward(grad, x, weight, s, mode):
 
 
 KERNELS = ConvKernels(_forward, _backward)
-register_fused_backend("triton", DEVICE_TYPES, KERNELS, AVAILABLE)
+register_triton_backend("shuffle_upsample", *fused_backend(KERNELS))

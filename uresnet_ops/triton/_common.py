@@ -1,0 +1,39 @@
+"""What the Triton kernels of every op share: the activation and its gradient as @triton.jit
+helpers (the Triton twins of uresnet_ops._common's), and the registration of a "triton" backend."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import backends
+from . import AVAILABLE, DEVICE_TYPES
+
+
+@triton.jit
+def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
+    if ACTIVATION == "relu":  # NaN stays NaN, as in ATen (tl.maximum alone would give 0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACTIVATION == "leaky_relu":
+        y = tl.where(y >= 0, y, y * negative_slope)
+    elif ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def activation_grad(dy, y, ACTIVATION: tl.constexpr, negative_slope):
+    """dy times the activation's derivative at its input y."""
+    if ACTIVATION == "relu":
+        dy = tl.where(y > 0, dy, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        dy = tl.where(y > 0, dy, dy * negative_slope)
+    elif ACTIVATION == "silu":
+        s = 1.0 / (1.0 + tl.exp(-y))
+        dy = dy * s * (1.0 + y * (1.0 - s))
+    return dy
+
+
+def register_triton_backend(op: str, forward, backward) -> None:
+    """Register ``op``'s "triton" backend: for CUDA tensors where a GPU is present, and for CPU
+    tensors too under ``TRITON_INTERPRET=1`` (uresnet_ops/triton/__init__.py)."""
+    backends.register_backend(op, "triton", DEVICE_TYPES, forward, backward, available=AVAILABLE)
