@@ -1,4 +1,4 @@
-"""docs/roofline.md is generated and current; its useful-FLOP count is right."""
+"""docs/roofline.md and benchmarks/results/*.md are generated and current; the useful-FLOP count is right."""
 import importlib.util
 from pathlib import Path
 
@@ -6,9 +6,17 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("roofline", ROOT / "scripts" / "roofline.py")
-roofline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(roofline)
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+roofline = _load("roofline", ROOT / "scripts" / "roofline.py")
+report = _load("bench_report", ROOT / "benchmarks" / "report.py")
 
 
 def test_committed_report_is_current():
@@ -24,9 +32,6 @@ def test_multi_dilation_useful_flops_count_only_taps_inside_the_image():
 
 
 def test_benchmark_report_gives_the_share_of_the_roofline():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
     ceilings = {"copy_GBps": 1000.0, "matmul_TFLOPs": 10.0}
     group = [  # 1 GB at 1000 GB/s = 1 ms, 5 TFLOP at 10 TFLOP/s = 0.5 s: the flops bind
         dict(implementation="cuda", median_s=1.0, bytes=1e9, flops=8e12, useful_flops=5e12),
@@ -36,3 +41,8 @@ def test_benchmark_report_gives_the_share_of_the_roofline():
     assert rows["cuda"]["roofline_pct"] == 50.0
     assert rows["eager"]["roofline_pct"] == 0.05  # without useful flops: 1 ms of bytes in 2 s
     assert rows["cuda"]["vs_eager"] == 2.0
+
+
+def test_committed_benchmark_results_are_current():
+    results = ROOT / "benchmarks" / "results" / "cpu.json"
+    assert report.main([str(results), "--check"]) == 0, f"run: python benchmarks/report.py {results}"
