@@ -210,9 +210,10 @@ def test_auto_does_not_time_while_compiling(timed_backends, monkeypatch):
     assert backends.auto_choices() == {}
 
 
-def test_auto_lets_a_backend_that_asks_who_was_chosen_run():
-    # multi_dilation's cpu backend declines channels_last unless asked for by name; under auto it
-    # is timed (and may win) as if asked for by name.
+def test_auto_times_a_backend_whose_policy_declines_the_call():
+    # multi_dilation's cpu backend declines channels_last input by its registered policy
+    # (declines=), which binds the default order only; auto times it (and it may win) as if it
+    # had been asked for by name.
     x = torch.randn(1, 4, 6, 7).to(memory_format=torch.channels_last)
     weights = [torch.randn(3, 4, 1, 1), torch.randn(3, 4, 3, 3)]
     backends.clear_auto_choices()
