@@ -165,7 +165,6 @@ def main(argv=None) -> int:
     if not groups:
         parser.error(f"{args.results}: no uresnet benchmarks in it (was it written by benchmarks/?)")
     out_dir = args.out or args.results.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(machine, groups)
     md_path, png_path = out_dir / f"{args.results.stem}.md", out_dir / f"{args.results.stem}.png"
     if args.check:
@@ -174,6 +173,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
         return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text + "\n")
     print(text)
     info = machine.get("uresnet", {})

@@ -5,6 +5,7 @@ W serves every size; the decomposed artifacts load in a fresh process without ur
 
 The default-encoder row of the model matrix always runs; the four timm encoders and the
 AOTInductor compiles (minutes on two cores) are ``slow``."""
+import inspect
 import os
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def test_jit_trace_at_one_size_runs_at_another():
             torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-_HAS_LEGACY_ONNX = "dynamo" in __import__("inspect").signature(torch.onnx.export).parameters
+_HAS_LEGACY_ONNX = "dynamo" in inspect.signature(torch.onnx.export).parameters
 
 
 @pytest.mark.skipif(not _HAS_LEGACY_ONNX, reason="this torch has no TorchScript-based ONNX exporter")
