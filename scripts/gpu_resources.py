@@ -284,7 +284,7 @@ def _sass(path):
     return subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
-_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 _WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 
@@ -333,18 +333,13 @@ DESIGN_NEEDS = [
 ]
 
 
-def design_check(compiled):
-    """(markdown lines, failures) for [(kernel, label, profile)]: each need, met or not, per
-    kernel and dtype; a required need that is not met everywhere is a failure."""
-    lines = ["### Design properties in the machine code", "",
-             "Checked on every compiled configuration (DESIGN_NEEDS in scripts/gpu_resources.py). "
-             "`required` ones fail the gate when lost; the others are what a rewrite still owes. "
-             "The configurations are compiled at small odd shapes, where Triton cannot assume "
-             "16-byte alignment: a vector-load need is proven there only by a kernel that aligns "
-             "itself (e.g. tiles of whole rows).", "",
+def design_check(compiled, needs, intro, backend):
+    """(markdown lines, failures) for [(kernel, label, profile)], a label starting with the dtype:
+    each need, met or not, per kernel and dtype; a required need not met everywhere is a failure."""
+    lines = ["### Design properties in the machine code", "", intro, "",
              "| need | kernel | dtypes | required | met in |", "|---|---|---|---|---:|"]
-    failures = []
-    for need, prefix, dtypes, test, required in DESIGN_NEEDS:
+    failures, missing = [], set()
+    for need, prefix, dtypes, test, required in needs:
         rows: dict = {}
         for kernel, label, profile in compiled:
             dtype = label.split()[0]
@@ -361,7 +356,19 @@ def design_check(compiled):
             shown = ", ".join(sorted({d for d, _, _ in results}))
             lines.append(f"| {need} | `{kernel}` | {shown} | {'yes' if required else 'no'} | "
                          f"{met} of {len(results)} configurations |")
-    return lines + [""], failures
+            if met < len(results):
+                missing.add(re.split(r"\.", kernel)[0])
+    return lines + [""], failures + default_order_check(backend, missing)
+
+
+def default_order_check(backend, ops_missing_needs):
+    """Failures for the ops whose default backend on CUDA is ``backend`` although some of its
+    kernels miss a design need: such a backend must not be the default (docs/roofline.md)."""
+    sys.path.insert(0, ROOT)
+    from uresnet_ops.backends import DEFAULT_ORDER
+    return [f"{op}: the {backend} backend misses design needs (above) but is first in "
+            f"DEFAULT_ORDER['{op}']['cuda'] (uresnet_ops/backends.py)"
+            for op in sorted(ops_missing_needs) if DEFAULT_ORDER[op]["cuda"][0] == backend]
 
 
 def triton_report(jobs, only=None):
@@ -415,7 +422,12 @@ def triton_report(jobs, only=None):
             lines.append(f"| `{kernel}` | {shown} | {warps} | {regs} | {stack} | {shared} |")
     lines.append("")
     lines += machine_code_table(profiles)
-    design_lines, design_failures = design_check(profiles)
+    design_lines, design_failures = design_check(profiles, DESIGN_NEEDS, (
+        "Checked on every compiled configuration (DESIGN_NEEDS in scripts/gpu_resources.py). "
+        "`required` ones fail the gate when lost; the others are what a rewrite still owes. "
+        "The configurations are compiled at small odd shapes, where Triton cannot assume "
+        "16-byte alignment: a vector-load need is proven there only by a kernel that aligns "
+        "itself (e.g. tiles of whole rows)."), "triton")
     return lines + design_lines, failures + design_failures
 
 
@@ -425,7 +437,7 @@ def machine_code_table(profiles):
              "Widest global load/store in bits; counts of wgmma (HGMMA), mma (HMMA) and asynchronous "
              "copies (LDGSTS/TMA) in the SASS; 64-bit div/rem in the PTX; instructions in all. Ranges "
              "are over the configurations.", "",
-             "| kernel | dtype, layout | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem "
+             "| kernel | dtype, variant | LDG bits | STG bits | HGMMA | HMMA | async copies | 64-bit div/rem "
              "| instructions |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict = {}
@@ -466,11 +478,33 @@ def _nvcc_version():
 
 
 def _compile_cu(source):
+    """(source, exit code, ptxas log, {mangled kernel: machine_code_profile}, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = _nvcc_command(source, os.path.join(tmp, "out.cubin"))
+        cubin = os.path.join(tmp, "out.cubin")
+        cmd = _nvcc_command(source, cubin)
+        cmd[1:1] = ["--keep", "--keep-dir", tmp]  # keeps the PTX, for the 64-bit divisions
         start = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        return source, proc.returncode, proc.stdout + proc.stderr, time.time() - start
+        profiles = {}
+        if proc.returncode == 0:
+            ptx_files = glob.glob(os.path.join(tmp, "*.ptx"))
+            ptx = _functions(open(ptx_files[0]).read() if ptx_files else "", r"^(?:\.visible |\.weak )*\.entry (\w+)\(")
+            sass = _functions(_sass(cubin), r"^\s*Function : (\S+)")
+            profiles = {name: machine_code_profile(code, ptx.get(name, "")) for name, code in sass.items()}
+        return source, proc.returncode, proc.stdout + proc.stderr, profiles, time.time() - start
+
+
+def _functions(text, header):
+    """{function name: its text} for a SASS or PTX listing with one ``header`` line per function."""
+    functions, name = {}, None
+    for line in text.splitlines():
+        m = re.match(header, line)
+        if m:
+            name = m[1]
+            functions[name] = []
+        elif name is not None:
+            functions[name].append(line)
+    return {name: "\n".join(lines) for name, lines in functions.items()}
 
 
 def _demangle(names):
@@ -527,6 +561,48 @@ KNOWN_CUDA_SPILLS = {
 }
 
 
+# What each CUDA kernel's design needs (docs/roofline.md), as DESIGN_NEEDS for Triton: kernels are
+# "file.cu kernel_name", labels "dtype template-arguments...". None of the missing ones is
+# required; a kernel that misses one is not the default on CUDA (backends.DEFAULT_ORDER).
+CUDA_DESIGN_NEEDS = [
+    ("16-byte vector loads", "pixel_shuffle_bn.cu", None, lambda p, label: p["ldg_bits"] >= 128, False),
+    ("no 64-bit division with 32-bit indices (u32)", "pixel_shuffle_bn.cu", None,
+     lambda p, label: None if " u64" in label else p["div64"] == 0, True),
+    ("16-byte vector loads", "shuffle_upsample.cu", HALF + ("float32",),
+     lambda p, label: p["ldg_bits"] >= 128, False),
+    ("tensor-core instructions (HGMMA or HMMA)", "shuffle_upsample.cu forward", HALF,
+     lambda p, label: p["hgmma"] + p["hmma"] > 0, False),
+    ("no 64-bit division in the kernel", "shuffle_upsample.cu", None, lambda p, label: p["div64"] == 0, False),
+    ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.cu", HALF,
+     lambda p, label: p["hgmma"] + p["hmma"] > 0 if "WmmaEngine" in label else None, True),
+    ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.cu", HALF,
+     lambda p, label: p["hgmma"] > 0 if "WmmaEngine" in label else None, False),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d.cu", None,
+     lambda p, label: p["async_copies"] > 0, False),
+    ("16-byte vector loads", "multi_dilation_conv2d.cu", HALF, lambda p, label: p["ldg_bits"] >= 128, False),
+    ("no 64-bit division in the kernel", "multi_dilation_conv2d.cu", None,
+     lambda p, label: p["div64"] == 0, False),
+]
+_CUDA_DTYPES = {"BFloat16": "bfloat16", "Half": "float16", "float": "float32", "double": "float64"}
+
+
+def _cuda_kernel_label(short):
+    """("file.cu kernel", "dtype other-template-arguments") of a short kernel name such as
+    ``void conv_gemm_kernel<Half, WmmaEngine<Half>, (Epilogue)0>``."""
+    m = re.match(r"void (\w+)<(.*)>\s*$", short)
+    if not m:
+        return short, ""
+    args, depth, part = [], 0, ""
+    for ch in m[2] + ",":
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            args.append(part.strip())
+            part = ""
+        else:
+            part += ch
+    return m[1], " ".join([_CUDA_DTYPES.get(args[0], args[0]), *args[1:]])
+
+
 def cuda_report(jobs, only=None):
     sources = [source for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
                if only is None or os.path.basename(source).startswith(only.split(".")[0])]
@@ -543,7 +619,8 @@ def cuda_report(jobs, only=None):
              "when the gate came; any other spill fails it.", "",
              "| file | kernel | registers | spill stores / loads (bytes) | stack bytes | shared bytes |",
              "|---|---|---:|---:|---:|---:|"]
-    for source, code, log, _ in results:
+    profiles = []
+    for source, code, log, machine_code, _ in results:
         rel = os.path.relpath(source, ROOT)
         if code != 0:
             failures.append(f"{rel}: nvcc failed (exit {code})")
@@ -561,8 +638,19 @@ def cuda_report(jobs, only=None):
                 failures.append(f"{rel} {short}: spills {spills[0]} / {spills[1]} bytes (known: {known})")
             lines.append(f"| `{os.path.basename(rel)}` | `{short}` | {k.get('regs')} | "
                          f"{k.get('spill_stores')} / {k.get('spill_loads')} | {k.get('stack')} | {k.get('smem')} |")
+            if mangled in machine_code:
+                kernel, label = _cuda_kernel_label(short)
+                profiles.append((f"{os.path.basename(rel)} {kernel}", label, machine_code[mangled]))
+            else:
+                failures.append(f"{rel} {short}: not found in the cubin's SASS")
     lines.append("")
-    return lines, failures
+    lines += machine_code_table(profiles)
+    design_lines, design_failures = design_check(profiles, CUDA_DESIGN_NEEDS, (
+        "Checked on every kernel instantiation (CUDA_DESIGN_NEEDS in scripts/gpu_resources.py), "
+        "from `cuobjdump -sass` of the cubin and the PTX nvcc kept. `required` ones fail the gate "
+        "when lost; a CUDA kernel that misses a need is not its op's default on CUDA (see "
+        "docs/roofline.md, \"Backend order on CUDA\")."), "cuda")
+    return lines + design_lines, failures + design_failures
 
 
 def main(argv=None):

@@ -47,3 +47,35 @@ def test_machine_code_profile_reads_sass_and_ptx():
     ptx = "div.s64 %rd4, %rd2, %rd3;\n rem.u64 %rd5, %rd2, %rd3;\n div.rn.f32 %f1, %f2, %f3;"
     profile = gpu_resources.machine_code_profile(sass, ptx)
     assert profile == dict(ldg_bits=128, stg_bits=16, hgmma=1, hmma=0, async_copies=1, div64=2, instructions=5)
+
+
+def test_cuda_machine_code_is_split_per_kernel():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_resources
+    sass = """
+        Function : _Z3fooPf
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*10000*/                  HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        Function : _Z3barPf
+        /*0000*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
+    """
+    ptx = ".visible .entry _Z3fooPf(\n div.u64 %rd1, %rd2, %rd3;\n}\n.entry _Z3barPf(\n div.u32 %r1, %r2, %r3;\n}"
+    functions = gpu_resources._functions(sass, r"^\s*Function : (\S+)")
+    entries = gpu_resources._functions(ptx, r"^(?:\.visible |\.weak )*\.entry (\w+)\(")
+    assert set(functions) == set(entries) == {"_Z3fooPf", "_Z3barPf"}
+    foo = gpu_resources.machine_code_profile(functions["_Z3fooPf"], entries["_Z3fooPf"])
+    bar = gpu_resources.machine_code_profile(functions["_Z3barPf"], entries["_Z3barPf"])
+    # the HMMA at a 5-digit address counts too
+    assert (foo["ldg_bits"], foo["hmma"], foo["div64"], foo["instructions"]) == (128, 1, 1, 2)
+    assert (bar["ldg_bits"], bar["hmma"], bar["div64"]) == (16, 0, 0)
+    assert gpu_resources._cuda_kernel_label("void conv_gemm_kernel<Half, WmmaEngine<Half>, (Epilogue)0>") == \
+        ("conv_gemm_kernel", "float16 WmmaEngine<Half> (Epilogue)0")
+
+
+def test_a_backend_that_misses_a_design_need_is_not_the_default():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_resources
+    from uresnet_ops.backends import DEFAULT_ORDER
+    first = DEFAULT_ORDER["multi_dilation_conv2d"]["cuda"][0]
+    assert gpu_resources.default_order_check(first, {"multi_dilation_conv2d"}) != []
+    assert gpu_resources.default_order_check("cuda", {"multi_dilation_conv2d", "pixel_shuffle_bn"}) == []

@@ -1,5 +1,6 @@
 """docs/roofline.md and benchmarks/results/*.md are generated and current; the useful-FLOP count is right."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name, path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -46,3 +48,15 @@ def test_benchmark_report_gives_the_share_of_the_roofline():
 def test_committed_benchmark_results_are_current():
     results = ROOT / "benchmarks" / "results" / "cpu.json"
     assert report.main([str(results), "--check"]) == 0, f"run: python benchmarks/report.py {results}"
+
+
+def test_default_order_on_cuda_is_the_predicted_one():
+    assert roofline.order_mismatches() == []
+    assert roofline.predicted_order("multi_dilation_conv2d")[-1] == "cuda"  # the WMMA engine: 8% of the tensor rate
+
+
+def test_memory_share_follows_bytes_in_flight():
+    needed = roofline.IN_FLIGHT_NEEDED
+    assert roofline.memory_share(1024, 2, 1) == 1024 * 2 / needed
+    assert roofline.memory_share(1024, 2, 2) == 2 * roofline.memory_share(1024, 2, 1)
+    assert roofline.memory_share(2048, 16, 4) == roofline.MEMORY_CAP
