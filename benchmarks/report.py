@@ -14,6 +14,7 @@ On CUDA the time is the CUDA-event median (``extra_info["device_median_s"]``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections import defaultdict
@@ -55,16 +56,34 @@ def rows_of(group: list[dict], ceilings: dict) -> list[dict]:
                ((gbps, "copy_GBps", "BW"), (tflops, "matmul_TFLOPs", "FLOP")) if v and ceilings.get(k)]
         # The roofline prediction: minimal bytes at copy bandwidth or useful flops at the
         # matmul rate, whichever binds (scripts/roofline.py tabulates it for the H200).
-        limits = [v / ceilings[k] / s for v, k, s in ((r.get("bytes"), "copy_GBps", 1e9),
-                                                      (r.get("useful_flops"), "matmul_TFLOPs", 1e12))
-                  if v and ceilings.get(k)]
-        roofline = max(limits) if limits else None
+        t_mem, t_math = (v / ceilings[k] / s if v and ceilings.get(k) else 0.0
+                         for v, k, s in ((r.get("bytes"), "copy_GBps", 1e9),
+                                         (r.get("useful_flops"), "matmul_TFLOPs", 1e12)))
+        roofline = max(t_mem, t_math) or None
+        model = _model_time(r, t_mem, t_math) if roofline and r.get("device") == "cuda" else None
         peak = r.get("peak_mem_bytes")
         rows.append(dict(impl=impl, ran=r.get("backend_ran"), t=t, gbps=gbps, tflops=tflops,
                          peak_mb=None if peak is None else peak / 2 ** 20,
                          vs_eager=eager / t if eager else None, vs_compiled=compiled / t if compiled else None,
-                         pct=max(pct) if pct else None, roofline_pct=100 * roofline / t if roofline else None))
+                         pct=max(pct) if pct else None, roofline_pct=100 * roofline / t if roofline else None,
+                         model_pct=100 * roofline / model if model else None))
     return rows
+
+
+def _model_time(r, t_mem, t_math):
+    """The time scripts/roofline.py's model predicts for this backend (the eager chain is the
+    reference backend's) on a CUDA device, or None where it has no prediction."""
+    roofline = sys.modules.get("roofline")
+    if roofline is None:
+        spec = importlib.util.spec_from_file_location("roofline", Path(__file__).parents[1] / "scripts" / "roofline.py")
+        roofline = importlib.util.module_from_spec(spec)
+        sys.modules["roofline"] = roofline  # dataclasses look their module up there
+        spec.loader.exec_module(roofline)
+    impl = "reference" if r["implementation"] == "eager" else r["implementation"]
+    prediction = roofline.PREDICTIONS.get((r.get("op"), impl))
+    if prediction is None or r.get("dtype") not in prediction.memory:
+        return None
+    return roofline.predicted_time(prediction, r["dtype"], t_mem, t_math)
 
 
 def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
@@ -85,20 +104,23 @@ def markdown(machine: dict, groups: dict[str, list[dict]]) -> str:
             "GB/s vs copy bandwidth (BW) and TFLOP/s vs matmul throughput (FLOP); over 100% means the ceiling "
             "was measured low (a busy machine) or the op is not bound by it. `% roofline` is the time a kernel "
             "at the roofline would take (scripts/roofline.py's model at the measured ceilings) as % of the "
-            "measured time: 100% is as fast as the hardware allows.", ""]
+            "measured time: 100% is as fast as the hardware allows. On CUDA, `predicted % roofline` is what "
+            "docs/roofline.md's model predicts for that backend from its machine code.", ""]
     for name, group in groups.items():
         rows = rows_of(group, ceil)
         memory = any(r["peak_mb"] is not None for r in rows)  # CUDA: peak memory of one step
+        model = any(r["model_pct"] is not None for r in rows)  # CUDA: the model's prediction
         out += [f"### {name}", "",
                 "| implementation | median | ×eager | ×compiled | GB/s | TFLOP/s | % ceil | % roofline |"
-                + (" peak MiB |" if memory else ""),
-                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else "")]
+                + (" predicted % roofline |" if model else "") + (" peak MiB |" if memory else ""),
+                "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if model else "") + ("---:|" if memory else "")]
         for r in rows:
             impl = r["impl"] if not r["ran"] or r["ran"] == r["impl"] else f"{r['impl']} (ran {r['ran']})"
             cells = [impl, fmt_time(r["t"]), _num(r["vs_eager"], "×"), _num(r["vs_compiled"], "×"),
                      _num(r["gbps"]), _num(r["tflops"], digits=3),
                      f"{r['pct'][0]:.1f}% {r['pct'][1]}" if r["pct"] else "–",
                      _num(r["roofline_pct"], "%", digits=1)]
+            cells += [_num(r["model_pct"], "%", digits=1)] if model else []
             out.append("| " + " | ".join(cells + ([_num(r["peak_mb"], digits=1)] if memory else [])) + " |")
         out.append("")
     return "\n".join(out)

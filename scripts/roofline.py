@@ -139,11 +139,16 @@ PREDICTIONS = {
 BACKENDS = ("triton", "cuda", "reference")
 
 
+def predicted_time(prediction, dtype, t_mem, t_math):
+    """The model's time for a case whose minimal bytes take ``t_mem`` at the copy bandwidth and
+    useful FLOPs ``t_math`` at the matrix rate (any unit; benchmarks/report.py passes seconds)."""
+    return max(t_mem * prediction.passes / prediction.memory[dtype],
+               t_math / prediction.matmul[dtype] if prediction.matmul else 0.0)
+
+
 def predicted_us(row, prediction):
     """The time the model predicts for one roofline row."""
-    t_mem = row["t_mem"] * prediction.passes / prediction.memory[row["dtype"]]
-    t_math = row["t_math"] / prediction.matmul[row["dtype"]] if prediction.matmul else 0.0
-    return max(t_mem, t_math)
+    return predicted_time(prediction, row["dtype"], row["t_mem"], row["t_math"])
 
 
 def predicted_order(op, dtype="bfloat16"):

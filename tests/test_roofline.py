@@ -60,3 +60,17 @@ def test_memory_share_follows_bytes_in_flight():
     assert roofline.memory_share(1024, 2, 1) == 1024 * 2 / needed
     assert roofline.memory_share(1024, 2, 2) == 2 * roofline.memory_share(1024, 2, 1)
     assert roofline.memory_share(2048, 16, 4) == roofline.MEMORY_CAP
+
+
+def test_benchmark_report_puts_the_models_prediction_next_to_a_cuda_measurement():
+    ceilings = {"copy_GBps": 4300.0, "matmul_TFLOPs": 790.0}
+    common = dict(op="pixel_shuffle_bn", dtype="bfloat16", bytes=4.3e12, flops=None, useful_flops=None)
+    group = [dict(implementation="cuda", device="cuda", median_s=2.0, **common),
+             dict(implementation="triton", device="cuda", median_s=1.25, **common),
+             dict(implementation="eager", device="cpu", median_s=4.0, **common)]
+    rows = {r["impl"]: r for r in report.rows_of(group, ceilings)}
+    # 1 s at the copy bandwidth; the model: one pass at the kernels' predicted memory share
+    expected = roofline.PREDICTIONS["pixel_shuffle_bn", "cuda"].memory["bfloat16"]
+    assert abs(rows["cuda"]["model_pct"] - 100 * expected) < 1e-9
+    assert rows["triton"]["roofline_pct"] == 80.0
+    assert rows["eager"]["model_pct"] is None  # no prediction off CUDA
