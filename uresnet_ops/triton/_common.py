@@ -33,7 +33,9 @@ def activation_grad(dy, y, ACTIVATION: tl.constexpr, negative_slope):
     return dy
 
 
-def register_triton_backend(op: str, forward, backward) -> None:
+def register_triton_backend(op: str, forward, backward, *, declines=None) -> None:
     """Register ``op``'s "triton" backend: for CUDA tensors where a GPU is present, and for CPU
-    tensors too under ``TRITON_INTERPRET=1`` (uresnet_ops/triton/__init__.py)."""
-    backends.register_backend(op, "triton", DEVICE_TYPES, forward, backward, available=AVAILABLE)
+    tensors too under ``TRITON_INTERPRET=1`` (uresnet_ops/triton/__init__.py). ``declines``: as
+    for :func:`uresnet_ops.backends.register_backend`."""
+    backends.register_backend(op, "triton", DEVICE_TYPES, forward, backward, available=AVAILABLE,
+                              declines=declines)
