@@ -24,15 +24,15 @@ def _program_index(axis: tl.constexpr, WIDE: tl.constexpr):
 
 # Two tilings, so that the fastest-varying index of every load and store is a tl.arange on a
 # stride Triton specialises to 1 (16-byte vectors where it also proves 16-byte alignment):
-# - rows (any strides; vectors for NCHW-contiguous tensors): BLOCK_A output rows (n, c, oh) by
-#   BLOCK_B input columns w. Output row oh interleaves the R input rows of channels
-#   c*R*R + (oh % R)*R + j (j < R) along ow = w*R + j, so x is a [BLOCK_A, BLOCK_B, RP] tile
-#   (RP: R rounded up to a power of two) and out the same values reshaped to
-#   [BLOCK_A, BLOCK_B * RP], contiguous along ow when R is a power of two.
-# - pixels (R a power of two; vectors for channels_last): BLOCK_A input pixels (n, h, w) by
-#   BLOCK_B output channels. A pixel's C*R*R channels are contiguous in x and make R*R output
-#   pixels of C contiguous channels: x is [BLOCK_A, BLOCK_B*R*R], out [BLOCK_A, R, R, BLOCK_B]
-#   (a transpose in registers/shared memory between the two).
+# - rows (any strides; vectors for NCHW-contiguous tensors with W % 16 == 0 and R a power of
+#   two): BLOCK_A output rows (n, c, oh) by BLOCK_B input columns w. Output row oh interleaves
+#   the R input rows of channels c*R*R + (oh % R)*R + j (j < R) along ow = w*R + j, so x is a
+#   [BLOCK_A, BLOCK_B, RP] tile (RP: R rounded up to a power of two) and out the same values
+#   reshaped to [BLOCK_A, BLOCK_B * RP], contiguous along ow when R is a power of two.
+# - pixels (R a power of two; vectors for channels_last with C % 16 == 0): BLOCK_A input pixels
+#   (n, h, w) by BLOCK_B output channels. A pixel's C*R*R channels are contiguous in x and make
+#   R*R output pixels of C contiguous channels: x is [BLOCK_A, BLOCK_B*R*R], out
+#   [BLOCK_A, R, R, BLOCK_B] (a transpose in registers/shared memory between the two).
 
 @triton.jit
 def _rows_tile(n, c, oh, rmask, w0, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow,
@@ -82,7 +82,7 @@ def _pixels_tile(p, pmask, c0, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow,
     k = c0 * (R * R) + tl.arange(0, BLOCK_B * R * R)
     x_off = (n * sxn + h * sxh + w * sxw)[:, None] + k[None, :] * sxc
     x_mask = pmask[:, None] & (k < C * (R * R))[None, :]
-    i = tl.arange(0, R)
+    i = tl.arange(0, R)  # the output pixel's row and column offsets in its R x R block
     c = c0 + tl.arange(0, BLOCK_B)
     o_pix = n * son + h * (R * soh) + w * (R * sow)
     o_off = (o_pix[:, None, None, None] + i[None, :, None, None] * soh + i[None, None, :, None] * sow
