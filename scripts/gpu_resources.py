@@ -110,27 +110,46 @@ def _launches(torch, triton, modules):
     def dtype_layouts(dtypes):
         return [(dt, cl) for dt in dtypes for cl in ((False, True) if dt == f32 else (False,))]
 
-    # pixel_shuffle_bn: x in float32/float16/bfloat16 (float64 goes to another backend), statistics float32.
+    # pixel_shuffle_bn: x in float32/float16/bfloat16 (float64 goes to another backend), statistics
+    # float32. Its tilings and blocks come from the host code's _tiling / _reduction_grid on meta
+    # tensors. Small odd shapes (no alignment provable: the scalar fallback) at r=1, 2 with
+    # 32- and 64-bit indices (WIDE), r=3 (the rows tiling with a padded R); aligned benchmark-like
+    # shapes ("aligned": the 16-byte vector path) in every dtype and both layouts. ACTIVATION
+    # takes all its values at one small shape per tiling, silu elsewhere.
     psbn = modules["pixel_shuffle_bn"]
-    block = psbn._BLOCK
-    # WIDE: 64-bit index math (tensors with offsets past 2**31), 32-bit otherwise.
-    for (dt, cl), r, wide in itertools.product(dtype_layouts((f32, *half_dtypes)), (1, 2), (False, True)):
-        n, c, h, w = 2, 3, 5, 7
-        xs = _strides((n, c * r * r, h, w), cl)
+
+    def psbn_launches(dt, cl, shape, r, wide, acts, aligned=False):
+        n, c, h, w = shape
+        x = torch.empty_strided((n, c * r * r, h, w), _strides((n, c * r * r, h, w), cl), device="meta")
         os_ = _strides((n, c, h * r, w * r), cl)
-        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'} r={r} {'i64' if wide else 'i32'}"
-        m = n * r * r * h * w
-        common = dict(BLOCK=block, WIDE=wide, num_warps=psbn._NUM_WARPS)
-        out.append(Launch("pixel_shuffle_bn._stats_kernel", tag, (dt, f32, m, block, 1, h, w, *xs, r), common))
-        for act in activations:
+        meta, count, groups = psbn._tiling(x, r)
+        rmeta, rcount, per, splits, _ = psbn._reduction_grid(x, r, c)
+        tag = (f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'} {n}x{c * r * r}x{h}x{w} r={r} "
+               f"{'i64' if wide else 'i32'}{' aligned' if aligned else ''}")
+        common = dict(WIDE=wide, num_warps=psbn._NUM_WARPS)
+        xs = x.stride()
+        out.append(Launch("pixel_shuffle_bn._stats_kernel", tag,
+                          (dt, f32, rcount, per, splits, c, h, w, *xs), dict(**rmeta, **common)))
+        for act in acts:
             out.append(Launch("pixel_shuffle_bn._eval_forward_kernel", f"{tag} {act}",
-                              (dt, dt, f32, f32, m * c, c, h, w, *xs, *os_, 0.1, r), dict(ACTIVATION=act, **common)))
+                              (dt, dt, f32, f32, count, c, h, w, *xs, *os_, 0.1),
+                              dict(ACTIVATION=act, **meta, **common)))
             out.append(Launch("pixel_shuffle_bn._backward_sums_kernel", f"{tag} {act}",
-                              (dt, dt, f32, f32, f32, f32, m, block, 1, h, w, *xs, *os_, 0.1, r),
-                              dict(ACTIVATION=act, **common)))
+                              (dt, dt, f32, f32, f32, f32, rcount, per, splits, c, h, w, *xs, *os_, 0.1),
+                              dict(ACTIVATION=act, **rmeta, **common)))
             out.append(Launch("pixel_shuffle_bn._backward_input_kernel", f"{tag} {act}",
-                              (dt, dt, dt, f32, m * c, c, h, w, *xs, *os_, *xs, 0.1, r),
-                              dict(ACTIVATION=act, **common)))
+                              (dt, dt, dt, f32, count, c, h, w, *xs, *os_, *xs, 0.1),
+                              dict(ACTIVATION=act, **meta, **common)))
+
+    for (dt, cl), r, wide in itertools.product(dtype_layouts((f32, *half_dtypes)), (1, 2), (False, True)):
+        every = dt == f32 and r == 2 and not wide
+        psbn_launches(dt, cl, (2, 3, 5, 7), r, wide, activations if every else ("silu",))
+    for cl in (False, True):
+        psbn_launches(f32, cl, (2, 2, 5, 7), 3, False, ("silu",))
+    for dt, cl, (shape, r) in itertools.product((f32, *half_dtypes), (False, True),
+                                                (((16, 64, 64, 64), 2), ((8, 64, 32, 32), 4))):
+        for wide in (False, True) if dt == f32 else (False,):
+            psbn_launches(dt, cl, shape, r, wide, ("silu",), aligned=True)
 
     # shuffle_upsample: x in every float dtype, accumulation (weights, statistics) in stat_dtype.
     # Scale factors 1, 2, 3, 5, 8, 16: every SSP bucket (next power of 2 of s*s) up to 256, so
@@ -318,7 +337,13 @@ HALF = ("float16", "bfloat16")
 DESIGN_NEEDS = [
     ("no 64-bit division with 32-bit indices (i32)", "pixel_shuffle_bn.", None,
      lambda p, label: None if " i64" in label else p["div64"] == 0, True),
-    ("16-byte vector loads", "pixel_shuffle_bn.", None, lambda p, label: p["ldg_bits"] >= 128, False),
+    # (the vector path needs alignment Triton can prove: the "aligned" configurations)
+    ("16-byte vector loads (aligned shapes)", "pixel_shuffle_bn.", None,
+     lambda p, label: p["ldg_bits"] >= 128 if " aligned" in label else None, True),
+    ("16-byte vector stores (aligned shapes)", "pixel_shuffle_bn._eval_forward_kernel", None,
+     lambda p, label: p["stg_bits"] >= 128 if " aligned" in label else None, True),
+    ("16-byte vector stores (aligned shapes)", "pixel_shuffle_bn._backward_input_kernel", None,
+     lambda p, label: p["stg_bits"] >= 128 if " aligned" in label else None, True),
     ("no 64-bit division in the kernel", "shuffle_upsample.", None, lambda p, label: p["div64"] == 0, False),
     ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.", HALF,
      lambda p, label: p["hgmma"] + p["hmma"] > 0, True),

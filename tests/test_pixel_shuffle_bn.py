@@ -301,3 +301,70 @@ def test_triton_64_bit_index_path_matches_the_32_bit_one(layout_name, monkeypatc
         torch.testing.assert_close(narrow, wide, rtol=1e-6, atol=1e-6)
     expected, _ = run_reference(x, r, p, training=True, activation="silu")
     assert_close(results[1][0], expected, torch.float32)
+
+
+# The Triton tilings (uresnet_ops/triton/pixel_shuffle_bn.py): "pixels" where x's channels are
+# contiguous and r is a power of two, "rows" otherwise (r padded to a power of two when it is
+# not one). tile: elements per program (smaller than the default, so that several column or
+# channel blocks and several loop steps run); split: the GPU's programs per channel, not the
+# interpreter's one.
+_TILING_CASES = [
+    # (n, c, h, w), r, layout, dtype, tile, split, expected tiling
+    ((2, 2, 3, 16), 2, "contiguous", torch.float32, None, False, "rows"),     # aligned: vector path
+    ((1, 2, 2, 16), 4, "contiguous", torch.float16, None, False, "rows"),
+    ((2, 3, 6, 16), 1, "contiguous", torch.bfloat16, 64, True, "rows"),
+    ((2, 3, 2, 21), 2, "contiguous", torch.float32, 32, True, "rows"),       # several column blocks
+    ((2, 2, 3, 5), 3, "contiguous", torch.float32, 32, True, "rows"),        # r padded to 4
+    ((2, 2, 3, 5), 3, "channels_last", torch.float16, None, False, "rows"),  # odd r: rows, any strides
+    ((2, 2, 3, 6), 2, "strided", torch.float32, 64, True, "rows"),
+    ((2, 16, 2, 4), 2, "channels_last", torch.float32, None, False, "pixels"),  # aligned: vector path
+    ((1, 16, 2, 2), 4, "channels_last", torch.bfloat16, None, False, "pixels"),
+    ((2, 3, 3, 5), 1, "channels_last", torch.float16, 16, True, "pixels"),
+    ((2, 20, 3, 3), 2, "channels_last", torch.float32, 64, True, "pixels"),  # 2 channel blocks, C % block
+    ((1, 2, 2, 3), 8, "channels_last", torch.float32, None, False, "pixels"),
+]
+
+
+@pytest.mark.parametrize("shape,r,layout_name,dtype,tile,split,tiling", _TILING_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-r{c[1]}-{c[2]}-{str(c[3])[6:]}-tile{c[4]}"
+                              f"{'-split' if c[5] else ''}" for c in _TILING_CASES])
+def test_triton_tilings_match_reference(shape, r, layout_name, dtype, tile, split, tiling, monkeypatch):
+    if "triton" not in uresnet_ops.available_backends(OP):
+        pytest.skip("Triton is not available")
+    from uresnet_ops.triton import pixel_shuffle_bn as kernels
+    if tile is not None:
+        monkeypatch.setattr(kernels, "_TILE", tile)
+    if split:  # the GPU's split into several programs per channel (block) under the interpreter
+        split_ = kernels._split
+        monkeypatch.setattr(kernels, "_split", lambda u, b, g, device: split_(u, b, g, torch.device("meta")))
+    n, c, h, w = shape
+    x = layout((torch.randn(n, c * r * r, h, w) * 2 + 0.5).to(dtype), layout_name)
+    assert kernels._tiling(x, r)[0]["PIXELS"] == (tiling == "pixels")
+    if split:
+        assert kernels._reduction_grid(x, r, c)[3] > 1
+    p = dict(weight=torch.randn(c), bias=torch.randn(c), running_mean=torch.randn(c), running_var=torch.rand(c) + 0.5)
+    params = {k: v.clone().requires_grad_(k in ("weight", "bias")) for k, v in p.items()}
+    xi = x.clone().requires_grad_()
+    with uresnet_ops.use_backend("triton", OP):
+        out = uresnet_ops.pixel_shuffle_bn(xi, r, **params, training=True, momentum=0.3, activation="silu")
+        assert last_used(OP) == "triton"
+        # grad_out in the other layout than out's: the kernels read it by its strides
+        grad_out = layout(torch.randn(out.shape), "contiguous" if layout_name == "channels_last" else "channels_last")
+        out.backward(grad_out.to(dtype))
+        eval_out = uresnet_ops.pixel_shuffle_bn(x, r, **{k: v.detach() for k, v in params.items()}, training=False,
+                                                activation="silu")
+    expected, p64 = run_reference(x, r, p, training=True, momentum=0.3, activation="silu")
+    assert out.is_contiguous(memory_format=expected_format(x))
+    assert_close(out, expected, dtype)
+    for name in ("running_mean", "running_var"):
+        assert_close(params[name], p64[name], torch.float32, precision=dtype)
+    x64 = x.double().requires_grad_()
+    w64, b64 = (p[k].double().requires_grad_() for k in ("weight", "bias"))
+    reference.pixel_shuffle_bn(x64, r, w64, b64, training=True, activation="silu").backward(grad_out.double())
+    scale = 10.0 if dtype != torch.float32 else 1.0
+    assert_close(xi.grad, x64.grad, dtype, scale=scale)
+    assert_close(params["weight"].grad, w64.grad, torch.float32, scale=scale * 10, precision=dtype)
+    assert_close(params["bias"].grad, b64.grad, torch.float32, scale=scale * 10, precision=dtype)
+    expected_eval = reference.pixel_shuffle_bn(x.double(), r, p64["weight"], p64["bias"], p64["running_mean"],
+                                               p64["running_var"], training=False, activation="silu")
+    assert_close(eval_out, expected_eval, dtype)
