@@ -153,7 +153,8 @@ def _launches(torch, triton, modules):
 
     # shuffle_upsample: x in every float dtype, accumulation (weights, statistics) in stat_dtype.
     # Scale factors 1, 2, 3, 5, 8, 16: every SSP bucket (next power of 2 of s*s) up to 256, so
-    # every block size; bilinear is scale 2 only.
+    # every block size; bilinear is scale 2 only. WIDE (64-bit index math, tensors with offsets
+    # past 2**31) in float32 nchw at scale 2 only, training and one activation epilogue.
     su = modules["shuffle_upsample"]
     scales = [(s, "nearest") for s in (1, 2, 3, 5, 8, 16)] + [(2, "bilinear")]
     for dt, cl in dtype_layouts((f32, f64, *half_dtypes)):
@@ -161,49 +162,52 @@ def _launches(torch, triton, modules):
         n, c, cg, h, w = 2, 6, 3, 5, 7
         xs = _strides((n, c, h, w), cl)
         base = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'}"
-        for s, mode in scales:
+        for (s, mode), wide in itertools.product(scales, (False, True)):
+            if wide and (s != 2 or dt != f32 or cl):
+                continue
             oh, ow = h * s, w * s
             gs = _strides((n, c, oh, ow), cl)
             ssp, bil = su._ssp(s), mode == "bilinear"
-            tag = f"{base} {mode} s={s}"
+            tag = f"{base} {mode} s={s} {'i64' if wide else 'i32'}"
             fblock = su._block(16 * ssp, 8192, acc)
             t = triton.cdiv(h * w, fblock)
             # training: statistics only (no bias, no activation); otherwise the folded bias + activation.
             epilogues = [dict(STATS=True, HAS_BIAS=False, ACTIVATION="none")] + \
-                        [dict(STATS=False, HAS_BIAS=True, ACTIVATION=a) for a in (activations if s == 2 else ["silu"])]
+                        [dict(STATS=False, HAS_BIAS=True, ACTIVATION=a)
+                         for a in (activations if s == 2 and not wide else ["silu"])]
             for ep in epilogues:
                 what = "stats" if ep["STATS"] else ep["ACTIVATION"]
                 out.append(Launch("shuffle_upsample._forward_kernel", f"{tag} {what}",
                                   (dt, acc, acc, dt, acc, c, cg, h, w, oh, ow, t, *xs, 0.1),
-                                  dict(S=s, SSP=ssp, BILINEAR=bil, BLOCK=fblock, **ep)))
+                                  dict(S=s, SSP=ssp, BILINEAR=bil, BLOCK=fblock, WIDE=wide, **ep)))
                 if bil:
                     nb = 2 * ow + 2 * (oh - 2)
                     out.append(Launch("shuffle_upsample._forward_border_kernel", f"{tag} {what}",
                                       (dt, acc, acc, dt, acc, c, cg, h, w, oh, ow, nb,
                                        triton.cdiv(nb, su._BORDER_BLOCK), *xs, 0.1),
-                                      dict(BLOCK=su._BORDER_BLOCK, **ep)))
+                                      dict(BLOCK=su._BORDER_BLOCK, WIDE=wide, **ep)))
             window, p = su._window(s, mode, "cpu")
             k = window.shape[0]
             kk = triton.next_power_of_2(k * k)
             gblock = su._block(kk, 2048, acc)
             out.append(Launch("shuffle_upsample._grad_x_kernel", tag,
                               (dt, acc, dt, c, cg, h, w, oh, ow, triton.cdiv(h * w, gblock), *gs),
-                              dict(S=s, P=p, K=k, KK=kk, BLOCK=gblock)))
+                              dict(S=s, P=p, K=k, KK=kk, BLOCK=gblock, WIDE=wide)))
             wblock = su._block(16 * ssp, 2048, acc)
             t = triton.cdiv(h * w, wblock)
             for one_tile in (True, False):
                 out.append(Launch("shuffle_upsample._grad_weight_kernel", f"{tag} ONE_TILE={one_tile}",
                                   (dt, dt, acc, c, cg, h, w, oh, ow, t, 1 if one_tile else 3, t, *xs, *gs),
-                                  dict(S=s, SSP=ssp, BILINEAR=bil, ONE_TILE=one_tile, BLOCK=wblock)))
+                                  dict(S=s, SSP=ssp, BILINEAR=bil, ONE_TILE=one_tile, BLOCK=wblock, WIDE=wide)))
             if bil:
                 nb = 2 * w + 2 * h
                 out.append(Launch("shuffle_upsample._grad_x_border_kernel", tag,
                                   (dt, acc, dt, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._GX_BORDER_BLOCK), *gs),
-                                  dict(BLOCK=su._GX_BORDER_BLOCK)))
+                                  dict(BLOCK=su._GX_BORDER_BLOCK, WIDE=wide)))
                 nb = 2 * ow + 2 * (oh - 2)
                 out.append(Launch("shuffle_upsample._grad_weight_border_kernel", tag,
                                   (dt, dt, acc, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._BORDER_BLOCK), *xs, *gs),
-                                  dict(BLOCK=su._BORDER_BLOCK)))
+                                  dict(BLOCK=su._BORDER_BLOCK, WIDE=wide)))
 
     # multi_dilation_conv2d: float32/float16/bfloat16 on the GPU, every autotune config.
     mdc = modules["multi_dilation_conv2d"]
@@ -344,7 +348,8 @@ DESIGN_NEEDS = [
      lambda p, label: p["stg_bits"] >= 128 if " aligned" in label else None, True),
     ("16-byte vector stores (aligned shapes)", "pixel_shuffle_bn._backward_input_kernel", None,
      lambda p, label: p["stg_bits"] >= 128 if " aligned" in label else None, True),
-    ("no 64-bit division in the kernel", "shuffle_upsample.", None, lambda p, label: p["div64"] == 0, False),
+    ("no 64-bit division with 32-bit indices (i32)", "shuffle_upsample.", None,
+     lambda p, label: None if " i64" in label else p["div64"] == 0, True),
     ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.", HALF,
      lambda p, label: p["hgmma"] + p["hmma"] > 0, True),
     ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.", HALF, lambda p, label: p["hgmma"] > 0, False),

@@ -365,3 +365,67 @@ def test_batch_slices_match_reference(training, pw):
                 assert_close(t[k], t64[k])
     finally:
         del uresnet_ops.backends._registry[OP]["cpu_one_sample_slices"]
+
+
+# --- the Triton kernels' 32-bit and 64-bit index math --------------------------------------
+
+def _triton_kernels():
+    if "triton" not in uresnet_ops.available_backends(OP):
+        pytest.skip("Triton is not available")
+    from uresnet_ops.triton import shuffle_upsample as kernels
+    if "cpu" not in uresnet_ops.triton.DEVICE_TYPES:
+        pytest.skip("the Triton kernels run on a GPU only here")
+    return kernels
+
+
+def test_triton_wide_only_when_an_offset_can_reach_2_31():
+    kernels = _triton_kernels()
+    meta = dict(device="meta")  # shapes and strides only, nothing allocated
+    assert not kernels._wide(torch.empty(2, 64, 512, 512, **meta), torch.empty(0, **meta))
+    assert kernels._wide(torch.empty(2, 64, 2048, 8192, **meta))  # 2**31 elements
+    big_stride = torch.empty(1, **meta).as_strided((3, 2, 4, 5), (2 ** 30, 20, 5, 1))
+    assert big_stride.numel() < 2 ** 31 and kernels._wide(big_stride)
+
+
+@pytest.mark.parametrize("dtype,layout_name,mode,scale,tiles,h,w", [
+    (torch.float32, "contiguous", "nearest", 2, 1, 5, 7),
+    (torch.bfloat16, "channels_last", "nearest", 3, 2, 5, 7),
+    (torch.float64, "strided", "bilinear", 2, 1, 5, 7),
+    (torch.float16, "channels_last", "bilinear", 2, 2, 5, 7),
+    (torch.float32, "strided", "nearest", 1, 2, 2, 37),  # rows wider than a tile, 3 tiles
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_triton_64_bit_index_path_matches_the_32_bit_one(dtype, layout_name, mode, scale, tiles, h, w, monkeypatch):
+    # The kernels take 32-bit index math unless an offset can reach 2**31 (no 64-bit division
+    # on the GPU); the 64-bit path is forced here by lowering the limit. tiles=2: the weight
+    # gradient's loop over several tiles per program (one tile under the interpreter otherwise).
+    kernels = _triton_kernels()
+    if tiles > 1:
+        monkeypatch.setattr(kernels, "_chunks", lambda t, planes, device: (tiles, -(-t // tiles)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n, c, cg = 2, 4, 2  # 5 x 7: two tiles of 32 low-res pixels under the interpreter
+    x = layout(torch.randn(n, c, h, w).to(dtype), layout_name)
+    weight = torch.randn(c, cg, 3, 3, dtype=acc) / 3
+    bias = torch.randn(c, dtype=acc)
+    grad = layout(torch.randn(n, c, h * scale, w * scale).to(dtype), layout_name)
+    assert not kernels._wide(x, grad)
+    results = []
+    for limit in (kernels._INT32_LIMIT, 1):
+        monkeypatch.setattr(kernels, "_INT32_LIMIT", limit)
+        assert kernels._wide(x) == (limit == 1)
+        _, mean, var = kernels.KERNELS.forward(x, weight, None, scale, mode, "none", 0.0, True)
+        out, _, _ = kernels.KERNELS.forward(x, weight, bias, scale, mode, "leaky_relu", 0.2, False)
+        grad_x, grad_w = kernels.KERNELS.backward(grad, x, weight, scale, mode)
+        results.append((mean, var, out, grad_x, grad_w))
+    for narrow, wide in zip(*results):
+        torch.testing.assert_close(narrow, wide, rtol=0, atol=0)
+    # and the 64-bit path is right
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    z = reference.upsample_conv3x3(x64, w64, scale, mode)
+    z.backward(grad.double())
+    mean, var, out, grad_x, grad_w = results[1]
+    assert_close(mean, z.mean((0, 2, 3)), acc, scale=5, precision=dtype)
+    assert_close(var, z.var((0, 2, 3), unbiased=False), acc, scale=5, precision=dtype)
+    expected = torch.nn.functional.leaky_relu(z + bias.double().view(1, -1, 1, 1), 0.2)
+    assert_close(out, expected, dtype, scale=5)
+    assert_close(grad_x, x64.grad, dtype, scale=10)
+    assert_close(grad_w, w64.grad, acc, scale=50, precision=dtype)

@@ -58,9 +58,20 @@ def _block(width, budget, dtype):
 
 
 @triton.jit
+def _program_index(WIDE: tl.constexpr):
+    # 64-bit index math only where an offset can reach 2**31 (WIDE, chosen on the host): on the
+    # GPU each 64-bit division or remainder is a call of a ~40-instruction routine, a 32-bit one
+    # a few instructions. Everything indexed from the program id follows its width.
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+@triton.jit
 def _taps():
     """The 9 taps (or low-res neighbours) as a vector of 16: (row - 1, col - 1, valid)."""
-    d = tl.arange(0, 16).to(tl.int64)
+    d = tl.arange(0, 16)
     return d // 3 - 1, d % 3 - 1, d < 9
 
 
@@ -69,7 +80,7 @@ def _source(o, size):
     """ATen's bilinear (align_corners=False, scale 2) source of upsampled row/col o:
     (i0, i1, weight of i1), i0 and i1 inside [0, size) for any o in [-1, 2 * size]."""
     src = tl.maximum((o.to(tl.float32) + 0.5) * 0.5 - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int64), size - 1)
+    i0 = tl.minimum(src.to(o.dtype), size - 1)
     i1 = tl.minimum(i0 + 1, size - 1)
     return i0, i1, src - i0.to(tl.float32)
 
@@ -112,19 +123,20 @@ def _store_moments(part_ptr, base, y, valid):
 def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH, OW, T,
                     sxn, sxc, sxh, sxw, negative_slope,
                     S: tl.constexpr, SSP: tl.constexpr, BILINEAR: tl.constexpr, STATS: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+                    WIDE: tl.constexpr):
     # Program (n*C + co, tile): BLOCK low-res pixels x the s*s output parities of channel co;
     # per input channel of the group, one load of the pixels' 3x3 low-res neighbourhoods.
     acc_ty: tl.constexpr = wf_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // T
-    t = tl.program_id(0).to(tl.int64) % T
+    plane = _program_index(WIDE) // T
+    t = _program_index(WIDE) % T
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
-    pix = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    pmask = pix < H * W
+    pix = t * BLOCK + tl.arange(0, BLOCK)
     i = pix // W
     j = pix % W
+    pmask = i < H  # pix < H * W, without the product (it could pass 2**31 in 32 bits)
     dr, dc, dmask = _taps()
     r = i[:, None] + dr[None, :]
     c = j[:, None] + dc[None, :]
@@ -135,8 +147,8 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
     else:  # a neighbour outside the plane is exactly a padding tap
         m = m & (r >= 0) & (r < H) & (c >= 0) & (c < W)
     off = r * sxh + c * sxw
-    par = tl.arange(0, SSP).to(tl.int64)
-    w_off = tl.arange(0, 16).to(tl.int64)[:, None] * SSP + par[None, :]
+    par = tl.arange(0, SSP)
+    w_off = tl.arange(0, 16)[:, None] * SSP + par[None, :]
     acc3 = tl.zeros([BLOCK, 16, SSP], dtype=acc_ty)  # reduced over the neighbours once, at the end
     for ci in range(CG):
         v = tl.load(x_ptr + n * sxn + (g0 + ci) * sxc + off, mask=m, other=0.0).to(acc_ty)
@@ -161,16 +173,16 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
 def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH, OW, NB, TB,
                            sxn, sxc, sxh, sxw, negative_slope,
                            STATS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Bilinear only: program (n*C + co, tile) recomputes BLOCK high-res border pixels directly,
     # the 9 taps interpolated on the fly.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // TB
-    t = tl.program_id(0).to(tl.int64) % TB
+    plane = _program_index(WIDE) // TB
+    t = _program_index(WIDE) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
-    e = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    e = t * BLOCK + tl.arange(0, BLOCK)
     emask = e < NB
     oh, ow = _border_pixel(e, OH, OW)
     kh, kw, kmask = _taps()
@@ -178,7 +190,7 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
     ww = ow[:, None] + kw[None, :]
     m = emask[:, None] & kmask[None, :] & (hh >= 0) & (hh < OH) & (ww >= 0) & (ww < OW)
     o00, o01, o10, o11, w00, w01, w10, w11 = _bilinear(hh, ww, H, W, sxh, sxw, acc_ty)
-    k = tl.arange(0, 16).to(tl.int64)
+    k = tl.arange(0, 16)
     acc2 = tl.zeros([BLOCK, 16], dtype=acc_ty)
     for ci in range(CG):
         xb = x_ptr + n * sxn + (g0 + ci) * sxc
@@ -200,20 +212,21 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
 
 @triton.jit
 def _grad_x_kernel(g_ptr, wb_ptr, gx_ptr, C, CG, H, W, OH, OW, T, sgn, sgc, sgh, sgw,
-                   S: tl.constexpr, P: tl.constexpr, K: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
+                   S: tl.constexpr, P: tl.constexpr, K: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr,
+                   WIDE: tl.constexpr):
     # Program (n*C + ci, tile): grad_x over BLOCK low-res pixels, a stride-S correlation of grad
     # (the K x K window from (i*S - P, j*S - P)) with the effective kernels of the group.
     acc_ty: tl.constexpr = wb_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // T
-    t = tl.program_id(0).to(tl.int64) % T
+    plane = _program_index(WIDE) // T
+    t = _program_index(WIDE) % T
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
-    pix = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    pmask = pix < H * W
+    pix = t * BLOCK + tl.arange(0, BLOCK)
     i = pix // W
     j = pix % W
-    q = tl.arange(0, KK).to(tl.int64)
+    pmask = i < H
+    q = tl.arange(0, KK)
     r = i[:, None] * S + (q // K - P)[None, :]
     c = j[:, None] * S + (q % K - P)[None, :]
     m = pmask[:, None] & (q < K * K)[None, :] & (r >= 0) & (r < OH) & (c >= 0) & (c < OW)
@@ -237,23 +250,23 @@ def _low_res_weight(i, hh, H, OH):
 
 @triton.jit
 def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, TB, sgn, sgc, sgh, sgw,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Bilinear only: program (n*C + ci, tile) recomputes BLOCK low-res border pixels directly:
     # grad_x[i, j] = sum over the 4x4 upsampled pixels (2i-1+a, 2j-1+b) of their interpolation
     # weight on (i, j) times the transposed conv of grad there. A pixel may come twice (H or W
     # of 1): both write the same value.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // TB
-    t = tl.program_id(0).to(tl.int64) % TB
+    plane = _program_index(WIDE) // TB
+    t = _program_index(WIDE) % TB
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
-    e = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    e = t * BLOCK + tl.arange(0, BLOCK)
     emask = e < NB
     k = e - 2 * W
     i = tl.where(e < W, 0, tl.where(e < 2 * W, H - 1, k // 2))
     j = tl.where(e < W, e, tl.where(e < 2 * W, e - W, (k % 2) * (W - 1)))
-    ab = tl.arange(0, 16).to(tl.int64)
+    ab = tl.arange(0, 16)
     hh = 2 * i[:, None] + (ab // 4 - 1)[None, :]
     ww = 2 * j[:, None] + (ab % 4 - 1)[None, :]
     coef = (_low_res_weight(i[:, None], hh, H, OH) * _low_res_weight(j[:, None], ww, W, OW)).to(acc_ty)
@@ -263,7 +276,7 @@ def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, TB, sgn
     m = ((emask[:, None] & (coef != 0))[:, :, None] & kmask[None, None, :]
          & (r >= 0) & (r < OH) & (c >= 0) & (c < OW))
     off = r * sgh + c * sgw
-    kk = tl.arange(0, 16).to(tl.int64)
+    kk = tl.arange(0, 16)
     acc3 = tl.zeros([BLOCK, 16, 16], dtype=acc_ty)
     for co in range(CG):
         v = tl.load(g_ptr + n * sgn + (g0 + co) * sgc + off, mask=m, other=0.0).to(acc_ty)
@@ -274,22 +287,19 @@ def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, TB, sgn
 
 
 @triton.jit
-def _grad_weight_tile(g_ptr, n, co, t, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
-                      S: tl.constexpr, SSP: tl.constexpr, BILINEAR: tl.constexpr, BLOCK: tl.constexpr):
-    """Tile t of low-res pixels: grad[n, co] at their s*s parities (BLOCK, SSP), and the offsets
-    and mask of their 3x3 low-res neighbourhoods (BLOCK, 16)."""
-    pix = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    pmask = pix < H * W
-    i = pix // W
-    j = pix % W
-    par = tl.arange(0, SSP).to(tl.int64)
+def _grad_weight_tile(g_ptr, n, co, i, j, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
+                      S: tl.constexpr, SSP: tl.constexpr, BILINEAR: tl.constexpr):
+    """The tile of low-res pixels (i, j) (rows past H are masked): grad[n, co] at their s*s
+    parities (BLOCK, SSP), and the offsets and mask of their 3x3 low-res neighbourhoods (BLOCK, 16)."""
+    pmask = i < H
+    par = tl.arange(0, SSP)
     oh = i[:, None] * S + (par // S)[None, :]
     ow = j[:, None] * S + (par % S)[None, :]
     gm = pmask[:, None] & (par < S * S)[None, :]
     if BILINEAR:  # the border pixels come from the border kernel
         gm = gm & (oh > 0) & (oh < OH - 1) & (ow > 0) & (ow < OW - 1)
     g = tl.load(g_ptr + n * sgn + co * sgc + oh * sgh + ow * sgw, mask=gm, other=0.0)
-    d = tl.arange(0, 16).to(tl.int64)
+    d = tl.arange(0, 16)
     r = i[:, None] + (d // 3 - 1)[None, :]
     c = j[:, None] + (d % 3 - 1)[None, :]
     m = pmask[:, None] & (d < 9)[None, :]
@@ -305,20 +315,23 @@ def _grad_weight_tile(g_ptr, n, co, t, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sx
 def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, T, TPP, NCH,
                         sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
                         S: tl.constexpr, SSP: tl.constexpr, BILINEAR: tl.constexpr, ONE_TILE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Program (n*C + co, chunk): over its TPP tiles of low-res pixels, for each input channel ci
     # of the group, the sums of grad[co] at parity p times x[ci] at neighbour d, per (d, p).
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // NCH
-    chunk = tl.program_id(0).to(tl.int64) % NCH
+    plane = _program_index(WIDE) // NCH
+    chunk = _program_index(WIDE) % NCH
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
-    dst = (tl.arange(0, 16).to(tl.int64)[:, None] * SSP + tl.arange(0, SSP).to(tl.int64)[None, :]
+    dst = (tl.arange(0, 16)[:, None] * SSP + tl.arange(0, SSP)[None, :]
            + (plane * NCH + chunk) * CG * 16 * SSP)
+    pix = chunk * TPP * BLOCK + tl.arange(0, BLOCK)  # the first tile's pixels
+    i0 = pix // W
+    j0 = pix % W
     if ONE_TILE:  # the tile's indices and grad once for all input channels
-        g, off, m = _grad_weight_tile(g_ptr, n, co, chunk, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
-                                      S, SSP, BILINEAR, BLOCK)
+        g, off, m = _grad_weight_tile(g_ptr, n, co, i0, j0, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
+                                      S, SSP, BILINEAR)
         g = g.to(acc_ty)
         for ci in range(CG):
             v = tl.load(x_ptr + n * sxn + (g0 + ci) * sxc + off, mask=m, other=0.0).to(acc_ty)
@@ -326,28 +339,37 @@ def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, T, TPP, NCH
     else:
         t_lo = chunk * TPP
         t_hi = tl.minimum(t_lo + TPP, T)
+        # The next tile's (i, j) by adding BLOCK pixels: no division per tile and input channel.
+        di = BLOCK // W
+        dj = BLOCK % W
         for ci in range(CG):
             acc = tl.zeros([BLOCK, 16, SSP], dtype=acc_ty)
-            for t in range(t_lo, t_hi):
-                g, off, m = _grad_weight_tile(g_ptr, n, co, t, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
-                                              S, SSP, BILINEAR, BLOCK)
+            i = i0
+            j = j0
+            for _t in range(t_lo, t_hi):
+                g, off, m = _grad_weight_tile(g_ptr, n, co, i, j, H, W, OH, OW, sgn, sgc, sgh, sgw, sxh, sxw,
+                                              S, SSP, BILINEAR)
                 v = tl.load(x_ptr + n * sxn + (g0 + ci) * sxc + off, mask=m, other=0.0).to(acc_ty)
                 acc += v[:, :, None] * g.to(acc_ty)[:, None, :]
+                j += dj
+                i += di + (j >= W).to(tl.int32)
+                j = tl.where(j >= W, j - W, j)
             tl.store(part_ptr + dst + ci * 16 * SSP, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def _grad_weight_border_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, NB, TB,
-                               sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, BLOCK: tl.constexpr):
+                               sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, BLOCK: tl.constexpr,
+                               WIDE: tl.constexpr):
     # Bilinear only: program (n*C + co, tile) adds the high-res border pixels' share of the
     # weight gradient, the taps interpolated directly.
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = tl.program_id(0).to(tl.int64) // TB
-    t = tl.program_id(0).to(tl.int64) % TB
+    plane = _program_index(WIDE) // TB
+    t = _program_index(WIDE) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
-    e = t * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    e = t * BLOCK + tl.arange(0, BLOCK)
     emask = e < NB
     oh, ow = _border_pixel(e, OH, OW)
     g = tl.load(g_ptr + n * sgn + co * sgc + oh * sgh + ow * sgw, mask=emask, other=0.0).to(acc_ty)
@@ -356,7 +378,7 @@ def _grad_weight_border_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, NB, 
     ww = ow[:, None] + kw[None, :]
     m = emask[:, None] & kmask[None, :] & (hh >= 0) & (hh < OH) & (ww >= 0) & (ww < OW)
     o00, o01, o10, o11, w00, w01, w10, w11 = _bilinear(hh, ww, H, W, sxh, sxw, acc_ty)
-    k = tl.arange(0, 16).to(tl.int64)
+    k = tl.arange(0, 16)
     for ci in range(CG):
         xb = x_ptr + n * sxn + (g0 + ci) * sxc
         u = (w00 * tl.load(xb + o00, mask=m, other=0.0).to(acc_ty)
@@ -395,6 +417,18 @@ def _window(s, mode, device):
     k = len(v) + 2
     m = [[v[dr + kh - 2] if 0 <= dr + kh - 2 < len(v) else 0.0 for kh in range(3)] for dr in range(k)]
     return torch.tensor(m, dtype=torch.float64, device=device), p
+
+
+_INT32_LIMIT = 2 ** 31
+_SLACK = 1024  # the indices of a tile past a tensor's end (masked, but compared) must not wrap either
+
+
+def _wide(*tensors) -> bool:
+    """Whether an index or offset into any of ``tensors`` (or a tile past its end) can reach
+    2**31, so the kernels need 64-bit index math (WIDE)."""
+    return any(t.numel() + _SLACK >= _INT32_LIMIT
+               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + _SLACK >= _INT32_LIMIT
+               for t in tensors)
 
 
 def _ssp(s):
@@ -480,7 +514,7 @@ def _forward(x, weight, bias, s, mode, activation, slope, stats):
     dst = empty if stats else out
     _forward_kernel[(n * c * t,)](x, wf, b, dst, part, c, cg, h, w, oh, ow, t, *x.stride(), float(slope),
                                 S=s, SSP=_ssp(s), BILINEAR=bilinear, STATS=stats, HAS_BIAS=bias is not None,
-                                ACTIVATION=activation, BLOCK=block)
+                                ACTIVATION=activation, BLOCK=block, WIDE=_wide(x, wf, dst, part))
     parts = [part]
     if bilinear:
         nb = 2 * ow + 2 * (oh - 2)
@@ -488,7 +522,8 @@ def _forward(x, weight, bias, s, mode, activation, slope, stats):
         part_b = torch.empty((n, c, tb, 4), dtype=weight.dtype, device=x.device) if stats else empty
         _forward_border_kernel[(n * c * tb,)](x, weight.contiguous(), b, dst, part_b, c, cg, h, w, oh, ow, nb, tb,
                                             *x.stride(), float(slope), STATS=stats, HAS_BIAS=bias is not None,
-                                            ACTIVATION=activation, BLOCK=_BORDER_BLOCK)
+                                            ACTIVATION=activation, BLOCK=_BORDER_BLOCK,
+                                            WIDE=_wide(x, dst, part_b))
         parts.append(part_b)
     if not stats:
         return out, empty, empty.clone()
@@ -520,15 +555,15 @@ def _backward(grad, x, weight, s, mode):
     bilinear = mode == "bilinear"
     weight = weight.contiguous()
     wb, p, k, kk = _window_weights(weight, s, mode)
-    block = _block(kk, 2048, weight.dtype)  # (BLOCK, KK) accumulator and int64 offsets
+    block = _block(kk, 2048, weight.dtype)  # (BLOCK, KK) accumulator and offsets
     t = triton.cdiv(h * w, block)
     _grad_x_kernel[(n * c * t,)](grad, wb, grad_x, c, cg, h, w, oh, ow, t, *grad.stride(),
-                                 S=s, P=p, K=k, KK=kk, BLOCK=block)
+                                 S=s, P=p, K=k, KK=kk, BLOCK=block, WIDE=_wide(grad, wb, grad_x))
     if bilinear:
         nb = 2 * w + 2 * h
         tb = triton.cdiv(nb, _GX_BORDER_BLOCK)
         _grad_x_border_kernel[(n * c * tb,)](grad, weight, grad_x, c, cg, h, w, oh, ow, nb, tb, *grad.stride(),
-                                             BLOCK=_GX_BORDER_BLOCK)
+                                             BLOCK=_GX_BORDER_BLOCK, WIDE=_wide(grad, weight, grad_x))
     ssp = _ssp(s)
     block = _block(16 * ssp, 2048, weight.dtype)
     t = triton.cdiv(h * w, block)
@@ -536,7 +571,7 @@ def _backward(grad, x, weight, s, mode):
     part = torch.empty((n, c, nch, cg, 16, ssp), dtype=weight.dtype, device=x.device)
     _grad_weight_kernel[(n * c * nch,)](grad, x, part, c, cg, h, w, oh, ow, t, per, nch, *x.stride(), *grad.stride(),
                                       S=s, SSP=ssp, BILINEAR=bilinear, ONE_TILE=per == 1,
-                                      BLOCK=block)
+                                      BLOCK=block, WIDE=_wide(grad, x, part))
     sums = part.sum((0, 2), dtype=torch.float64)[..., :9, : s * s].reshape(c, cg, 3, 3, s, s)
     sel = _selection(s, mode, x.device)
     grad_w = torch.einsum("xydeab,adk,bel->xykl", sums, sel, sel)
@@ -545,7 +580,8 @@ def _backward(grad, x, weight, s, mode):
         tb = triton.cdiv(nb, _BORDER_BLOCK)
         part_b = torch.empty((n, c, tb, cg, 16), dtype=weight.dtype, device=x.device)
         _grad_weight_border_kernel[(n * c * tb,)](grad, x, part_b, c, cg, h, w, oh, ow, nb, tb,
-                                                *x.stride(), *grad.stride(), BLOCK=_BORDER_BLOCK)
+                                                *x.stride(), *grad.stride(), BLOCK=_BORDER_BLOCK,
+                                                WIDE=_wide(grad, x, part_b))
         grad_w = grad_w + part_b.sum((0, 2), dtype=torch.float64)[..., :9].reshape(c, cg, 3, 3)
     return grad_x, grad_w.to(weight.dtype)
 
