@@ -209,39 +209,54 @@ def _launches(torch, triton, modules):
                                   (dt, dt, acc, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._BORDER_BLOCK), *xs, *gs),
                                   dict(BLOCK=su._BORDER_BLOCK, WIDE=wide)))
 
-    # multi_dilation_conv2d: float32/float16/bfloat16 on the GPU, every autotune config.
+    # multi_dilation_conv2d: float32/float16/bfloat16 on the GPU, every autotune config. A small
+    # odd shape (nothing aligned; every epilogue) and a benchmark-like aligned one (8x256x64x64
+    # -> 4 branches x 64, k = 1, 3, 3, 3: the host gives half dtypes channels_last x there and
+    # CH_ALIGN = 16); WIDE (64-bit index math) at the odd shape with the first config.
     mdc = modules["multi_dilation_conv2d"]
-    for dt, cl in dtype_layouts((f32, *half_dtypes)):
-        n, c_in, c_tot, h, w = 2, 6, 20, 19, 23
-        xs, ys = _strides((n, c_in, h, w), cl), _strides((n, c_tot, h, w), cl)
+    i32, i64 = torch.int32, torch.int64
+    shapes = [("odd", 2, 6, 20, 19, 23, 1), ("aligned", 8, 256, 256, 64, 64, mdc._ALIGN.value)]
+    for (shape, n, c_in, c_tot, h, w, ch_align), (dt, cl) in itertools.product(
+            shapes, dtype_layouts((f32, *half_dtypes))):
+        aligned = shape == "aligned"
+        if aligned and cl:
+            continue
+        x_cl = cl or (aligned and dt != f32)
+        xs, ys = _strides((n, c_in, h, w), x_cl), _strides((n, c_tot, h, w), cl)
         gps = _strides((n, c_tot, h, w), True)  # grad_pre is made channels_last
         key = mdc._dtype_key(torch.empty(0, dtype=dt))
-        tag = f"{str(dt)[6:]} {'channels_last' if cl else 'nchw'}"
-        i64 = torch.int64
+        tag = f"{str(dt)[6:]} {'aligned-' if aligned else ''}{'channels_last' if cl else 'nchw'}"
+        w_total = 64 * c_in * (1 + 3 * 9) if aligned else 1000
         # Forward epilogues: bias or not x activation; GRAD=True (backward's grad_pre) for
         # activations only. All of them with the first config; every config with bias + silu.
-        configs = mdc._forward_kernel.configs
-        for has_bias, act, grad in itertools.product((True, False), activations, (False, True)):
+        configs = mdc._prune_forward(mdc._forward_kernel.configs, {}, DTYPE_KEY=key)
+        for has_bias, act, grad, wide in itertools.product((True, False), activations, (False, True),
+                                                           (False, True)):
             if grad and act == "none":
                 continue
             heaviest = has_bias and act == "silu"
-            if not heaviest and (cl or dt == torch.float16):
+            if not heaviest and (cl or aligned or dt == torch.float16) or wide and (aligned or not heaviest):
                 continue
-            for cfg in configs if heaviest else configs[:1]:
+            for cfg in configs[:1] if wide or not heaviest else configs:
                 out.append(Launch("multi_dilation_conv2d._forward_kernel",
-                                  f"{tag} bias={has_bias} {act}{' GRAD' if grad else ''} {_cfg_label(cfg)}",
-                                  (dt, dt, dt, dt, i64, dt, n * h * w, c_in, c_tot, h, w, *xs,
+                                  f"{tag} bias={has_bias} {act}{' GRAD' if grad else ''} {_cfg_label(cfg)}"
+                                  f" {'i64' if wide else 'i32'}",
+                                  (dt, dt, dt, dt, i64 if wide else i32, dt, n * h * w, c_in, c_tot, h, w, *xs,
                                    *(gps if grad else ys), *ys, 0.1),
                                   dict(HAS_BIAS=has_bias, ACTIVATION=act, DTYPE_KEY=key, UPCAST=False, GRAD=grad,
-                                       BLOCK_N=mdc._BLOCK_N, **cfg.all_kwargs())))
-        for cfg in mdc._grad_x_kernel.configs:
-            out.append(Launch("multi_dilation_conv2d._grad_x_kernel", f"{tag} {_cfg_label(cfg)}",
-                              (dt, dt, i64, dt, 4, n * h * w, c_in, c_tot, h, w, *gps, *xs),
-                              dict(DTYPE_KEY=key, UPCAST=False, **cfg.all_kwargs())))
-        for cfg in mdc._grad_w_kernel.configs:
-            out.append(Launch("multi_dilation_conv2d._grad_w_kernel", f"{tag} {_cfg_label(cfg)}",
-                              (dt, dt, torch.float32, i64, n * h * w, c_in, c_tot, h, w, 192, 1000, *xs, *gps),
-                              dict(DTYPE_KEY=key, UPCAST=False, BLOCK_CO=mdc._BLOCK_N, **cfg.all_kwargs())))
+                                       WIDE=wide, BLOCK_N=mdc._BLOCK_N, **cfg.all_kwargs())))
+        for wide in (False, True) if not aligned else (False,):
+            common = dict(DTYPE_KEY=key, UPCAST=False, CH_ALIGN=ch_align, WIDE=wide)
+            label = "i64" if wide else "i32"
+            for cfg in mdc._grad_x_kernel.configs[:1] if wide else mdc._grad_x_kernel.configs:
+                out.append(Launch("multi_dilation_conv2d._grad_x_kernel", f"{tag} {_cfg_label(cfg)} {label}",
+                                  (dt, dt, i64 if wide else i32, dt, 4, n * h * w, c_in, c_tot, h, w, *gps, *xs),
+                                  dict(**common, **cfg.all_kwargs())))
+            for cfg in mdc._grad_w_kernel.configs[:1] if wide else mdc._grad_w_kernel.configs:
+                out.append(Launch("multi_dilation_conv2d._grad_w_kernel", f"{tag} {_cfg_label(cfg)} {label}",
+                                  (dt, dt, torch.float32, i64 if wide else i32, n * h * w, c_in, c_tot, h, w, 192,
+                                   w_total, *xs, *gps),
+                                  dict(**common, BLOCK_CO=mdc._BLOCK_N, **cfg.all_kwargs())))
     return out
 
 
@@ -357,9 +372,16 @@ DESIGN_NEEDS = [
      lambda p, label: p["async_copies"] > 0, True),
     ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._grad_x_kernel", ("float32",),
      lambda p, label: p["async_copies"] > 0, True),
-    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d.", HALF,
-     lambda p, label: p["async_copies"] > 0, False),
-    ("no 64-bit division in the kernel", "multi_dilation_conv2d.", None, lambda p, label: p["div64"] == 0, False),
+    # Half dtypes: the padded weights load by cp.async at any shape; the activations too where
+    # the channel counts are multiples of 16 (channels_last, "aligned-" configurations).
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._forward_kernel", HALF,
+     lambda p, label: p["async_copies"] > 0, True),
+    ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._grad_x_kernel", HALF,
+     lambda p, label: p["async_copies"] > 0, True),
+    ("asynchronous copies of both operands (aligned channels)", "multi_dilation_conv2d.", HALF,
+     lambda p, label: p["async_copies"] >= 4 if " aligned-" in label else None, True),
+    ("no 64-bit division with 32-bit indices (i32)", "multi_dilation_conv2d.", None,
+     lambda p, label: None if " i64" in label else p["div64"] == 0, True),
 ]
 
 

@@ -193,3 +193,102 @@ def test_cpu_kernel_wide_weights_match_reference(dtype, c_in, width, layout_name
     assert_close(x.grad, x64.grad, dtype, scale=10)
     for got, want in zip(weights + biases, w64 + b64):
         assert_close(got.grad, want.grad, dtype, scale=50)
+
+
+def _triton_kernels():
+    if "triton" not in uresnet_ops.available_backends(OP):
+        pytest.skip("Triton is not available")
+    from uresnet_ops.triton import multi_dilation_conv2d as kernels
+    return kernels
+
+
+def _run_triton(x, weights, dilations, biases, activation, grad_out):
+    """(out, x.grad, weight grads, bias grads) of the triton backend."""
+    x = x.detach().clone().requires_grad_()
+    weights = [w.detach().clone().requires_grad_() for w in weights]
+    biases = [b.detach().clone().requires_grad_() for b in biases]
+    with uresnet_ops.use_backend("triton", OP):
+        out = uresnet_ops.multi_dilation_conv2d(x, weights, dilations, biases, activation)
+        out.backward(grad_out)
+    assert last_used(OP) == "triton" and last_used(OP, "backward") == "triton"
+    return out, x.grad, [w.grad for w in weights], [b.grad for b in biases]
+
+
+def test_triton_pack_pads_rows_to_the_alignment():
+    kernels = _triton_kernels()
+    weights = [torch.randn(5, 3, 3, 3), torch.randn(16, 3, 1, 1), torch.randn(2, 3, 3, 3)]
+    packed, offsets = kernels._pack(weights, (2, 3, 1, 0))  # (k, k, Cin, Cout padded)
+    align = kernels._ALIGN.value
+    assert all(o % align == 0 for o in offsets) and packed.numel() % align == 0
+    for wt, off in zip(weights, offsets):
+        cout, c_in, k = wt.shape[0], wt.shape[1], wt.shape[-1]
+        block = packed[off:off + k * k * c_in * kernels._padded(cout)].view(k, k, c_in, -1)
+        torch.testing.assert_close(block[..., :cout], wt.permute(2, 3, 1, 0), rtol=0, atol=0)
+        assert not block[..., cout:].any()  # zero padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_triton_vector_layout_copies_only_aligned_half_tensors(dtype, layout_name):
+    kernels = _triton_kernels()
+    for c, aligned in ((16, True), (5, False)):
+        x = layout(torch.randn(2, c, 3, 4).to(dtype), layout_name)
+        y = kernels._vector_layout(x, aligned)
+        copied = aligned and dtype != torch.float32 and layout_name != "channels_last"
+        assert (y is not x) == copied
+        assert y.is_contiguous(memory_format=torch.channels_last) or not copied
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("widths", [(16, 16), (16, 5)], ids=["aligned", "unaligned_widths"])
+def test_triton_aligned_channels_match_reference(dtype, layout_name, widths):
+    # 16 input channels: half inputs are read channels_last (copied from NCHW), the weights
+    # padded per row; aligned widths: CH_ALIGN = 16 (grad_out copied to channels_last for "none").
+    kernels = _triton_kernels()
+    torch.manual_seed(3)
+    x = layout(torch.randn(1, 16, 5, 6).to(dtype), layout_name)
+    weights = [(torch.randn(c, 16, k, k) / (16 * k * k) ** 0.5).to(dtype) for c, k in zip(widths, (3, 1))]
+    biases = [torch.randn(c).to(dtype) for c in widths]
+    dilations = [2, 1]
+    assert kernels._channel_align(widths) == (16 if widths == (16, 16) else 1)
+    for activation in ("none", "silu"):
+        x64, w64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in weights]
+        b64 = [b.double().requires_grad_() for b in biases]
+        expected = reference.multi_dilation_conv2d(x64, w64, dilations, b64, activation)
+        grad_out = layout(torch.randn_like(expected), layout_name)
+        expected.backward(grad_out)
+        out, gx, gw, gb = _run_triton(x, weights, dilations, biases, activation, grad_out.to(dtype))
+        assert out.is_contiguous(memory_format=expected_format(x))
+        assert_close(out, expected, dtype, scale=5)
+        assert_close(gx, x64.grad, dtype, scale=10)
+        for got, want in zip(gw + gb, w64 + b64):
+            assert_close(got, want.grad, dtype, scale=50)
+
+
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_triton_64_bit_index_path_matches_the_32_bit_one(layout_name, monkeypatch):
+    # The kernels take 32-bit index math unless an offset can reach 2**31 (no 64-bit division
+    # on the GPU); the 64-bit path is forced here by lowering the limit.
+    kernels = _triton_kernels()
+    torch.manual_seed(5)
+    x = layout(torch.randn(2, 3, 5, 7), layout_name)
+    weights = [torch.randn(c, 3, k, k) for c, k in ((4, 3), (2, 1), (3, 3))]
+    biases = [torch.randn(w.shape[0]) for w in weights]
+    dilations = [1, 1, 3]
+    grad_out = torch.randn(2, 9, 5, 7)
+    assert not kernels._wide(x)
+    results = []
+    for limit in (kernels._INT32_LIMIT, 1):
+        monkeypatch.setattr(kernels, "_INT32_LIMIT", limit)
+        assert kernels._wide(x) == (limit == 1)
+        out, gx, gw, gb = _run_triton(x, weights, dilations, biases, "silu", grad_out)
+        results.append([out, gx, *gw, *gb])
+    for narrow, wide in zip(*results):
+        torch.testing.assert_close(narrow, wide, rtol=1e-6, atol=1e-6)
+    expected = reference.multi_dilation_conv2d(x.double(), [w.double() for w in weights], dilations,
+                                               [b.double() for b in biases], "silu")
+    assert_close(results[1][0], expected, torch.float32, scale=5)
