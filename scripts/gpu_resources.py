@@ -353,6 +353,14 @@ def machine_code_profile(sass, ptx):
 # requires it now. A property the kernel already has is required, so losing it fails CI; one it
 # lacks is reported as missing until the kernel is rewritten to have it.
 HALF = ("float16", "bfloat16")
+
+
+def _tile_rows(label):
+    """The first block size of a configuration label ("... cfg 64x32 w8 s2" -> 64)."""
+    m = re.search(r"cfg (\d+)x", label)
+    return int(m[1]) if m else 0
+
+
 DESIGN_NEEDS = [
     ("no 64-bit division with 32-bit indices (i32)", "pixel_shuffle_bn.", None,
      lambda p, label: None if " i64" in label else p["div64"] == 0, True),
@@ -367,7 +375,9 @@ DESIGN_NEEDS = [
      lambda p, label: None if " i64" in label else p["div64"] == 0, True),
     ("tensor-core instructions (HGMMA or HMMA)", "multi_dilation_conv2d.", HALF,
      lambda p, label: p["hgmma"] + p["hmma"] > 0, True),
-    ("wgmma (HGMMA), not only mma", "multi_dilation_conv2d.", HALF, lambda p, label: p["hgmma"] > 0, False),
+    # (wgmma computes 64-row tiles: the 32-row configurations, for small maps, use mma)
+    ("wgmma (HGMMA) in tiles of >= 64 rows", "multi_dilation_conv2d.", HALF,
+     lambda p, label: p["hgmma"] > 0 if _tile_rows(label) >= 64 else None, True),
     ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._forward_kernel", ("float32",),
      lambda p, label: p["async_copies"] > 0, True),
     ("asynchronous copies (cp.async or TMA)", "multi_dilation_conv2d._grad_x_kernel", ("float32",),

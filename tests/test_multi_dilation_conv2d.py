@@ -292,3 +292,22 @@ def test_triton_64_bit_index_path_matches_the_32_bit_one(layout_name, monkeypatc
     expected = reference.multi_dilation_conv2d(x.double(), [w.double() for w in weights], dilations,
                                                [b.double() for b in biases], "silu")
     assert_close(results[1][0], expected, torch.float32, scale=5)
+
+
+def test_triton_declines_float32_on_the_gpu_while_cudnn_may_use_tf32(monkeypatch):
+    # The reference's cuDNN convolutions run TF32 on tensor cores there (docs/roofline.md); the
+    # Triton kernel's float32 is IEEE on CUDA cores. Asked for by name it still runs.
+    triton_mdc = pytest.importorskip("uresnet_ops.triton.multi_dilation_conv2d")
+    with uresnet_ops.use_backend("triton"):
+        declines = uresnet_ops.backends.get_backend(OP, "cpu").declines
+
+    class OnGpu:
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda"), dtype
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert declines is triton_mdc._tf32_convolutions_are_faster
+    assert declines(OnGpu(torch.float32)) and not declines(OnGpu(torch.bfloat16))
+    assert not declines(torch.zeros(1))  # a CPU tensor (the interpreter)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not declines(OnGpu(torch.float32))

@@ -478,4 +478,11 @@ def _backward(grad_out, x, weights, dilations, biases, activation, slope):
     return grad_x, grad_w, grad_b
 
 
-register_triton_backend(OP, _forward, _backward)
+def _tf32_convolutions_are_faster(x, *rest):
+    """float32 on a GPU where torch lets cuDNN use TF32 (its default): the reference's cuDNN
+    convolutions run on tensor cores there, far above this kernel's IEEE float32 rate on CUDA
+    cores (docs/roofline.md). Declined by default only; asked for by name, this backend runs."""
+    return x.device.type == "cuda" and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+register_triton_backend(OP, _forward, _backward, declines=_tf32_convolutions_are_faster)
