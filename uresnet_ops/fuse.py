@@ -1,4 +1,4 @@
-"""``uresnet_ops.fuse(model)``: rewrite any ``nn.Module`` to use the fused modules (docs/design.md §3.5).
+"""``uresnet_ops.fuse(model)``: rewrite any ``nn.Module`` to use the fused modules (docs/design.md §3.6).
 
 Patterns (each checked for a configuration the fused op computes exactly; others are left as
 they are and reported):
