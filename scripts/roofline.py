@@ -109,10 +109,11 @@ PREDICTIONS = {
     # out 33.6 MB = 184 MB over 50.4 MB minimal (3.7x). The reference: interpolate, grouped conv,
     # batch_norm, activation, channel_shuffle, 1x1: about 14x.
     ("shuffle_upsample", "triton"): Prediction(
-        _per_dtype(memory_share(1024, 4, 4), memory_share(1024, 4, 4)), _per_dtype(0.55, 0.6), 3.7,
+        _per_dtype(memory_share(512, 2, 9), memory_share(512, 4, 9)), _per_dtype(0.55, 0.6), 3.7,
         "the upsample + grouped 3x3 on the low-resolution input (every s*s output of a neighbourhood "
-        "from one load of it), no 64-bit division in 32-bit index math; the shuffled 1x1 is a cuBLAS "
-        "GEMM on the intermediate, which is written and read once."),
+        "from one load of it), no 64-bit division in 32-bit index math; scalar loads, 9 independent "
+        "per thread, ~512 threads per SM at 80-200 registers. The shuffled 1x1 is a cuBLAS GEMM on "
+        "the intermediate, which is written and read once."),
     ("shuffle_upsample", "cuda"): Prediction(
         _per_dtype(memory_share(2048, 2, 1), memory_share(2048, 4, 1)), _per_dtype(0.55, 0.6), 4.7,
         "one output per thread, 24 64-bit divisions per output in the PTX, no tiling: each input "

@@ -9,6 +9,30 @@ from .. import backends
 from . import AVAILABLE, DEVICE_TYPES
 
 
+# Index math is 32-bit unless an offset can reach this (the host chooses WIDE per launch).
+INT32_LIMIT = 2 ** 31
+
+
+@triton.jit
+def program_index(axis: tl.constexpr, WIDE: tl.constexpr):
+    # 64-bit index math only where an offset can reach 2**31 (WIDE): on the GPU each 64-bit
+    # division or remainder is a call of a ~40-instruction routine, a 32-bit one a few
+    # instructions. Everything indexed from the program id follows its width.
+    pid = tl.program_id(axis)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+def reaches(tensors, margin: int, limit: int) -> bool:
+    """Whether an index or offset into any of ``tensors``, or up to ``margin`` elements past its
+    end (the masked lanes of a last tile are still computed), can reach ``limit``: then the
+    kernels need 64-bit index math (WIDE)."""
+    return any(t.numel() + margin >= limit
+               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride(), strict=True)) + margin >= limit
+               for t in tensors)
+
+
 @triton.jit
 def apply_activation(y, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == "relu":  # NaN stays NaN, as in ATen (tl.maximum alone would give 0)

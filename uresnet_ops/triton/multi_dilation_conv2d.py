@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .._common import memory_format
 from . import INTERPRET
-from ._common import activation_grad, apply_activation, register_triton_backend
+from ._common import INT32_LIMIT, activation_grad, apply_activation, program_index, reaches, register_triton_backend
 
 OP = "multi_dilation_conv2d"
 # Rows of packed weights, and channel runs that load as vectors, are multiples of this many
@@ -62,16 +62,6 @@ def _prune_forward(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _program_index(axis: tl.constexpr, WIDE: tl.constexpr):
-    # 64-bit index math only where an offset can reach 2**31 (WIDE): on the GPU each 64-bit
-    # division or remainder is a call of a ~40-instruction routine, a 32-bit one a few instructions.
-    pid = tl.program_id(axis)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    return pid
-
-
-@triton.jit
 def _arange(size: tl.constexpr, WIDE: tl.constexpr):
     # 0..size-1 in the kernel's index width: a channel index times a stride can pass 2**31 too.
     r = tl.arange(0, size)
@@ -90,7 +80,7 @@ def _forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, go_ptr, NHW, C_I
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # GRAD=False: out = act(conv + bias). GRAD=True (backward): out = grad_out * act'(conv + bias),
     # grad_out read at go_ptr with strides (sgn, sgc, sgh, sgw).
-    pid_m = _program_index(0, WIDE)
+    pid_m = program_index(0, WIDE)
     tile = tl.program_id(1)
     # Column tile (the table is in the kernel's index width): (first output channel of the
     # branch, branch width, first channel of the tile inside the branch, kernel size, dilation,
@@ -170,8 +160,8 @@ def _grad_x_kernel(gp_ptr, w_ptr, branches_ptr, gx_ptr, NUM_BRANCHES, NHW, C_IN,
     # grad_x(pixel p, ci) = sum_b sum_t sum_co grad_pre(p - offset_b,t, c_off_b + co) * w_b[co, ci, t]:
     # rows = pixels, columns = input channels, K = every (branch, tap, output channel).
     # CH_ALIGN: every branch's first channel and width are multiples of it.
-    pid_m = _program_index(0, WIDE)
-    pid_n = _program_index(1, WIDE)
+    pid_m = program_index(0, WIDE)
+    pid_n = program_index(1, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < NHW
     hw = H * W
@@ -225,9 +215,9 @@ def _grad_w_kernel(x_ptr, gp_ptr, part_ptr, items_ptr, NHW, C_IN, C_TOT, H, W, P
                    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
     # Partial grad_w_b[co, ci, t] = sum over this split's pixels p of
     # grad_pre(p, c_off + co) * x(p + offset_t, ci): (Cout tile x K=pixels) @ (pixels x Cin tile).
-    pid_ci = _program_index(0, WIDE)
+    pid_ci = program_index(0, WIDE)
     item = tl.program_id(1)
-    split = _program_index(2, WIDE)
+    split = program_index(2, WIDE)
     # Item: (first output channel of the branch, branch width, first channel of the tile in the
     # branch, kernel size, dilation, offset of the branch's (Cout, Cin, k, k) gradient, tap).
     c_off = tl.multiple_of(tl.load(items_ptr + item * 7 + 0), CH_ALIGN)
@@ -282,16 +272,12 @@ def _grad_w_kernel(x_ptr, gp_ptr, part_ptr, items_ptr, NHW, C_IN, C_TOT, H, W, P
 
 
 _TABLES: dict = {}
-_INT32_LIMIT = 2 ** 31
+_INT32_LIMIT = INT32_LIMIT  # a module global: tests lower it to force the 64-bit path
 _MARGIN = 1024  # past a tensor's last element: a tile's (>= the largest block) or split's end
 
 
 def _wide(*tensors) -> bool:
-    """Whether an index or offset into any of ``tensors`` (or a tile past its end) can reach
-    2**31, so the kernels need 64-bit index math."""
-    return any(t.numel() + _MARGIN >= _INT32_LIMIT
-               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + _MARGIN >= _INT32_LIMIT
-               for t in tensors)
+    return reaches(tensors, _MARGIN, _INT32_LIMIT)
 
 
 def _table(rows, device, wide):

@@ -9,17 +9,7 @@ import triton
 import triton.language as tl
 
 from .._common import memory_format, scale_shift
-from ._common import activation_grad, apply_activation, register_triton_backend
-
-
-@triton.jit
-def _program_index(axis: tl.constexpr, WIDE: tl.constexpr):
-    # 64-bit index math only where an offset can reach 2**31 (WIDE): on the GPU each 64-bit
-    # division or remainder is a call of a ~40-instruction routine, a 32-bit one a few instructions.
-    pid = tl.program_id(axis)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    return pid
+from ._common import INT32_LIMIT, activation_grad, apply_activation, program_index, reaches, register_triton_backend
 
 
 # Two tilings, so that the fastest-varying index of every load and store is a tl.arange on a
@@ -114,7 +104,7 @@ def _eval_forward_kernel(x_ptr, out_ptr, scale_ptr, shift_ptr, count, C, H, W,
                          R: tl.constexpr, RP: tl.constexpr, ACTIVATION: tl.constexpr, PIXELS: tl.constexpr,
                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, WIDE: tl.constexpr):
     # One program per tile: count is the number of input pixels (PIXELS) or output rows.
-    a = _program_index(0, WIDE) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a = program_index(0, WIDE) * BLOCK_A + tl.arange(0, BLOCK_A)
     b0 = tl.program_id(1) * BLOCK_B
     if PIXELS:
         x_off, x_mask, o_off, o_mask = _pixels_tile(a, a < count, b0, C, H, W, sxn, sxc, sxh, sxw,
@@ -142,8 +132,8 @@ def _stats_kernel(x_ptr, part_ptr, count, per, S, C, H, W, sxn, sxc, sxh, sxw,
     # [s*per, s*per + per) of count input pixels (PIXELS; channels g*BLOCK_B + [0, BLOCK_B)) or of
     # count output rows (n, oh) of channel g. The shift by the channel's first value keeps
     # float32 sums accurate far from zero.
-    g = _program_index(0, WIDE)
-    s = _program_index(1, WIDE)
+    g = program_index(0, WIDE)
+    s = program_index(1, WIDE)
     lo = s * per
     hi = tl.minimum(lo + per, count)
     if PIXELS:
@@ -193,8 +183,8 @@ def _backward_sums_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, part_pt
                           R: tl.constexpr, RP: tl.constexpr, ACTIVATION: tl.constexpr, PIXELS: tl.constexpr,
                           BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, WIDE: tl.constexpr):
     # Program (g, s), slices as in _stats_kernel: sum(dy') and sum(dy' * (x - mean)) per channel.
-    g = _program_index(0, WIDE)
-    s = _program_index(1, WIDE)
+    g = program_index(0, WIDE)
+    s = program_index(1, WIDE)
     lo = s * per
     hi = tl.minimum(lo + per, count)
     if PIXELS:
@@ -254,7 +244,7 @@ def _backward_input_kernel(dy_ptr, x_ptr, gx_ptr, coef_ptr, count, C, H, W, sxn,
                            R: tl.constexpr, RP: tl.constexpr, ACTIVATION: tl.constexpr, PIXELS: tl.constexpr,
                            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, WIDE: tl.constexpr):
     # grad_x = a * dy' + b * x + d per channel, tiled as _eval_forward_kernel (in x's shape).
-    a_idx = _program_index(0, WIDE) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_idx = program_index(0, WIDE) * BLOCK_A + tl.arange(0, BLOCK_A)
     b0 = tl.program_id(1) * BLOCK_B
     if PIXELS:
         x_off, x_mask, o_off, o_mask = _pixels_tile(a_idx, a_idx < count, b0, C, H, W, sxn, sxc, sxh, sxw,
@@ -293,15 +283,11 @@ _TILE = 1024
 _NUM_WARPS = 4
 # Reductions: at least ~8 programs per SM of a 132-SM H200 where the size allows.
 _PROGRAMS = 2048
-_INT32_LIMIT = 2 ** 31
+_INT32_LIMIT = INT32_LIMIT  # a module global: tests lower it to force the 64-bit path
 
 
 def _wide(*tensors) -> bool:
-    """Whether an index or offset into any of ``tensors`` (or a tile past its end) can reach
-    2**31, so the kernels need 64-bit index math."""
-    return any(t.numel() + _TILE >= _INT32_LIMIT
-               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + _TILE >= _INT32_LIMIT
-               for t in tensors)
+    return reaches(tensors, _TILE, _INT32_LIMIT)
 
 
 def _tiling(x, r):

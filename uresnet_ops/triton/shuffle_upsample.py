@@ -35,7 +35,7 @@ import triton.language as tl
 from .._common import ACTIVATIONS, stat_dtype
 from ..shuffle_upsample import ConvKernels, fused_backend
 from . import INTERPRET
-from ._common import apply_activation, register_triton_backend
+from ._common import INT32_LIMIT, apply_activation, program_index, reaches, register_triton_backend
 
 OP = "uresnet_ops::_shuffle_upsample_conv (triton)"
 
@@ -55,17 +55,6 @@ def _block(width, budget, dtype):
     if dtype == torch.float64:
         budget //= 2
     return 32 if INTERPRET else max(1, min(128, budget // width))
-
-
-@triton.jit
-def _program_index(WIDE: tl.constexpr):
-    # 64-bit index math only where an offset can reach 2**31 (WIDE, chosen on the host): on the
-    # GPU each 64-bit division or remainder is a call of a ~40-instruction routine, a 32-bit one
-    # a few instructions. Everything indexed from the program id follows its width.
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    return pid
 
 
 @triton.jit
@@ -128,8 +117,8 @@ def _forward_kernel(x_ptr, wf_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, W, OH,
     # Program (n*C + co, tile): BLOCK low-res pixels x the s*s output parities of channel co;
     # per input channel of the group, one load of the pixels' 3x3 low-res neighbourhoods.
     acc_ty: tl.constexpr = wf_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // T
-    t = _program_index(WIDE) % T
+    plane = program_index(0, WIDE) // T
+    t = program_index(0, WIDE) % T
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -177,8 +166,8 @@ def _forward_border_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, C, CG, H, 
     # Bilinear only: program (n*C + co, tile) recomputes BLOCK high-res border pixels directly,
     # the 9 taps interpolated on the fly.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // TB
-    t = _program_index(WIDE) % TB
+    plane = program_index(0, WIDE) // TB
+    t = program_index(0, WIDE) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -217,8 +206,8 @@ def _grad_x_kernel(g_ptr, wb_ptr, gx_ptr, C, CG, H, W, OH, OW, T, sgn, sgc, sgh,
     # Program (n*C + ci, tile): grad_x over BLOCK low-res pixels, a stride-S correlation of grad
     # (the K x K window from (i*S - P, j*S - P)) with the effective kernels of the group.
     acc_ty: tl.constexpr = wb_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // T
-    t = _program_index(WIDE) % T
+    plane = program_index(0, WIDE) // T
+    t = program_index(0, WIDE) % T
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
@@ -256,8 +245,8 @@ def _grad_x_border_kernel(g_ptr, w_ptr, gx_ptr, C, CG, H, W, OH, OW, NB, TB, sgn
     # weight on (i, j) times the transposed conv of grad there. A pixel may come twice (H or W
     # of 1): both write the same value.
     acc_ty: tl.constexpr = w_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // TB
-    t = _program_index(WIDE) % TB
+    plane = program_index(0, WIDE) // TB
+    t = program_index(0, WIDE) % TB
     n = plane // C
     ci = plane % C
     g0 = (ci // CG) * CG
@@ -319,8 +308,8 @@ def _grad_weight_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, T, TPP, NCH
     # Program (n*C + co, chunk): over its TPP tiles of low-res pixels, for each input channel ci
     # of the group, the sums of grad[co] at parity p times x[ci] at neighbour d, per (d, p).
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // NCH
-    chunk = _program_index(WIDE) % NCH
+    plane = program_index(0, WIDE) // NCH
+    chunk = program_index(0, WIDE) % NCH
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -364,8 +353,8 @@ def _grad_weight_border_kernel(g_ptr, x_ptr, part_ptr, C, CG, H, W, OH, OW, NB, 
     # Bilinear only: program (n*C + co, tile) adds the high-res border pixels' share of the
     # weight gradient, the taps interpolated directly.
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
-    plane = _program_index(WIDE) // TB
-    t = _program_index(WIDE) % TB
+    plane = program_index(0, WIDE) // TB
+    t = program_index(0, WIDE) % TB
     n = plane // C
     co = plane % C
     g0 = (co // CG) * CG
@@ -419,16 +408,12 @@ def _window(s, mode, device):
     return torch.tensor(m, dtype=torch.float64, device=device), p
 
 
-_INT32_LIMIT = 2 ** 31
+_INT32_LIMIT = INT32_LIMIT  # a module global: tests lower it to force the 64-bit path
 _SLACK = 1024  # the indices of a tile past a tensor's end (masked, but compared) must not wrap either
 
 
 def _wide(*tensors) -> bool:
-    """Whether an index or offset into any of ``tensors`` (or a tile past its end) can reach
-    2**31, so the kernels need 64-bit index math (WIDE)."""
-    return any(t.numel() + _SLACK >= _INT32_LIMIT
-               or sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride())) + _SLACK >= _INT32_LIMIT
-               for t in tensors)
+    return reaches(tensors, _SLACK, _INT32_LIMIT)
 
 
 def _ssp(s):
