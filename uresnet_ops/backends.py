@@ -6,7 +6,8 @@ calls it. Resolution order for an op on a device:
 
 1. the innermost :func:`use_backend` context (for this op, then for all ops),
 2. :func:`set_backend` (for this op, then for all ops),
-3. the op's default order for the device (fastest measured first).
+3. the op's default order for the device (fastest first: measured on CPU, predicted from the
+   kernels' machine code on CUDA until a GPU run measures it).
 
 The name ``"auto"`` (in either place, or ``URESNET_BACKEND=auto`` in the environment) measures
 instead: the first call of each key (op, device, and every argument's dtype, shape and layout,
