@@ -162,8 +162,27 @@ def test_bench_op_path_runs_to_the_table(capsys):
     status, out, err = run(["bench", "--op", "pixel_shuffle_bn", "--no-compile", "--device", "cpu", "--size", "small",
                             "--min-time", "0.01"], capsys)
     assert status == 0, err
-    assert "xeager" in out and "pixel_shuffle_bn" in out and "eager" in out
-    assert out.rstrip().endswith("(x = baseline time / implementation time; >1 is faster)")
+    assert "xeager" in out and "pixel_shuffle_bn" in out and "eager" in out and "spread" in out
+    assert "(x = baseline time / implementation time; >1 is faster; spread = (max - min) / median of the repeats)" \
+        in out
+
+
+def test_bench_repeats_and_says_when_the_times_are_noise(tmp_path, capsys, monkeypatch):
+    import uresnet_models.benchmark as bench
+    monkeypatch.setattr(bench, "machine_load", lambda: 3.5)
+    path = tmp_path / "b.json"
+    status, out, err = run(["bench", "--op", "pixel_shuffle_bn", "--no-compile", "--device", "cpu", "--size", "small",
+                            "--min-time", "0.005", "--repeats", "2", "--json", str(path)], capsys)
+    assert status == 0, err
+    assert "note: the machine was busy: load average 3.5" in out
+    results = json.loads(path.read_text())
+    assert results["load_average"] == 3.5 and results["notes"]
+    for row in results["results"]:
+        assert row["repeats"] == 2 and len(row["medians_s"]) == 2
+        assert row["spread"] == pytest.approx((max(row["medians_s"]) - min(row["medians_s"])) / row["median_s"])
+    assert bench.noise_notes(0.1, [0.02, 0.05], 3) == []
+    (note,) = bench.noise_notes(0.1, [0.02, 0.4], 3)
+    assert "1 of 2 measurement(s) spread by more than 10% over 3 repeat(s) (up to 40%)" in note
 
 
 def test_version_and_fast_help():
@@ -362,3 +381,169 @@ def test_compile_hides_the_cuda_home_warning_without_a_gpu():
 
 def test_demo_output_folder_is_ignored_by_git():
     assert "uresnet-demo/" in (ROOT / ".gitignore").read_text().split()
+
+
+# --------------------------------------------------------------------------- issue 28
+SYNTHETIC_RUN = ["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "4", "--train-samples", "8",
+                 "--val-samples", "4", "--image-size", "16", *TINY]
+
+
+def test_train_refuses_an_out_that_holds_a_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(SYNTHETIC_RUN + ["--out", str(run_dir)], capsys)[0] == 0
+    weights = (run_dir / "best" / "model.safetensors").read_bytes()
+    status, out, err = run(SYNTHETIC_RUN + ["--out", str(run_dir), "--seed", "3"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {run_dir} holds a run (best, last, log.csv" in err and "--resume" in err and "--overwrite" in err
+    assert "training" not in out and (run_dir / "best" / "model.safetensors").read_bytes() == weights
+    status, _, err = run(SYNTHETIC_RUN + ["--out", str(run_dir), "--resume", "--overwrite"], capsys)
+    assert status == 2 and "not both" in err
+    # --overwrite replaces the run's files (a stale one of the old run goes), nothing else in the folder
+    (run_dir / "last" / "stale.txt").write_text("from the old run")
+    (run_dir / "notes.txt").write_text("mine")
+    status, _, err = run(SYNTHETIC_RUN + ["--out", str(run_dir), "--seed", "3", "--overwrite"], capsys)
+    assert status == 0, err
+    assert (run_dir / "best" / "model.safetensors").read_bytes() != weights
+    assert not (run_dir / "last" / "stale.txt").exists() and (run_dir / "notes.txt").read_text() == "mine"
+    # --resume says what to do too (the run is finished: nothing is trained again)
+    status, out, err = run(SYNTHETIC_RUN + ["--out", str(run_dir), "--resume"], capsys)
+    assert status == 0 and "resumed from" in out, err
+
+
+def _class_id_folder(root: Path, n=4, size=24):
+    """images/ + masks/ of class ids 0..2 and 255 (unlabelled) in a border."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        ids = np.zeros((size, size), np.uint8)
+        ids[4:12, 4:20], ids[14:22, 6:14] = 1, 2
+        ids[0] = 255
+        image = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+        image[ids == 1], image[ids == 2] = (200, 40, 40), (40, 40, 200)
+        for sub, array in (("images", image), ("masks", ids)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / sub / f"{i:03d}.png")
+    return root
+
+
+def test_masks_format_trains_and_names_bad_ids(tmp_path, capsys):
+    data = _class_id_folder(tmp_path / "data")
+    args = ["train", "--data", str(data), "--format", "masks", "--epochs", "1", "--batch-size", "2",
+            "--image-size", "24", "--val-fraction", "0.5", *TINY]
+    status, out, err = run(args + ["--num-classes", "3", "--out", str(tmp_path / "run")], capsys)
+    assert status == 0, err
+    assert "on masks (seg, 3 classes)" in out and "loss ce" in out
+    meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
+    assert meta["data"]["ignore_index"] == 255 and meta["config"]["loss"] == "ce"
+    status, out, err = run(["eval", "--checkpoint", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert status == 0 and "class2" in out, err
+    status, _, err = run(args + ["--out", str(tmp_path / "x")], capsys)
+    assert status == 2 and "--format masks needs --num-classes" in err
+    bad = np.asarray(Image.open(data / "masks" / "002.png")).copy()
+    bad[5, 5] = 7
+    Image.fromarray(bad).save(data / "masks" / "002.png")
+    status, out, err = run(args + ["--num-classes", "3", "--out", str(tmp_path / "y")], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "training" not in out
+    assert "002.png: class id 7 outside 0..2 (and not the ignore index 255)" in err, err
+
+
+def test_binary_masks_of_0_1_train_a_foreground(tmp_path, capsys):
+    data = _binary_folder(tmp_path / "data", n=4)
+    for path in (data / "masks").glob("*.png"):  # the smp/torchvision convention: 0/1
+        Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8)).save(path)
+    args = ["train", "--data", str(data), "--format", "binary", "--epochs", "1", "--batch-size", "2",
+            "--image-size", "24", "--val-fraction", "0.5", *TINY]
+    status, out, err = run(args + ["--out", str(tmp_path / "run")], capsys)
+    assert status == 0, err
+    assert "val_iou_foreground nan" not in out and "no foreground" not in out
+    for path in (data / "masks").glob("*.png"):  # no foreground anywhere: refused before the model is built
+        Image.fromarray(np.zeros((24, 24), np.uint8)).save(path)
+    status, out, err = run(args + ["--out", str(tmp_path / "empty")], capsys)
+    assert status == 2 and "training" not in out
+    assert "train: no foreground in any of the 2 training masks" in err, err
+
+
+def test_an_undefined_foreground_iou_is_explained(tmp_path, capsys, monkeypatch):
+    from uresnet_models import train as training
+    from uresnet_models.train import undefined_foreground
+    real_eval = training.evaluate
+
+    def no_foreground(*a, **k):  # as when no validation mask holds foreground and the model predicts none
+        return {**real_eval(*a, **k), "iou_foreground": float("nan")}
+
+    monkeypatch.setattr(training, "evaluate", no_foreground)
+    data = _binary_folder(tmp_path / "data", n=4)
+    status, out, err = run(["train", "--data", str(data), "--format", "binary", "--epochs", "2", "--batch-size", "2",
+                            "--image-size", "24", "--val-fraction", "0.5", *TINY, "--out", str(tmp_path / "r")], capsys)
+    assert status == 0, err
+    assert out.count("note: validation: the foreground IoU is undefined (nan): no mask holds foreground and the "
+                     "model predicted none") == 1, out
+    assert undefined_foreground({"iou_foreground": 0.0}) is None and undefined_foreground({"miou": 0.5}) is None
+
+
+def test_predict_goes_on_past_unreadable_images(binary_run, tmp_path, capsys):
+    data, run_dir, _ = binary_run
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((data / "images").glob("*.png"))[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "001.png").write_bytes(b"not a png")
+    status, out, err = run(["predict", "--checkpoint", str(run_dir), "--input", str(images), "--out",
+                            str(tmp_path / "masks"), "--no-progress"], capsys)
+    assert status == 1
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == ["000.png", "002.png"]
+    assert "1 of 3 image(s) could not be read" in out and f"cannot read image {images / '001.png'}" in out
+    assert err.strip().splitlines()[-1] == "uresnet predict: 1 of 3 image(s) failed (listed above)"
+    status, _, err = run(["predict", "--checkpoint", str(run_dir), "--input", str(images), "--out",
+                          str(tmp_path / "strict"), "--no-progress", "--strict"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "001.png" in err, err
+
+
+def test_a_damaged_checkpoint_is_named_by_every_command(binary_run, tmp_path, capsys):
+    import shutil
+    data, run_dir, _ = binary_run
+    damaged = tmp_path / "run"
+    shutil.copytree(run_dir, damaged)
+    for folder in ("best", "last"):
+        weights = damaged / folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    commands = [["eval", "--checkpoint", str(damaged), "--no-progress"],
+                ["predict", "--checkpoint", str(damaged), "--input", str(data / "images"), "--out",
+                 str(tmp_path / "m"), "--no-progress"],
+                ["export", "--checkpoint", str(damaged), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+                ["train", "--data", str(data), "--format", "binary", "--epochs", "3", "--batch-size", "2",
+                 "--image-size", "24", "--val-fraction", "0.34", *TINY, "--out", str(damaged), "--resume"]]
+    for argv in commands:
+        status, _, err = run(argv, capsys)
+        folder = "last" if argv[0] == "train" else "best"
+        assert status == 2 and len(err.strip().splitlines()) == 1, (argv[0], err)
+        assert f"{damaged / folder / 'model.safetensors'} is damaged" in err, (argv[0], err)
+    shutil.copy(run_dir / "last" / "model.safetensors", damaged / "last" / "model.safetensors")
+    state = damaged / "last" / "state.pt"
+    state.write_bytes(state.read_bytes()[:500])
+    status, _, err = run(commands[-1], capsys)
+    assert status == 2 and f"{state} is damaged" in err and len(err.strip().splitlines()) == 1, err
+    (damaged / "best" / "model.safetensors").unlink()  # missing: the same exit status, the file named
+    status, _, err = run(commands[0], capsys)
+    assert status == 2 and str(damaged / "best" / "model.safetensors") in err, err
+
+
+def test_preprocessing_travels_with_the_checkpoint(binary_run, tmp_path):
+    import uresnet_models
+    _, run_dir, out = binary_run
+    meta = json.loads((run_dir / "best" / "training.json").read_text())
+    model = uresnet_models.from_pretrained(run_dir / "best")
+    assert model.preprocessing["mean"] == pytest.approx(meta["data"]["mean"])
+    assert model.preprocessing["std"] == pytest.approx(meta["data"]["std"])
+    card = (run_dir / "best" / "README.md").read_text()
+    assert "loss bce_dice" in card and "loss default" not in card
+    assert "pre = model.preprocessing" in card and "v2.Normalize(pre[\"mean\"], pre[\"std\"])" in card
+    model.preprocessing = {"mean": [0.1, 0.2, 0.3], "std": (0.5, 0.5, 0.5)}  # set by hand: saved and restored
+    model.save_pretrained(tmp_path / "m")
+    assert uresnet_models.from_pretrained(tmp_path / "m").preprocessing == {
+        "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "input_range": [0.0, 1.0]}
+    with pytest.raises(ValueError, match="one value per channel"):
+        model.preprocessing = {"mean": [0.1], "std": [1.0, 2.0]}
+    with pytest.raises(ValueError, match="preprocessing must be"):
+        model.preprocessing = [0.5]
+    model.preprocessing = None  # back to the encoder's: none for the seed's own
+    assert model.preprocessing is None

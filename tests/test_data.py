@@ -183,3 +183,100 @@ def test_a_task_is_for_synthetic_data_only(tmp_path):
         build_dataset("binary", tmp_path, task="joint")
     with pytest.raises(DataError, match="--format binary needs --data"):
         build_dataset("binary", None)
+
+
+# --------------------------------------------------------------------------- issue 28: masks read for what they are
+def _mask_folder(root, masks, image_size=(8, 10), suffix=".png"):
+    """``images/`` + ``masks/`` with one random image per mask (arrays or PIL images)."""
+    for i, mask in enumerate(masks):
+        _png(root / "images" / f"im{i}.png", _rgb(i, *image_size))
+        path = root / "masks" / f"im{i}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (mask if isinstance(mask, Image.Image) else Image.fromarray(mask)).save(path)
+    return root
+
+
+def _square(h=8, w=10, value=1):
+    m = np.zeros((h, w), np.uint8)
+    m[2:6, 3:8] = value
+    return m
+
+
+def test_binary_masks_0_1_and_0_255_read_alike(tmp_path):
+    expected = torch.from_numpy(_square()).long()
+    one_bit = Image.fromarray(_square(value=255)).convert("1")
+    palette = Image.fromarray(_square()).convert("P")  # indices 0/1, whatever colours they have
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    jpeg_like = _square(value=255)
+    jpeg_like[2, 3], jpeg_like[0, 0] = 190, 12  # a blurred edge and noise
+    for name, mask in (("zero_one", _square()), ("zero_255", _square(value=255)), ("one_bit", one_bit),
+                       ("palette", palette), ("blurred", jpeg_like)):
+        ds, _ = build_dataset("binary", _mask_folder(tmp_path / name, [mask] * 2), "train", val_fraction=0.5)
+        assert torch.equal(ds[0]["mask"], expected), name
+
+
+@pytest.mark.parametrize("values,needle", [((0, 1, 2), "neither 0/1 nor 0/255"), ((0, 1, 255), "0, 1 and 255")])
+def test_ambiguous_binary_mask_is_named(tmp_path, values, needle):
+    mask = np.array([values * 4], np.uint8).reshape(2, 6)
+    ds, _ = build_dataset("binary", _mask_folder(tmp_path, [_square(2, 6), mask], (2, 6)), "train", val_fraction=0.5)
+    ds = ds.dataset  # both files
+    ds[0]
+    with pytest.raises(DataError, match=f"im1.png.*{needle}.*--format masks"):
+        ds[1]
+
+
+def test_colour_label_map_is_refused(tmp_path):
+    colour = np.zeros((8, 10, 3), np.uint8)
+    colour[2:5, 2:5] = (255, 0, 0)
+    path = _png(tmp_path / "label.png", colour)
+    with pytest.raises(DataError, match="label.png: a colour image"):
+        read_image(path, "labels")
+    grey = _png(tmp_path / "grey.png", np.repeat(_square()[..., None], 3, axis=2))  # RGB but grey: fine
+    assert torch.equal(read_image(grey, "labels")[0], torch.from_numpy(_square()).long())
+
+
+def test_masks_format(tmp_path):
+    ids = np.array([[0, 1, 2, 255], [2, 2, 1, 0]], np.uint8)
+    for split in ("train", "val"):
+        _mask_folder(tmp_path / split, [ids, ids], (2, 4))
+    train, info = build_dataset("masks", tmp_path, "train", num_classes=3)
+    assert (len(train), info.num_classes, info.ignore_index, info.task) == (2, 3, 255, "seg")
+    assert train[0]["mask"].tolist() == ids.tolist()
+    palette = Image.fromarray(ids).convert("P")  # VOC-style: the index is the class, the palette colours
+    palette.putpalette([10, 20, 30] * 256)
+    palette.save(tmp_path / "val" / "masks" / "im1.png")
+    val, _ = build_dataset("masks", tmp_path, "val", num_classes=3)
+    assert val[1]["mask"].tolist() == ids.tolist()
+    # no split on disk: a seeded fraction held out
+    flat, _ = build_dataset("masks", _mask_folder(tmp_path / "flat", [ids] * 5, (2, 4)), "val", num_classes=3,
+                            val_fraction=0.4)
+    assert len(flat) == 2
+    # another ignore value; 255 is then out of range, named with its file
+    ds, info = build_dataset("masks", tmp_path, "train", num_classes=2, ignore_index=2)
+    assert info.ignore_index == 2
+    with pytest.raises(DataError, match=r"train/masks/im0.png: class id 255 outside 0..1 \(and not the ignore index 2"):
+        ds[0]
+    with pytest.raises(DataError, match="needs --num-classes"):
+        build_dataset("masks", tmp_path, "train")
+    with pytest.raises(DataError, match="--ignore-index 1 is one of the class ids 0..2"):
+        build_dataset("masks", tmp_path, "train", num_classes=3, ignore_index=1)
+    _mask_folder(tmp_path / "jpeg", [ids], (2, 4), suffix=".jpg")
+    with pytest.raises(DataError, match="im0.jpg: a JPEG mask"):
+        build_dataset("masks", tmp_path / "jpeg", "train", num_classes=3)
+
+
+def test_data_check_finds_missing_foreground_and_classes(tmp_path):
+    from uresnet_models.data import check_dataset
+    empty = [np.zeros((8, 10), np.uint8)] * 3
+    ds, info = build_dataset("binary", _mask_folder(tmp_path / "empty", empty), "train", val_fraction=0.2)
+    with pytest.raises(DataError, match="no foreground in any of the 2 training masks.*0/1 or 0/255"):
+        check_dataset(ds, info, split="train")
+    notes = check_dataset(ds, info, split="val")
+    assert any("no foreground in any of the 2 masks" in n and "undefined" in n for n in notes), notes
+    ids = np.array([[0, 1, 1, 3], [0, 0, 255, 3]], np.uint8)  # class 2 never present
+    ds, info = build_dataset("masks", _mask_folder(tmp_path / "ids", [ids] * 2, (2, 4)), "train", num_classes=4,
+                             val_fraction=0.5)
+    assert check_dataset(ds, info, split="train") == ["class 2 (class2) in none of the 1 masks: the model cannot "
+                                                      "learn it"]
+    good, info = build_dataset("binary", _mask_folder(tmp_path / "good", [_square()] * 2), "train", val_fraction=0.5)
+    assert check_dataset(good, info, split="train") == []

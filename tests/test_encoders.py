@@ -168,3 +168,15 @@ def test_reductions_that_are_not_powers_of_two_are_refused_clearly():
     # sequencer2d's 7x7 patches give features at 1/7, 1/14: no x2 decoder reaches full resolution
     with pytest.raises(ValueError, match="power of 2, got 14"):
         um.create_model("unet", encoder="sequencer2d_s", decoder_channels=(8,) * 4)
+
+
+def test_a_vit_at_another_size_says_how_to_take_any():
+    # a ViT takes the size its patch embedding was built for; the model pads 40 to 48 (stride 16)
+    fixed = um.create_model("unet", encoder="vit_tiny_patch16_224", encoder_kwargs={"img_size": 32},
+                            decoder_channels=(8,) * 4)
+    with pytest.raises(ValueError, match=r"takes 32x32 inputs only, got 48x48 .*'dynamic_img_size': True"):
+        fixed(torch.randn(1, 3, 40, 40))
+    assert fixed(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    dynamic = um.create_model("unet", encoder="vit_tiny_patch16_224", encoder_kwargs={"dynamic_img_size": True},
+                              decoder_channels=(8,) * 4)
+    assert dynamic.encoder.fixed_size is None and dynamic(torch.randn(1, 3, 40, 40)).shape == (1, 1, 40, 40)

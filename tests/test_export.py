@@ -6,16 +6,19 @@ W serves every size; the decomposed artifacts load in a fresh process without ur
 The default-encoder row of the model matrix always runs; the four timm encoders and the
 AOTInductor compiles (minutes on two cores) are ``slow``."""
 import inspect
+import json
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import uresnet_models as um
@@ -371,12 +374,47 @@ def test_cli_export(trained_run, fmt, extra, tmp_path, capsys):
                                 *extra], capsys)
     assert status == 0, err
     assert out.is_file()
-    difference = float(stdout.rsplit("max difference vs eager on a random ", 1)[1].split(": ")[1])
+    difference = float(stdout.rsplit("max difference vs eager on a random ", 1)[1].split(": ")[1].split()[0])
     assert difference < TOLERANCE
     # and the file really is that model: run it here at a size of its own
     model, _, _ = load_checkpoint(trained_run)
     x = torch.randn(1, 3, 40, 24) if fmt == "pt2" else torch.randn(3, 3, 29, 51)
     assert model_export.max_difference(model, out, fmt, x) < TOLERANCE
+    # the file takes normalised input: what normalisation is written beside it
+    described = json.loads((tmp_path / "model.preprocessing.json").read_text())
+    assert not described["normalisation_in_graph"] and described["input_dtype"] == "float32"
+    assert described["mean"] == model.preprocessing["mean"] == [0.5] * 3 and described["std"] == [0.25] * 3
+
+
+def test_export_with_preprocessing_matches_predict(trained_run, tmp_path, capsys):
+    """train -> export with the normalisation in the graph -> ONNX Runtime on a raw image gives
+    the masks `uresnet predict` writes (a folder that does not exist yet is created)."""
+    from uresnet_models.data import SyntheticShapes
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        array = SyntheticShapes(2, 32, 4, seed=5)[i]["image"].permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(images / f"{i}.png")
+    status, _, err = run_cli(["predict", "--checkpoint", str(trained_run), "--input", str(images), "--out",
+                              str(tmp_path / "masks"), "--no-progress"], capsys)
+    assert status == 0, err
+    for dtype in ("uint8", "float"):
+        path = tmp_path / dtype / "new" / "model.onnx"
+        status, _, err = run_cli(["export", "--checkpoint", str(trained_run), "--format", "onnx", "--out", str(path),
+                                  "--include-preprocessing", dtype], capsys)
+        assert status == 0, err
+        described = json.loads((path.parent / "model.preprocessing.json").read_text())
+        assert described["normalisation_in_graph"] and described["input_dtype"] == dtype
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        assert session.get_inputs()[0].type == ("tensor(uint8)" if dtype == "uint8" else "tensor(float)")
+        for image in sorted(images.glob("*.png")):
+            raw = np.asarray(Image.open(image).convert("RGB")).transpose(2, 0, 1)[None]  # as decoded
+            logits = session.run(None, {name: raw if dtype == "uint8" else (raw / 255).astype(np.float32)})[0][0]
+            top = np.sort(logits, axis=0)
+            clear = top[-1] - top[-2] > 1e-4  # pixels whose argmax no rounding can flip
+            expected = np.asarray(Image.open(tmp_path / "masks" / image.name))
+            assert clear.mean() > 0.99 and (logits.argmax(0) == expected)[clear].all(), (dtype, image.name)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -384,7 +422,8 @@ def test_cli_export(trained_run, fmt, extra, tmp_path, capsys):
     (["export", "--checkpoint", ".", "--format", "tflite", "--out", "m"], "invalid choice"),
     (["export", "--checkpoint", ".", "--format", "onnx"], "--out"),
     (["export", "--checkpoint", ".", "--format", "onnx", "--out", "m.onnx", "--image-size", "0x4"], "--image-size"),
-    (["export", "--checkpoint", ".", "--format", "onnx", "--out", "/no/such/dir/m.onnx"], "/no/such/dir"),
+    (["export", "--checkpoint", ".", "--format", "onnx", "--out", "m.onnx", "--include-preprocessing", "int8"],
+     "invalid choice"),
 ])
 def test_cli_export_bad_arguments_give_one_line(argv, needle, capsys):
     status, out, err = run_cli(argv, capsys)

@@ -56,6 +56,9 @@ def test_run_folder_contents(shapes_run):
     assert len(json.loads((out / "log.json").read_text())) == 2
     model, info, meta = load_checkpoint(out)  # the run folder resolves to best/
     assert meta["epoch"] == shapes_run["best_epoch"] and info.num_classes == 4
+    # what training normalised with and the loss it used travel with the checkpoint
+    assert uresnet_models.from_pretrained(out / "best").preprocessing["std"] == [0.25] * 3 == list(info.std)
+    assert meta["config"]["loss"] == "ce"
     with torch.no_grad():
         reloaded = model(torch.zeros(1, 3, 32, 32))
         trained = shapes_run["model"].eval()(torch.zeros(1, 3, 32, 32))
@@ -119,7 +122,7 @@ def test_classification_on_cifar10_layout(tmp_path):
     row = fit(cfg, log=_quiet)["history"][0]
     assert "val_top1" in row and "val_miou" not in row and "val_top5" in row
     with pytest.raises(ValueError, match="uresnet_cls"):
-        fit(TrainConfig(**{**cfg.__dict__, "model": "uresnet", "encoder": None}), log=_quiet)
+        fit(TrainConfig(**{**cfg.__dict__, "model": "uresnet", "encoder": None, "overwrite": True}), log=_quiet)
 
 
 # --------------------------------------------------------------------------- DDP

@@ -30,6 +30,7 @@ class ModelBase(nn.Module):
 
     model_config: dict | None = None
     _encoder_frozen: bool = False
+    _preprocessing: dict | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -72,7 +73,7 @@ class ModelBase(nn.Module):
         encoder's ``preprocessing`` (mean/std). Returns the folder."""
         from safetensors.torch import save_model
         config = self._config()
-        if self.preprocessing:  # for readers of the checkpoint; from_pretrained rebuilds it from the encoder
+        if self.preprocessing:  # restored by from_pretrained
             config = {**config, "preprocessing": self.preprocessing}
         try:
             text = json.dumps(config, indent=2, sort_keys=True)
@@ -89,10 +90,19 @@ class ModelBase(nn.Module):
 
     @property
     def preprocessing(self) -> dict | None:
-        """The input normalisation of the encoder's weights, ``{"mean", "std", "input_range"}``
-        from timm's ``pretrained_cfg`` (None for the seeds' own encoders)."""
+        """The input normalisation the model expects, ``{"mean", "std", "input_range"}``: images
+        scaled to ``input_range`` (0..1), then ``(x - mean) / std`` on the first ``len(mean)``
+        channels (a depth channel after them as it is). What was set (``uresnet train`` sets the
+        normalisation it trained with; ``save_pretrained`` keeps it), else the encoder's weights'
+        (timm's ``pretrained_cfg``), else None. Set None to fall back to the encoder's."""
+        if self._preprocessing is not None:
+            return self._preprocessing
         encoder = getattr(self, "encoder", None)
         return getattr(encoder, "preprocessing", None)
+
+    @preprocessing.setter
+    def preprocessing(self, value: dict | None) -> None:
+        self._preprocessing = None if value is None else checked_preprocessing(value)
 
     def activate(self, out):
         """``out`` with the model's ``activation`` (``create_model(..., activation=)``, as smp's
@@ -162,9 +172,9 @@ def model_card(config: dict, model: nn.Module | None = None, metrics: dict | Non
         lines.append(f"| auxiliary classes | {kwargs['aux_classes']} |")
     if kwargs.get("activation"):
         lines.append(f"| activation (applied by forward) | `{kwargs['activation']}` |")
+    pre = getattr(model, "preprocessing", None) or config.get("preprocessing")
     if model is not None:
         lines.append(f"| parameters | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M |")
-        pre = getattr(model, "preprocessing", None)
         if pre:
             lines.append(f"| preprocessing | images in [0, 1], mean {list(pre['mean'])}, std {list(pre['std'])} |")
     for key, value in (training or {}).items():
@@ -175,8 +185,15 @@ def model_card(config: dict, model: nn.Module | None = None, metrics: dict | Non
             if isinstance(value, (int, float)):
                 lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
     lines += ["", "## Loading", "", "```python", "import uresnet_models",
-              "model = uresnet_models.from_pretrained(\"path/to/this/folder\")",
-              "```", "", "Full configuration (`config.json`):", "", "```json",
+              "model = uresnet_models.from_pretrained(\"path/to/this/folder\").eval()"]
+    if pre:
+        lines += ["# the input as in training: RGB scaled to [0, 1], normalised with model.preprocessing",
+                  "import torch", "from torchvision.io import decode_image", "from torchvision.transforms import v2",
+                  "pre = model.preprocessing  # " + json.dumps({k: pre[k] for k in ("mean", "std")}),
+                  "normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre[\"mean\"], "
+                  "pre[\"std\"])])",
+                  "logits = model(normalize(decode_image(\"image.png\", mode=\"RGB\"))[None])"]
+    lines += ["```", "", "Full configuration (`config.json`):", "", "```json",
               json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -185,8 +202,6 @@ def from_pretrained(path: str | os.PathLike, *, device=None, strict: bool = True
     """The model saved by :meth:`ModelBase.save_pretrained` in ``path``: rebuilt from its
     config (``overrides`` replace saved arguments; ``pretrained`` is always False, the weights
     come from the file), with its weights and buffers loaded."""
-    from safetensors.torch import load_model
-
     from .registry import create_model
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -196,10 +211,43 @@ def from_pretrained(path: str | os.PathLike, *, device=None, strict: bool = True
     config = read_json(config_file)
     kwargs = {**config.get("kwargs", {}), **overrides, "pretrained": False}
     model = create_model(config["architecture"], **kwargs)
+    if config.get("preprocessing"):
+        try:
+            model.preprocessing = config["preprocessing"]
+        except ValueError as error:
+            raise ValueError(f"{config_file}: {error}") from None
     if device is not None:
         model.to(device)
-    load_model(model, str(weights_file), strict=strict, device=str(device) if device is not None else "cpu")
+    load_weights(model, weights_file, strict=strict, device=device)
     return model
+
+
+def load_weights(model: nn.Module, path: Path, *, strict: bool = True, device=None) -> None:
+    """``model.safetensors`` into ``model``; a truncated or corrupted file raises a ``ValueError``
+    naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    try:
+        load_model(model, str(path), strict=strict, device=str(device) if device is not None else "cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is damaged ({error}); the checkpoint must be written again or restored") from None
+
+
+def checked_preprocessing(value: dict) -> dict:
+    """``{"mean", "std"[, "input_range"]}`` as lists of floats (JSON-ready), or a ``ValueError``
+    saying what is wrong."""
+    try:
+        mean, std = [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
+        low, high = (float(v) for v in value.get("input_range", (0, 1)))
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise ValueError(f"preprocessing must be {{'mean': [...], 'std': [...], 'input_range': (0, 1)}} of numbers, "
+                         f"got {value!r} ({type(error).__name__}: {error})") from None
+    if (low, high) != (0, 1):
+        raise ValueError(f"preprocessing: input_range {(low, high)} is not supported (images scaled to (0, 1))")
+    if not mean or len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(f"preprocessing: mean and std need one value per channel, std positive; got mean {mean}, "
+                         f"std {std}")
+    return {"mean": mean, "std": std, "input_range": [low, high]}
 
 
 def read_json(path: Path) -> dict:

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -19,6 +21,19 @@ if TYPE_CHECKING:
 
 TRAINING_JSON = "training.json"
 STATE_NAME = "state.pt"
+RUN_CONTENTS = ("best", "last", "log.csv", "log.json", "curves.png", "samples.png")  # what a run writes in --out
+
+
+def run_contents(out) -> list[str]:
+    """The names of a training run's files and folders in ``out`` (none: it holds no run)."""
+    return [name for name in RUN_CONTENTS if (Path(out) / name).exists()]
+
+
+def clear_run(out) -> None:
+    """Remove a run's files and folders from ``out``; anything else there stays."""
+    for name in run_contents(out):
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainConfig, epoch: int, metrics: dict,
@@ -30,7 +45,7 @@ def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainCo
     classes = ", ".join(map(str, info.class_names))
     training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {classes})",
                 "epoch": epoch, "recipe": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, image size "
-                f"{cfg.image_size}, loss {cfg.loss or 'default'}" + (", encoder frozen" if cfg.freeze_encoder else "")}
+                f"{cfg.image_size}, loss {cfg.loss}" + (", encoder frozen" if cfg.freeze_encoder else "")}
     card_config = json.loads((folder / "config.json").read_text())
     (folder / CARD_NAME).write_text(model_card(card_config, model, metrics, training))
     meta = {"epoch": epoch, "metrics": metrics, "data": info.to_dict(), "config": asdict(cfg)}
@@ -53,8 +68,13 @@ def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file} not found (expected a checkpoint written by uresnet train)")
     meta = read_json(meta_file)
-    data = meta["data"]
-    info = DataInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
+    try:
+        info = DataInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in meta["data"].items()})
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{meta_file}: no data description ({type(error).__name__}: {error}); the checkpoint is "
+                         "damaged: write it again or restore it") from None
+    if model.preprocessing is None:  # written before the model carried it: training normalised with these
+        model.preprocessing = {"mean": info.mean, "std": info.std, "input_range": (0, 1)}
     return model.eval(), info, meta
 
 
@@ -62,8 +82,7 @@ def load_resume(path, model: nn.Module, device) -> tuple[Path, dict]:
     """Load the weights of a run's ``last/`` (``path``: the run or its last/ folder) into
     ``model``, which must be the same architecture with the same arguments; returns the folder
     and its ``state.pt`` (what :func:`save_checkpoint` was given as ``state``)."""
-    from safetensors.torch import load_model
-    from .base import CONFIG_NAME, WEIGHTS_NAME, read_json
+    from .base import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_json
     folder = Path(path)
     folder = folder / "last" if (folder / "last").is_dir() else folder
     for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):
@@ -73,8 +92,13 @@ def load_resume(path, model: nn.Module, device) -> tuple[Path, dict]:
     if {k: saved.get(k) for k in ("architecture", "kwargs")} != getattr(model, "model_config", None):
         raise ValueError(f"cannot resume from {folder}: it holds {saved.get('architecture')} with "
                          f"{saved.get('kwargs')}, not the model asked for")
-    load_model(model, str(folder / WEIGHTS_NAME), device=str(device))
-    return folder, torch.load(folder / STATE_NAME, map_location=device, weights_only=False)
+    load_weights(model, folder / WEIGHTS_NAME, device=device)
+    try:
+        state = torch.load(folder / STATE_NAME, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{folder / STATE_NAME} is damaged ({str(error).splitlines()[0]}): resume from another copy "
+                         "or start again with --overwrite") from None
+    return folder, state
 
 
 def save_interrupted(out: Path, model: nn.Module, info: DataInfo, cfg: TrainConfig, state: dict, epoch: int,

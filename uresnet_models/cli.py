@@ -89,6 +89,7 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     _check_folder_of("--json", args.json)
     size = args.size or ("full" if device.type == "cuda" else "small")
+    load = benchmark.machine_load()  # before our own work adds to it
     if args.models is not None:  # the model-level train-step benchmark
         known = [n for n, _ in benchmark.MODELS] + ["unet"]
         models = args.models.split(",") if args.models else known
@@ -98,7 +99,11 @@ def cmd_bench(args) -> int:
         _say(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
              f"{device.type} ({_device_name(device)}), size {size}")
         rows = benchmark.print_model_table(str(device), size, rounds=args.rounds, models=models, out=_say)
-        _write_json(args.json, {"device": _device_name(device), "size": size, "rounds": args.rounds, "models": rows})
+        notes = benchmark.noise_notes(load, [m["spread"] for row in rows for m in row.values()], args.rounds)
+        for note in notes:
+            _say(f"note: {note}")
+        _write_json(args.json, {"device": _device_name(device), "size": size, "rounds": args.rounds, "models": rows,
+                                "load_average": load, "notes": notes})
         return 0
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -114,9 +119,13 @@ def cmd_bench(args) -> int:
             if mode not in testing.op_modes(op):
                 continue
             rows += benchmark.time_impls(op, impls, benchmark.SHAPES[size][op], device, dtype, mode,
-                                         min_time=args.min_time)
+                                         min_time=args.min_time, repeats=args.repeats)
     benchmark.print_op_table(rows)
-    _write_json(args.json, {"device": _device_name(device), "dtype": args.dtype, "size": size, "results": rows})
+    notes = benchmark.noise_notes(load, [r["spread"] for r in rows], args.repeats)
+    for note in notes:
+        print(f"note: {note}")
+    _write_json(args.json, {"device": _device_name(device), "dtype": args.dtype, "size": size, "results": rows,
+                            "load_average": load, "notes": notes})
     return 0
 
 
@@ -171,8 +180,8 @@ def cmd_eval(args) -> int:
     cfg = _eval_config(meta, args)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # normalised as in training (the checkpoint's mean/std: the encoder's or the dataset's)
-    dataset, info = build_data(cfg, args.split, train_transform=False, normalization=(saved_info.mean, saved_info.std))
+    pre = model.preprocessing  # normalised as in training (the checkpoint's own)
+    dataset, info = build_data(cfg, args.split, train_transform=False, normalization=(pre["mean"], pre["std"]))
     if (info.num_classes, info.task) != (saved_info.num_classes, saved_info.task):
         raise UsageError(f"the checkpoint predicts {saved_info.num_classes} classes ({saved_info.task}) but "
                          f"{cfg.format} has {info.num_classes} ({info.task})")
@@ -184,6 +193,9 @@ def cmd_eval(args) -> int:
     print(f"loss {metrics['loss']:.4f}  " + "  ".join(f"{k} {metrics[k]:.4f}" for k in
                                                      ("miou", "iou_foreground", "mdice", "dice_foreground", "pixel_acc",
                                                       "top1", "top5") if k in metrics))
+    from .train import undefined_foreground
+    if undefined_foreground(metrics):
+        print(f"note: {undefined_foreground(metrics)}")
     if "iou_foreground" in metrics:
         print("(miou: the mean of the background and foreground IoU; iou_foreground: the foreground's alone, what "
               "torchmetrics' and smp's binary IoU report)")
@@ -204,16 +216,20 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from .predict import predict
-    predict(args.checkpoint, args.input, args.out, depth=args.depth, image_size=args.image_size, color=args.color,
-            batch_size=args.batch_size, device=_device(args.device), progress=not args.no_progress)
+    rows, failed = predict(args.checkpoint, args.input, args.out, depth=args.depth, image_size=args.image_size,
+                           color=args.color, batch_size=args.batch_size, device=_device(args.device),
+                           progress=not args.no_progress, strict=args.strict, log=_say)
+    if failed:
+        print(f"uresnet predict: {len(failed)} of {len(rows) + len(failed)} image(s) failed (listed above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export_checkpoint
-    _check_folder_of("--out", args.out)
     export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, dynamic=args.dynamic,
-                      log=_say)
+                      include_preprocessing=args.include_preprocessing, log=_say)
     return 0
 
 
@@ -354,11 +370,15 @@ def _add_train_parser(sub) -> None:
                    "weights and BatchNorm statistics stay as they are; usually with --pretrained)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="dataset folder, or 'synthetic' (default)")
-    g.add_argument("--format", choices=FORMATS, help="layout of --data (default: synthetic)")
+    g.add_argument("--format", choices=FORMATS, help="layout of --data (default: synthetic); binary and masks: "
+                   "images/ + masks/ with the same file names (or train/ and val/ holding both), binary masks 0/1 or "
+                   "0/255, masks PNGs of class ids")
     g.add_argument("--task", choices=("seg", "cls", "joint"), help="synthetic only: segmentation (default), "
                    "classification, or both (a model with an aux classification head)")
     g.add_argument("--num-classes", type=_positive_int, help="synthetic: classes incl. background (2-4); binary: 1 "
-                   "(sigmoid, default) or 2 (softmax)")
+                   "(sigmoid, default) or 2 (softmax); masks (required): the class ids 0..K-1 in the masks")
+    g.add_argument("--ignore-index", type=int, default=255, help="masks: the mask value of unlabelled pixels, left "
+                   "out of the loss and the metrics (default 255)")
     g.add_argument("--image-size", type=_image_size, default=64, help="N or HxW: training crop / eval resize "
                    "(default 64)")
     g.add_argument("--train-samples", type=_positive_int, help="synthetic training set size (default 256)")
@@ -389,6 +409,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--out", default="runs/uresnet", help="output folder (default runs/uresnet)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="RUN",
                    help="continue a run from its last/ checkpoint (default: the one in --out)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run --out holds (without it or --resume, "
+                   "train refuses an --out that holds one)")
     _add_amp(g)
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -424,7 +446,8 @@ def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images: masks as PNG (or classes as CSV)",
                        description="Writes one PNG per input image to --out: class ids (0/255 for a one-channel "
                        "binary model), or colours with --color; classifiers print the class and write "
-                       "predictions.csv.")
+                       "predictions.csv. Images are normalised as in training (the checkpoint's preprocessing). "
+                       "An image that cannot be read is skipped and listed at the end, and the exit status is 1.")
     _add_checkpoint(p)
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
@@ -435,6 +458,8 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default 8; "
                    "consecutive images of the same model-input size are batched)")
     _add_device(p)
+    p.add_argument("--strict", action="store_true", help="stop at the first image that cannot be read (default: "
+                   "skip it, list it at the end and exit with status 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -451,13 +476,18 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--image-size", type=_image_size, help="the example input's N or HxW (default: the training "
                    "size); without --dynamic the only size the file takes")
     p.add_argument("--dynamic", action="store_true", help="any batch size and any H, W (one file for all sizes)")
+    p.add_argument("--include-preprocessing", nargs="?", const="uint8", choices=("uint8", "float"),
+                   help="put the input normalisation in the graph: it then takes images as uint8 0..255 (the "
+                   "default) or float in [0, 1]; without it the file takes normalised input. Either way "
+                   "<out name>.preprocessing.json beside the file says what it takes")
     p.set_defaults(func=cmd_export)
 
 
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="quick timing of every backend vs the eager and compiled reference",
                        description="Median time of each op on every backend that runs here, next to the eager "
-                       "reference chain and torch.compile of it (ratios: >1 is faster than the baseline); with "
+                       "reference chain and torch.compile of it (ratios: >1 is faster than the baseline), each "
+                       "measured --repeats times with its spread, and a note when the machine was busy; with "
                        "--models, a training step of whole models with the fused ops vs the reference backends. "
                        "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
     p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
@@ -468,6 +498,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--mode", choices=("all", *MODES), default="train_fwd", help="default: train_fwd")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement "
                    "(default 0.3)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="measurements per case, the implementations "
+                   "interleaved; the table shows their median and spread (default 3)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--models", nargs="?", const="", metavar="NAMES",
@@ -496,8 +528,9 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, LookupError, RuntimeError) as error:
-        # bad arguments (UsageError), model arguments, dataset layouts, files (DataError), checkpoints that do not fit
+    except (ValueError, TypeError, LookupError, RuntimeError, FileNotFoundError) as error:
+        # bad arguments (UsageError), model arguments, dataset layouts, files missing or damaged (DataError),
+        # checkpoints that do not fit
         return _fail(args, error, 2)
     except OSError as error:
         return _fail(args, error, 1)

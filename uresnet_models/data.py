@@ -12,8 +12,12 @@ Formats (``--format``) and the layouts read from ``--data``:
 
 * ``synthetic``: coloured shapes generated on the fly (no files); segmentation, classification
   or both.
-* ``binary``: ``images/`` and ``masks/`` (same file stems; mask > 127 is foreground), or
-  ``train/`` and ``val/`` folders each holding those two.
+* ``binary``: ``images/`` and ``masks/`` (same file stems), or ``train/`` and ``val/`` folders
+  each holding those two. A mask of 0/1 has 1 as foreground, one of 0/255 (anti-aliased or JPEG
+  included) everything above 127; palette and 1-bit PNGs are read by their index. Any other
+  mask (values 0..127 only, or exactly 0, 1 and 255) is ambiguous: a DataError names it.
+* ``masks``: the same layout, the masks single-channel PNGs of class ids ``0..num_classes-1``
+  (palette PNGs by their index, as Pascal VOC's), ``ignore_index`` (default 255) unlabelled.
 * ``cityscapes``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
   ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; label ids become the 19 train ids, the rest 255.
 * ``sunrgbd``: ``rgb/``, ``depth/``, ``label/`` (same stems; label 0 = background, 1..37 the
@@ -69,30 +73,57 @@ class DataInfo:
 
 # --------------------------------------------------------------------------- file reading
 def read_image(path, mode: str = "RGB") -> torch.Tensor:
-    """An image file as a C x H x W tensor: uint8 for "RGB"/"L", int64 for "labels" (class ids),
+    """An image file as a C x H x W tensor: uint8 for "RGB"; int64 for "labels" (class ids: a
+    palette image's indices; colour channels only where they are all equal) and "binary" (a
+    palette or 1-bit image's indices, anything else as grayscale: see :func:`binary_mask`);
     float32 in [0, 1] for "depth" (8- or 16-bit, scaled by its type's maximum)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:
-            if mode in ("RGB", "L"):
-                array = np.asarray(img.convert(mode))
+            if mode == "RGB" or (mode == "binary" and img.mode not in ("P", "1")):
+                array = np.asarray(img.convert("L" if mode == "binary" else "RGB"))
             else:
                 array = np.asarray(img)
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
-    if array.ndim == 3 and mode not in ("RGB", "L"):
-        array = array[..., 0]  # a label/depth map saved with colour channels: take the first
+    if array.ndim == 3 and mode != "RGB":  # a label/depth map saved with colour (and alpha) channels
+        colour = array[..., :3]
+        if (colour != colour[..., :1]).any():
+            raise DataError(f"{path}: a colour image where single-channel values were expected (class ids, "
+                            "a binary mask or depth); save it as grayscale or as a palette PNG")
+        array = array[..., 0]
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
-    if mode == "labels":
+    if mode in ("labels", "binary"):
         return tensor.long()
     if mode == "depth":
         peak = 65535.0 if array.dtype in (np.uint16, np.int32, np.int64) or array.max() > 255 else 255.0
         return tensor.float() / peak
     return tensor
+
+
+def binary_mask(values: torch.Tensor, path) -> torch.Tensor:
+    """A binary mask read as it was saved: 0/1 as it is, 0/255 (anti-aliased or JPEG included)
+    foreground above 127. A mask of values 0..127 only (with any above 1: class ids?) or of
+    exactly 0, 1 and 255 (0/1 with 255 unlabelled?) is ambiguous: a DataError names it."""
+    top = int(values.max()) if values.numel() else 0
+    if top <= 1:
+        return values
+    present = values.unique().tolist()
+    if top < 128:
+        raise DataError(f"{path}: mask values {_listed(present)} are neither 0/1 nor 0/255; for class ids use "
+                        "--format masks --num-classes K")
+    if present == [0, 1, 255]:
+        raise DataError(f"{path}: mask values 0, 1 and 255 (0/1 with 255 unlabelled?); for that use --format masks "
+                        "--num-classes 2 (255 is the default --ignore-index)")
+    return (values > 127).long()
+
+
+def _listed(values: list, most: int = 6) -> str:
+    return ", ".join(map(str, values[:most])) + (f", ... ({len(values)} values)" if len(values) > most else "")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -195,7 +226,7 @@ class SyntheticClassification(SyntheticShapes):
 
 # --------------------------------------------------------------------------- folders
 class BinaryFolder(Dataset):
-    """``images/`` + ``masks/``: a mask pixel > 127 is foreground (1), the rest background."""
+    """``images/`` + ``masks/``: binary masks, 0/1 or 0/255 (:func:`binary_mask`)."""
 
     def __init__(self, root):
         root = Path(root)
@@ -208,9 +239,32 @@ class BinaryFolder(Dataset):
     def __getitem__(self, index):
         from torchvision import tv_tensors
         image = read_image(self.images[index], "RGB")
-        mask = (read_image(self.masks[index], "L")[0] > 127).long()
+        mask = binary_mask(read_image(self.masks[index], "binary")[0], self.masks[index])
         _check_size(image, mask, self.masks[index])
         return {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask)}
+
+
+class MaskFolder(BinaryFolder):
+    """``images/`` + ``masks/``: single-channel masks of class ids ``0..num_classes-1`` and
+    ``ignore_index`` (unlabelled), lossless (a JPEG blurs ids into others)."""
+
+    def __init__(self, root, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        super().__init__(root)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        lossy = [p for p in self.masks if p.suffix.lower() in (".jpg", ".jpeg")]
+        if lossy:
+            raise DataError(f"{lossy[0]}: a JPEG mask ({len(lossy)} in all); class-id masks must be lossless (PNG)")
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+        path = self.masks[index]
+        image, ids = read_image(self.images[index], "RGB"), read_image(path, "labels")[0]
+        _check_size(image, ids, path)
+        bad = ids[(ids != self.ignore_index) & ((ids < 0) | (ids >= self.num_classes))]
+        if bad.numel():
+            raise DataError(f"{path}: class id {int(bad.max())} outside 0..{self.num_classes - 1} (and not the "
+                            f"ignore index {self.ignore_index})")
+        return {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(ids)}
 
 
 def _cityscapes_lut() -> torch.Tensor:
@@ -351,14 +405,17 @@ def _image_files(dataset) -> list:
     return [files[i] for i in indices] if indices is not None else list(files)
 
 
-def check_dataset(dataset: Dataset, info: DataInfo, max_errors: int = 10) -> list[str]:
+def check_dataset(dataset: Dataset, info: DataInfo, max_errors: int = 10, split: str = "train") -> list[str]:
     """Read every sample once (decoding each file): unreadable or truncated files, masks whose
     size differs from their image and labels outside ``0..num_classes-1`` (other than
-    ``ignore_index``) raise one :class:`DataError` listing up to ``max_errors`` of them.
-    Returns notes about what is accepted but converted (grayscale or RGBA images -> RGB)."""
+    ``ignore_index``) raise one :class:`DataError` listing up to ``max_errors`` of them, as do
+    segmentation masks of the ``split`` "train" with no foreground (no class but 0) anywhere.
+    Returns notes about what is accepted but converted (grayscale or RGBA images -> RGB) and
+    the classes no mask of ``split`` holds."""
     from PIL import Image
     errors = []
     seg_classes = max(info.num_classes, 2) if info.task != "cls" else None
+    pixels = torch.zeros(seg_classes or 0, dtype=torch.long)  # labelled pixels per class
     for i in range(len(dataset)):
         try:
             sample = dataset[i]
@@ -367,23 +424,47 @@ def check_dataset(dataset: Dataset, info: DataInfo, max_errors: int = 10) -> lis
         else:
             mask = sample.get("mask")
             if seg_classes is not None and mask is not None:
-                bad = mask[(mask != info.ignore_index) & ((mask < 0) | (mask >= seg_classes))]
+                labelled = mask[mask != info.ignore_index]
+                bad = labelled[(labelled < 0) | (labelled >= seg_classes)]
                 if bad.numel():
                     errors.append(f"sample {i}: label {int(bad[0])} outside 0..{seg_classes - 1} "
                                   f"(and not the ignore index {info.ignore_index})")
+                else:
+                    pixels += torch.bincount(labelled.flatten(), minlength=seg_classes)
         if len(errors) >= max_errors:
             break
     if errors:
         more = " (stopped at the first {})".format(max_errors) if len(errors) >= max_errors else ""
         raise DataError(f"{len(errors)} bad sample(s){more}: " + "; ".join(errors))
+    notes = _class_notes(pixels, info, split, len(dataset)) if seg_classes is not None else []
     modes: dict[str, list] = {}
     for path in _image_files(dataset):
         with Image.open(path) as img:
             if img.mode != "RGB":
                 modes.setdefault(img.mode, []).append(Path(path).name)
-    return [f"{len(names)} image(s) in mode {mode} (e.g. {names[0]}) are converted to RGB"
-            + (" (grayscale: the channel is repeated)" if mode in ("L", "I;16", "I", "1") else "")
-            for mode, names in sorted(modes.items())]
+    return notes + [f"{len(names)} image(s) in mode {mode} (e.g. {names[0]}) are converted to RGB"
+                    + (" (grayscale: the channel is repeated)" if mode in ("L", "I;16", "I", "1") else "")
+                    for mode, names in sorted(modes.items())]
+
+
+def _class_notes(pixels: torch.Tensor, info: DataInfo, split: str, samples: int) -> list[str]:
+    """What the labelled pixels per class of a split say: no foreground at all (an error for
+    training: the model would learn to predict background only), or classes never present."""
+    if pixels.sum() == 0:
+        raise DataError(f"no labelled pixel in any of the {samples} masks (all {info.ignore_index}, the ignore index)")
+    if pixels[1:].sum() == 0:
+        hint = "; binary masks are read as 0/1 or 0/255" if info.format == "binary" else ""
+        if split == "train":
+            raise DataError(f"no foreground in any of the {samples} training masks (every labelled pixel is class 0): "
+                            f"the model would learn to predict class 0 everywhere{hint}")
+        return [f"no foreground in any of the {samples} masks: the foreground IoU is undefined (nan) and miou is class "
+                f"0's alone{hint}"]
+    names = [info.class_names[c] if c < len(info.class_names) else str(c) for c in range(len(pixels))]
+    absent = [f"{c} ({names[c]})" for c in range(len(pixels)) if pixels[c] == 0]
+    if not absent:
+        return []
+    effect = "the model cannot learn it" if split == "train" else "its IoU is undefined (nan), left out of miou"
+    return [f"class {', '.join(absent)} in none of the {samples} masks: {effect}"]
 
 
 # --------------------------------------------------------------------------- building
@@ -406,11 +487,13 @@ def source_problem(fmt: str, data, task: str | None = None) -> str | None:
 
 def build_dataset(fmt: str, data, split: str = "train", *, task: str | None = None, image_size=64,
                   num_classes: int | None = None, length: int | None = None, val_fraction: float = 0.1,
-                  seed: int = 0) -> tuple[Dataset, DataInfo]:
+                  seed: int = 0, ignore_index: int = IGNORE_INDEX) -> tuple[Dataset, DataInfo]:
     """The raw dataset of ``split`` ("train" or "val") and its :class:`DataInfo`.
 
     ``task`` (synthetic only): "seg" (default), "cls" or "joint". ``num_classes``: synthetic
-    classes, or for ``binary`` 1 (sigmoid, default) or 2 (softmax). ``length``: synthetic size."""
+    classes, for ``binary`` 1 (sigmoid, default) or 2 (softmax), for ``masks`` (required) the
+    classes in the masks. ``length``: synthetic size. ``ignore_index``: the unlabelled value of
+    ``masks``."""
     problem = source_problem(fmt, data, task)
     if problem:
         raise DataError(problem)
@@ -428,9 +511,19 @@ def build_dataset(fmt: str, data, split: str = "train", *, task: str | None = No
         info = DataInfo(fmt, "cls", 10, class_names=list(CIFAR10_CLASSES),
                         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
         return CIFAR10Batches(root, split), info
+    if fmt == "masks":
+        if num_classes is None or num_classes < 2:
+            raise DataError(f"--format masks needs --num-classes K (2 or more: the class ids 0..K-1 in the masks), "
+                            f"got {num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise DataError(f"--ignore-index {ignore_index} is one of the class ids 0..{num_classes - 1}")
     folder = _split_dir(root, split)
-    make = {"binary": BinaryFolder, "sunrgbd": SUNRGBD, "imagefolder": ImageFolderClassification}[fmt]
+    make = {"binary": BinaryFolder, "sunrgbd": SUNRGBD, "imagefolder": ImageFolderClassification,
+            "masks": lambda path: MaskFolder(path, num_classes, ignore_index)}[fmt]
     dataset = make(folder) if folder is not None else _holdout(make(root), split, val_fraction, seed)
+    if fmt == "masks":
+        return dataset, DataInfo(fmt, "seg", num_classes, class_names=[f"class{i}" for i in range(num_classes)],
+                                 ignore_index=ignore_index)
     if fmt == "binary":
         classes = num_classes or 1
         if classes not in (1, 2):

@@ -124,7 +124,7 @@ DEMO_MIN_MIOU = 0.5  # the demo fails below this (predicting background everywhe
 def demo_config(args, device):
     return TrainConfig(**DEMO_MODEL, format="synthetic", data="synthetic", image_size=64, train_samples=512,
                        val_samples=96, epochs=args.epochs, batch_size=16, lr=3e-3, seed=args.seed,
-                       device=device.type, out=args.out, progress=False)
+                       device=device.type, out=args.out, progress=False, overwrite=True)  # the demo's own folder
 
 
 def demo_train(ctx: DemoContext) -> None:

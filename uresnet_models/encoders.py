@@ -97,9 +97,18 @@ class TimmEncoder(Encoder):
         self.reductions = list(self.model.feature_info.reduction())
         self.channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         self.preprocessing = _preprocessing(dict(getattr(self.model, "pretrained_cfg", None) or {}))
+        # ViT-style models take the one size their patch embedding was built for, unless asked otherwise
+        self.fixed_size = next((tuple(m.img_size) for m in self.model.modules()
+                                if getattr(m, "strict_img_size", False) and getattr(m, "img_size", None)), None)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2:]
+        if self.fixed_size is not None and (h, w) != self.fixed_size:
+            raise ValueError(f"timm encoder {self.name!r} takes {self.fixed_size[0]}x{self.fixed_size[1]} inputs only, "
+                             f"got {h}x{w} (the model pads its input to a multiple of {self.output_stride}); create "
+                             "the model with encoder_kwargs={'dynamic_img_size': True} for any size (uresnet train: "
+                             "--model-arg \"encoder_kwargs={'dynamic_img_size':True}\"), or img_size=(H, W) for "
+                             "another")
         features = []
         for f, r in zip(self.model(x), self.reductions):
             if self.channels_last_output:

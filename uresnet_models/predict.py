@@ -1,9 +1,12 @@
 """``uresnet predict``: a checkpoint run on image files. Segmentation models write one PNG per
-image (class ids, 0/255 for one binary channel, or colours), classifiers ``predictions.csv``."""
+image (class ids, 0/255 for one binary channel, or colours), classifiers ``predictions.csv``.
+Images are normalised with the model's own ``preprocessing`` (what it was trained with); an
+unreadable image is skipped and listed at the end unless ``strict``."""
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_checkpoint
-from .data import IMAGE_EXTENSIONS, build_transform, read_image
+from .data import IMAGE_EXTENSIONS, DataError, build_transform, read_image
 from .errors import UsageError
 from .metrics import predictions
 from .plots import colorize
@@ -26,13 +29,15 @@ def image_files(path: str) -> list[str]:
 
 def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None, image_size=None,
             color: bool = False, batch_size: int = 8, device: torch.device | str = "cpu", progress: bool = True,
-            log: Callable = print) -> list[tuple]:
+            strict: bool = False, log: Callable = print) -> tuple[list[tuple], list[tuple]]:
     """Run ``checkpoint`` on the image (or folder of images) ``inputs`` and write the results to
     the folder ``out``; ``depth``: the folder of depth maps, by the images' names, of an RGB-D
     model. Images are resized to ``image_size`` (default: the training size), masks written at
     the image's own size. Consecutive images of the same model-input size share a forward pass
-    of up to ``batch_size``. Returns one row per image: ``(file, mask file)``, or ``(file,
-    class_id, class, probability)`` for a classifier."""
+    of up to ``batch_size``. An image (or depth map) that cannot be read is skipped, or with
+    ``strict`` raises its :class:`~uresnet_models.data.DataError`. Returns the rows, one per image
+    done: ``(file, mask file)``, or ``(file, class_id, class, probability)`` for a classifier;
+    and the ``(file, reason)`` of each image skipped."""
     from torchvision import tv_tensors
     from tqdm.auto import tqdm
     for flag, path in (("--checkpoint", checkpoint), ("--input", inputs)):
@@ -47,9 +52,11 @@ def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None,
     if info.depth_channels and not depth:
         raise UsageError("this checkpoint takes RGB + depth: give --depth FOLDER (depth maps with the images' names)")
     size = image_size or meta.get("config", {}).get("image_size")
-    transform = build_transform(info, train=False, image_size=tuple(size) if isinstance(size, list) else size)
+    pre = model.preprocessing  # what training normalised with (load_checkpoint restores it)
+    transform = build_transform(replace(info, mean=tuple(pre["mean"]), std=tuple(pre["std"])), train=False,
+                                image_size=tuple(size) if isinstance(size, list) else size)
     os.makedirs(out, exist_ok=True)
-    rows = []
+    rows, failed = [], []
 
     def load(path):
         image = read_image(path, "RGB")
@@ -58,7 +65,7 @@ def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None,
             stem = os.path.splitext(os.path.basename(path))[0]
             matches = [f for f in os.listdir(depth) if os.path.splitext(f)[0] == stem]
             if not matches:
-                raise UsageError(f"no depth map for {path} in {depth}")
+                raise DataError(f"no depth map for {path} in {depth}")
             depth_map = read_image(os.path.join(depth, matches[0]), "depth").unsqueeze(0)
             x = torch.cat([x, F.interpolate(depth_map, size=x.shape[-2:], mode="nearest")[0]])
         return path, image.shape[-2:], x
@@ -89,7 +96,14 @@ def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None,
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress)
     pending = []
     for path in files:
-        item = load(path)
+        try:
+            item = load(path)
+        except DataError as error:
+            if strict:
+                raise
+            failed.append((path, str(error)))
+            bar.update()
+            continue
         if pending and (len(pending) >= batch_size or pending[0][2].shape != item[2].shape):
             run(pending)
             pending = []
@@ -106,4 +120,8 @@ def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None,
         log(f"wrote {target}")
     else:
         log(f"wrote {len(rows)} mask(s) to {out}")
-    return rows
+    if failed:
+        log(f"{len(failed)} of {len(files)} image(s) could not be read and were skipped (--strict stops at the first):")
+        for _, reason in failed:
+            log(f"  {reason}")  # a DataError names its file
+    return rows, failed

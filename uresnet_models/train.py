@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import load_checkpoint  # noqa: F401  (re-exported: uresnet_models.train.load_checkpoint)
-from .checkpoint import load_resume, save_checkpoint, save_interrupted
+from .checkpoint import clear_run, load_resume, run_contents, save_checkpoint, save_interrupted
 from .constants import DEFAULT_ENCODER
-from .data import DataError, DataInfo, Transformed, build_dataset, build_transform, check_dataset, source_problem
+from .data import (IGNORE_INDEX, DataError, DataInfo, Transformed, build_dataset, build_transform, check_dataset,
+                   source_problem)
 from .distributed import distributed_model, setup_distributed, sync_batchnorm
 from .errors import UsageError
 from .losses import build_loss
@@ -55,7 +56,8 @@ class TrainConfig:
     format: str | None = "synthetic"  # None: synthetic (then data must be too)
     data: str | None = "synthetic"
     task: str | None = None           # synthetic only: seg, cls, joint
-    num_classes: int | None = None    # synthetic classes / binary 1 or 2
+    num_classes: int | None = None    # synthetic classes / binary 1 or 2 / masks: the classes in the masks
+    ignore_index: int = IGNORE_INDEX  # masks: the unlabelled value
     image_size: int | tuple | None = 64
     train_samples: int | None = None  # synthetic dataset lengths
     val_samples: int | None = None
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str | None = None
     out: str = "runs/uresnet"
     resume: str | None = None         # a run (or its last/) to continue; "auto": out's own last/
+    overwrite: bool = False           # replace the run out holds (without it or resume, fit refuses one)
     progress: bool = True
     check_data: bool = True           # read every file once before building the model
 
@@ -103,6 +106,8 @@ class TrainConfig:
             raise UsageError(f"--amp {self.amp!r}: expected one of {', '.join(AMP_DTYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite: continue the run or replace it, not both")
         if self.resume == "auto":
             self.resume = os.path.join(self.out, "last")
         if self.resume and not os.path.exists(self.resume):
@@ -137,7 +142,8 @@ def raw_dataset(cfg: TrainConfig, split: str):
     """The untransformed dataset of ``split`` and its DataInfo."""
     length = cfg.train_samples if split == "train" else cfg.val_samples
     return build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
-                         num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction, seed=cfg.seed)
+                         num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                         ignore_index=cfg.ignore_index)
 
 
 def build_data(cfg: TrainConfig, split: str, train_transform: bool | None = None, normalization=None, raw=None):
@@ -279,6 +285,22 @@ def monitor_key(info: DataInfo) -> str:
     return "top1" if info.task == "cls" else "miou"
 
 
+def undefined_foreground(metrics: dict) -> str | None:
+    """Why the foreground IoU of binary ``metrics`` is NaN, or None where it is defined."""
+    if not math.isnan(metrics.get("iou_foreground", 0.0)):
+        return None
+    return ("the foreground IoU is undefined (nan): no mask holds foreground and the model predicted none (0/0), "
+            "so miou is the background's IoU alone")
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """An --out that holds a run is continued (--resume) or replaced (--overwrite), never silently."""
+    found = run_contents(cfg.out)
+    if found and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"--out {cfg.out} holds a run ({', '.join(found)}): continue it with --resume, replace it "
+                         "with --overwrite, or choose another --out")
+
+
 # --------------------------------------------------------------------------- the loop
 def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     """Train per ``cfg``; returns ``{"history", "best", "best_epoch", "out", "model"}`` (the
@@ -286,6 +308,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     from tqdm.auto import tqdm
     env = setup_distributed(cfg.device)
     say = log if env.main else (lambda *a, **k: None)
+    _check_out(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     splits, bad = {}, []
     for split in ("train", "val"):
@@ -296,7 +319,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             # every file read once now: a bad one is reported before the model is built, not mid-training
             began = time.perf_counter()
             try:
-                for note in check_dataset(*splits[split]):
+                for note in check_dataset(*splits[split], split=split):
                     say(f"note: {split}: {note}")
             except DataError as error:
                 bad.append(f"{split}: {error}")
@@ -307,7 +330,9 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     train_set, info = build_data(cfg, "train", raw=splits["train"])
     val_set, _ = build_data(cfg, "val", normalization=(info.mean, info.std), raw=splits["val"])
     task = Task(info, cfg)
+    cfg = replace(cfg, loss=task.loss_name)  # the loss used, in training.json and the model card
     model = build_model(cfg, info).to(env.device)
+    model.preprocessing = {"mean": info.mean, "std": info.std, "input_range": (0, 1)}  # saved with the weights
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if env.enabled:
@@ -338,6 +363,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         start = saved["epoch"] + 1
         say(f"resumed from {resume_dir} at epoch {saved['epoch']} (best {monitor_key(info)} {best:.4f})")
     if env.main:
+        if cfg.overwrite:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
     net = distributed_model(model, env.device, val_set[0]["image"][None].to(env.device), say) \
         if env.enabled else model
@@ -355,7 +382,7 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         f"{len(train_set)} train / {len(val_set)} val samples, {env.world} process(es) on {env.device}, loss "
         f"{task.loss_name}, {total / 1e6:.2f}M parameters"
         + (f" ({trainable / 1e6:.2f}M trained: encoder frozen)" if trainable != total else ""))
-    epoch = start
+    epoch, said_undefined = start, False
     try:
         for epoch in range(start, cfg.epochs + 1):
             began = time.perf_counter()
@@ -400,6 +427,9 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             say(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  val_loss {metrics['loss']:.4f}  "
                 + "  ".join(f"val_{k} {metrics[k]:.4f}" for k in SHOWN_METRICS if k in metrics)
                 + f"  lr {lr:.2e}  ({row['seconds']:.1f} s){'  *best' if improved else ''}")
+            if undefined_foreground(metrics) and not said_undefined:
+                said_undefined = True
+                say(f"note: validation: {undefined_foreground(metrics)}")
             if env.main:
                 save_checkpoint(out / "last", model, info, cfg, epoch, row, state(epoch))
                 if improved:
