@@ -547,3 +547,25 @@ def test_preprocessing_travels_with_the_checkpoint(binary_run, tmp_path):
         model.preprocessing = [0.5]
     model.preprocessing = None  # back to the encoder's: none for the seed's own
     assert model.preprocessing is None
+
+
+def test_eval_and_predict_normalise_with_the_models_preprocessing(binary_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import uresnet_models.predict as predicting
+    import uresnet_models.train as training
+    data, run_dir, _ = binary_run
+    edited = tmp_path / "run"
+    shutil.copytree(run_dir, edited)
+    config = json.loads((edited / "best" / "config.json").read_text())
+    config["preprocessing"] = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "input_range": [0, 1]}
+    (edited / "best" / "config.json").write_text(json.dumps(config))
+    seen = []
+    for module in (predicting, training):  # predict's transform, and eval's (through train.build_data)
+        real = module.build_transform
+        monkeypatch.setattr(module, "build_transform", lambda info, *a, real=real, **k: (
+            seen.append((info.mean, info.std)), real(info, *a, **k))[1])
+    assert run(["predict", "--checkpoint", str(edited), "--input", str(data / "images" / "000.png"), "--out",
+                str(tmp_path / "m"), "--no-progress"], capsys)[0] == 0
+    assert run(["eval", "--checkpoint", str(edited), "--no-progress"], capsys)[0] == 0
+    assert seen == [((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))] * 2

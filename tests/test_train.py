@@ -223,5 +223,9 @@ def test_config_checks_itself_when_made(tmp_path):
         TrainConfig(format=None, data=str(tmp_path))
     with pytest.raises(UsageError, match="^--resume: .*last does not exist$"):
         TrainConfig(out=str(tmp_path), resume="auto")
+    with pytest.raises(UsageError, match=r"^--ignore-index is for --format masks"):
+        TrainConfig(format="binary", data=str(tmp_path), ignore_index=0)
+    with pytest.raises(UsageError, match="^--resume and --overwrite: continue the run or replace it, not both$"):
+        TrainConfig(out=str(tmp_path), resume=str(tmp_path), overwrite=True)
     cfg = TrainConfig(format=None, image_size=[32, 48])  # as read back from training.json
     assert cfg.format == "synthetic" and cfg.image_size == (32, 48)

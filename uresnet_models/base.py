@@ -70,10 +70,10 @@ class ModelBase(nn.Module):
         ``path/config.json`` (how to rebuild the model) and ``path/README.md`` (a model card:
         architecture, encoder, classes, preprocessing, ``metrics`` and how to load it);
         :func:`uresnet_models.from_pretrained` reads them back. ``config.json`` also records the
-        encoder's ``preprocessing`` (mean/std). Returns the folder."""
+        model's ``preprocessing`` (mean/std; from_pretrained restores it). Returns the folder."""
         from safetensors.torch import save_model
         config = self._config()
-        if self.preprocessing:  # restored by from_pretrained
+        if self.preprocessing:
             config = {**config, "preprocessing": self.preprocessing}
         try:
             text = json.dumps(config, indent=2, sort_keys=True)

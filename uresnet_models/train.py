@@ -106,6 +106,8 @@ class TrainConfig:
             raise UsageError(f"--amp {self.amp!r}: expected one of {', '.join(AMP_DTYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.ignore_index != IGNORE_INDEX and self.format != "masks":
+            raise UsageError(f"--ignore-index is for --format masks ({self.format} has its own unlabelled value)")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite: continue the run or replace it, not both")
         if self.resume == "auto":
