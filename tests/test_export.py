@@ -398,23 +398,31 @@ def test_export_with_preprocessing_matches_predict(trained_run, tmp_path, capsys
     status, _, err = run_cli(["predict", "--checkpoint", str(trained_run), "--input", str(images), "--out",
                               str(tmp_path / "masks"), "--no-progress"], capsys)
     assert status == 0, err
-    for dtype in ("uint8", "float"):
-        path = tmp_path / dtype / "new" / "model.onnx"
-        status, _, err = run_cli(["export", "--checkpoint", str(trained_run), "--format", "onnx", "--out", str(path),
-                                  "--include-preprocessing", dtype], capsys)
-        assert status == 0, err
-        described = json.loads((path.parent / "model.preprocessing.json").read_text())
-        assert described["normalisation_in_graph"] and described["input_dtype"] == dtype
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        assert session.get_inputs()[0].type == ("tensor(uint8)" if dtype == "uint8" else "tensor(float)")
-        for image in sorted(images.glob("*.png")):
-            raw = np.asarray(Image.open(image).convert("RGB")).transpose(2, 0, 1)[None]  # as decoded
-            logits = session.run(None, {name: raw if dtype == "uint8" else (raw / 255).astype(np.float32)})[0][0]
-            top = np.sort(logits, axis=0)
-            clear = top[-1] - top[-2] > 1e-4  # pixels whose argmax no rounding can flip
-            expected = np.asarray(Image.open(tmp_path / "masks" / image.name))
-            assert clear.mean() > 0.99 and (logits.argmax(0) == expected)[clear].all(), (dtype, image.name)
+    path = tmp_path / "new" / "model.onnx"  # a folder that does not exist yet
+    status, _, err = run_cli(["export", "--checkpoint", str(trained_run), "--format", "onnx", "--out", str(path),
+                              "--include-preprocessing"], capsys)
+    assert status == 0, err
+    described = json.loads((path.parent / "model.preprocessing.json").read_text())
+    assert described["normalisation_in_graph"] and described["input_dtype"] == "uint8"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    for image in sorted(images.glob("*.png")):
+        raw = np.asarray(Image.open(image).convert("RGB")).transpose(2, 0, 1)[None]  # as decoded
+        logits = session.run(None, {session.get_inputs()[0].name: raw})[0][0]
+        top = np.sort(logits, axis=0)
+        clear = top[-1] - top[-2] > 1e-4  # pixels whose argmax no rounding can flip
+        expected = np.asarray(Image.open(tmp_path / "masks" / image.name))
+        assert clear.mean() > 0.99 and (logits.argmax(0) == expected)[clear].all(), image.name
+    # float input in [0, 1] is the same graph without the division by 255
+    model, info, _ = load_checkpoint(trained_run)
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    pre = model.preprocessing
+    normalised = (raw / 255 - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(normalised)
+        for dtype, x in (("uint8", raw), ("float", raw / 255)):
+            wrapped = model_export.Preprocessed(model, pre, info.in_channels, dtype)
+            torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("argv,needle", [
