@@ -202,10 +202,10 @@ def _launches(torch, triton, modules):
                                   (dt, dt, acc, c, cg, h, w, oh, ow, t, 1 if one_tile else 3, t, *xs, *gs),
                                   dict(S=s, SSP=ssp, BILINEAR=bil, ONE_TILE=one_tile, BLOCK=wblock, WIDE=wide)))
             if bil:
-                nb = 2 * w + 2 * h
+                nb, bblock = 2 * w + 2 * h, su._gx_border_block(acc)
                 out.append(Launch("shuffle_upsample._grad_x_border_kernel", tag,
-                                  (dt, acc, dt, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._GX_BORDER_BLOCK), *gs),
-                                  dict(BLOCK=su._GX_BORDER_BLOCK, WIDE=wide)))
+                                  (dt, acc, dt, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, bblock), *gs),
+                                  dict(BLOCK=bblock, WIDE=wide)))
                 nb = 2 * ow + 2 * (oh - 2)
                 out.append(Launch("shuffle_upsample._grad_weight_border_kernel", tag,
                                   (dt, dt, acc, c, cg, h, w, oh, ow, nb, triton.cdiv(nb, su._BORDER_BLOCK), *xs, *gs),
@@ -250,7 +250,8 @@ def _launches(torch, triton, modules):
         for wide in (False, True) if not aligned else (False,):
             common = dict(DTYPE_KEY=key, UPCAST=False, CH_ALIGN=ch_align, WIDE=wide)
             label = "i64" if wide else "i32"
-            for cfg in mdc._grad_x_kernel.configs[:1] if wide else mdc._grad_x_kernel.configs:
+            gx_configs = mdc._prune_grad_x(mdc._grad_x_kernel.configs, {}, DTYPE_KEY=key)
+            for cfg in gx_configs[:1] if wide else gx_configs:
                 out.append(Launch("multi_dilation_conv2d._grad_x_kernel", f"{tag} {_cfg_label(cfg)} {label}",
                                   (dt, dt, i64 if wide else i32, dt, 4, n * h * w, c_in, c_tot, h, w, *gps, *xs),
                                   dict(**common, **cfg.all_kwargs())))
