@@ -5,6 +5,10 @@ backends and under compute-sanitizer. ``--device cpu`` runs the same calls on th
 kernels, a dry run of this script on a machine without a GPU.
 
     python3 scripts/run_each_kernel.py [--device cuda|cpu] [--backend cuda|triton|cpu] [--dtype float32 ...]
+                                       [--op pixel_shuffle_bn ...] [--list]
+
+``--op`` and ``--dtype`` split the work (scripts/gpu_check.sh runs the Triton part as one process
+per op and dtype: each compiles its own kernels); ``--list`` prints the calls and runs nothing.
 
 Exits non-zero when a kernel did not run (another backend answered) or disagreed with the
 reference; prints one line per call.
@@ -25,20 +29,22 @@ import uresnet_ops
 from uresnet_ops.testing import run_sample, sample_inputs
 
 
-def kernel_cases(device, dtype):
-    """(name, sample) per call: small odd shapes (uresnet_ops.testing.sample_inputs), BatchNorm
-    weight and bias in ``dtype``, running statistics in float32 (any x dtype)."""
+def kernel_cases(device, dtype, ops):
+    """(name, sample) per call of the ``ops``: small odd shapes (uresnet_ops.testing.sample_inputs),
+    BatchNorm weight and bias in ``dtype``, running statistics in float32 (any x dtype)."""
     bn = dict(param_dtype=dtype, stats_dtype=torch.float32)
-    for layout in ("contiguous", "channels_last"):
+    for layout in ("contiguous", "channels_last") if "pixel_shuffle_bn" in ops else ():
         for training in (True, False):
             yield (f"pixel_shuffle_bn r=2 {layout} training={training}",
                    sample_inputs("pixel_shuffle_bn", device, dtype, shape=(3, 36, 5, 7), upscale_factor=2,
                                  layout=layout, training=training, requires_grad=True, **bn))
-    for mode in ("nearest", "bilinear"):
+    for mode in ("nearest", "bilinear") if "shuffle_upsample" in ops else ():
         for groups in (1, 4):
             yield (f"shuffle_upsample {mode} shuffle_groups={groups}",
                    sample_inputs("shuffle_upsample", device, dtype, shape=(2, 8, 5, 6), out_channels=12, mode=mode,
                                  shuffle_groups=groups, training=True, requires_grad=True, seed=1, **bn))
+    if "multi_dilation_conv2d" not in ops:
+        return
     yield ("multi_dilation_conv2d k=(1,3,3,3) d=(1,6,12,18)",
            sample_inputs("multi_dilation_conv2d", device, dtype, shape=(2, 6, 19, 23), out_channels=5,
                          kernel_sizes=(1, 3, 3, 3), dilations=(1, 6, 12, 18), requires_grad=True, seed=2))
@@ -67,7 +73,17 @@ def main(argv=None):
     parser.add_argument("--backend", choices=("cuda", "triton", "cpu"), help="default: the device's C++ kernels")
     parser.add_argument("--dtype", nargs="+", choices=("float32", "float64", "float16", "bfloat16"),
                         help="default: float32 float64, and float16 bfloat16 on cuda")
+    parser.add_argument("--op", nargs="+", choices=uresnet_ops.testing.OPS, help="default: every op")
+    parser.add_argument("--list", action="store_true", help="print the calls, run nothing")
     args = parser.parse_args(argv)
+    dtypes = ([getattr(torch, name) for name in args.dtype] if args.dtype else
+              [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else []))
+    ops = args.op or uresnet_ops.testing.OPS
+    if args.list:  # on the meta device: no kernel runs, no GPU needed
+        for dtype in dtypes:
+            for name, _ in kernel_cases("meta", dtype, ops):
+                print(f"{str(dtype)[6:]:8s} {name}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("run_each_kernel: no CUDA device here; use --device cpu for a dry run", file=sys.stderr)
         return 2
@@ -77,12 +93,10 @@ def main(argv=None):
         print(f"run_each_kernel: backend {backend!r} is not available here "
               f"(available: {uresnet_ops.available_backends()})", file=sys.stderr)
         return 2
-    dtypes = ([getattr(torch, name) for name in args.dtype] if args.dtype else
-              [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if args.device == "cuda" else []))
     failures = 0
     print(f"run_each_kernel: {backend} kernels on {args.device}; reference: float64")
     for dtype in dtypes:
-        for name, sample in kernel_cases(args.device, dtype):
+        for name, sample in kernel_cases(args.device, dtype, ops):
             error = check(sample, backend)
             failures += error is not None
             status = "FAIL" if error else "ok  "

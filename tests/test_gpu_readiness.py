@@ -21,6 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels under the CPU interpreter")
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,works", [
+    ("3.6.0", "2.3.5", True), ("3.6.0", "2.4.0", False), ("3.6.1", "2.5.2", False), ("3.8.0", "2.4.6", True)])
+def test_triton_interpreter_numpy_range(triton_version, numpy_version, works):
+    problem = uresnet_ops.triton.interpreter_problem(triton_version, numpy_version)
+    assert (problem is None) == works
+    if problem:
+        assert f"numpy {numpy_version}" in problem and "numpy<2.4" in problem
+
+
 def test_tf32_is_off_in_tests():
     # With TF32 a float32 reference on the GPU is off by ~1e-3: more than the float32 tolerances.
     assert not torch.backends.cudnn.allow_tf32

@@ -41,6 +41,7 @@ from .plots import plot_curves, save_best_samples, write_logs
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SHOWN_METRICS = ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")  # in the per-epoch line
+LOSS_SHOWN_EVERY = 20  # steps between updates of the progress bar's loss (each one waits for the device)
 
 
 @dataclass
@@ -391,7 +392,9 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
             net.train()
-            sums = torch.zeros(2, dtype=torch.float64)
+            # loss * n and n, summed on the device: read once per LOSS_SHOWN_EVERY steps and at the
+            # epoch's end, not synchronised with the host every step.
+            sums = torch.zeros(2, dtype=torch.float64, device=env.device)
             steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=not (cfg.progress and env.main))
@@ -406,9 +409,11 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 n = batch["image"].shape[0]
-                sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+                sums[0] += loss.detach().double() * n
+                sums[1] += n
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable and (i + 1) % LOSS_SHOWN_EVERY == 0:
+                    bar.set_postfix(loss=f"{(sums[0] / sums[1]).item():.4f}")  # the epoch's mean so far
             bar.close()
             if env.enabled:
                 dist.all_reduce(sums)

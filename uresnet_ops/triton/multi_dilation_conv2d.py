@@ -44,7 +44,8 @@ _ALIGN = tl.constexpr(16)
 # GPU configs: those that compile for sm_90 without register spills in every dtype, with every
 # epilogue (scripts/gpu_resources.py checks it; the 128- and 256-row tiles at 4 warps all spilled,
 # and 3 pipeline stages spilled in float32: the float32 IEEE dot on FMAs; so did the 64x32 tile
-# in float32 with 32-bit indices, pruned there). Registers per config: docs/gpu_resources.md.
+# in float32 with 32-bit indices, and with triton 3.6's ptxas 12.8 the 32x16 one: float32 keeps
+# 64x16 alone). Registers per config: docs/gpu_resources.md.
 if INTERPRET:  # multi-config autotune fails under the interpreter
     _BLOCK_N = 16
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4)]
@@ -55,9 +56,9 @@ else:
 
 
 def _prune_forward(configs, named_args, **kwargs):
-    """The forward's configs for a launch: float32 without the K=32 tiles (they spill, above)."""
+    """The forward's configs for a launch: float32 only the 64x16 tile (the others spill, above)."""
     if kwargs.get("DTYPE_KEY") == "float32":
-        return [c for c in configs if c.kwargs["BLOCK_K"] < 32] or configs
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) == (64, 16)] or configs
     return configs
 
 
@@ -142,8 +143,10 @@ if INTERPRET:
     _GW_CONFIGS = [triton.Config({"BLOCK_CI": 16, "BLOCK_P": 16}, num_warps=4)]
     _GW_SPLIT_TARGET = 2  # programs per (tile, tap): > 1 so the tests exercise the partial sums
 else:
+    # 64 input channels per tile; float32 one 32x32 tile at 8 warps (with triton 3.6's ptxas 12.8
+    # the others spill: the float32 IEEE dot on FMAs holds more per thread).
     _GX_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                   for m, n, k, w, st in [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)]]
+                   for m, n, k, w, st in [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (32, 32, 16, 8, 2)]]
     _GW_CONFIGS = [triton.Config({"BLOCK_CI": c, "BLOCK_P": p}, num_warps=w, num_stages=st)
                    for c, p, w, st in [(64, 32, 8, 3), (64, 64, 8, 3), (64, 16, 8, 2), (64, 32, 8, 2)]]
     _GW_SPLIT_TARGET = None  # from the SM count
@@ -151,7 +154,14 @@ else:
 _GW_P_ALIGN = 64
 
 
-@triton.autotune(configs=_GX_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY", "CH_ALIGN", "WIDE"])
+def _prune_grad_x(configs, named_args, **kwargs):
+    """The input gradient's configs for a launch: 32-channel tiles in float32, 64 otherwise."""
+    width = 32 if kwargs.get("DTYPE_KEY") == "float32" else 64
+    return [c for c in configs if c.kwargs["BLOCK_N"] == width] or configs
+
+
+@triton.autotune(configs=_GX_CONFIGS, key=["C_IN", "C_TOT", "H", "W", "DTYPE_KEY", "CH_ALIGN", "WIDE"],
+                 prune_configs_by={"early_config_prune": _prune_grad_x})
 @triton.jit
 def _grad_x_kernel(gp_ptr, w_ptr, branches_ptr, gx_ptr, NUM_BRANCHES, NHW, C_IN, C_TOT, H, W,
                    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,

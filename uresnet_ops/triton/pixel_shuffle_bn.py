@@ -66,9 +66,12 @@ def _pixels_tile(p, pmask, c0, C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow,
                  R: tl.constexpr, BLOCK_B: tl.constexpr):
     # Offsets and masks of x ([BLOCK_A, BLOCK_B*R*R]) and out ([BLOCK_A, R, R, BLOCK_B]) for
     # input pixels p (flat n, h, w) and output channels c0 + [0, BLOCK_B).
-    w = p % W
-    h = (p // W) % H
-    n = p // (W * H)
+    # Two divisions, not four: with 64-bit indices each is a call of a long routine (and four
+    # made triton 3.6's ptxas 12.8 spill in _backward_input_kernel).
+    q = p // W
+    w = p - q * W
+    n = q // H
+    h = q - n * H
     k = c0 * (R * R) + tl.arange(0, BLOCK_B * R * R)
     x_off = (n * sxn + h * sxh + w * sxw)[:, None] + k[None, :] * sxc
     x_mask = pmask[:, None] & (k < C * (R * R))[None, :]

@@ -46,7 +46,6 @@ OP = "uresnet_ops::_shuffle_upsample_conv (triton)"
 # registers). The border kernels are a vanishing share of the work.
 # Programs go on grid axis 0 only (planes x tiles, flattened): axes 1 and 2 stop at 65535.
 _BORDER_BLOCK = 64  # border pixels per program
-_GX_BORDER_BLOCK = 64 if INTERPRET else 8  # its accumulator and offsets are (BLOCK, 16, 16)
 
 
 def _block(width, budget, dtype):
@@ -55,6 +54,12 @@ def _block(width, budget, dtype):
     if dtype == torch.float64:
         budget //= 2
     return 32 if INTERPRET else max(1, min(128, budget // width))
+
+
+def _gx_border_block(dtype):
+    """Border pixels per program of _grad_x_border_kernel, whose accumulator and offsets are
+    (BLOCK, 16, 16): float64 takes half (at 8, triton 3.6's ptxas 12.8 spills)."""
+    return 64 if INTERPRET else 4 if dtype == torch.float64 else 8
 
 
 @triton.jit
@@ -226,7 +231,8 @@ def _grad_x_kernel(g_ptr, wb_ptr, gx_ptr, C, CG, H, W, OH, OW, T, sgn, sgc, sgh,
         wt = tl.load(wb_ptr + ((g0 + co) * CG + (ci - g0)) * KK + q)
         acc2 += v * wt[None, :]
     acc = tl.sum(acc2, axis=1)
-    tl.store(gx_ptr + plane * H * W + pix, acc.to(gx_ptr.dtype.element_ty), mask=pmask)
+    # pmask again, without a division: kept live across the loop, ptxas 12.8 (triton 3.6) spills it.
+    tl.store(gx_ptr + plane * H * W + pix, acc.to(gx_ptr.dtype.element_ty), mask=pix < tl.cast(H, pix.dtype) * W)
 
 
 @triton.jit
@@ -546,9 +552,10 @@ def _backward(grad, x, weight, s, mode):
                                  S=s, P=p, K=k, KK=kk, BLOCK=block, WIDE=_wide(grad, wb, grad_x))
     if bilinear:
         nb = 2 * w + 2 * h
-        tb = triton.cdiv(nb, _GX_BORDER_BLOCK)
+        block = _gx_border_block(weight.dtype)
+        tb = triton.cdiv(nb, block)
         _grad_x_border_kernel[(n * c * tb,)](grad, weight, grad_x, c, cg, h, w, oh, ow, nb, tb, *grad.stride(),
-                                             BLOCK=_GX_BORDER_BLOCK, WIDE=_wide(grad, weight, grad_x))
+                                             BLOCK=block, WIDE=_wide(grad, weight, grad_x))
     ssp = _ssp(s)
     block = _block(16 * ssp, 2048, weight.dtype)
     t = triton.cdiv(h * w, block)
