@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
+# The compiled running-statistics update (csrc/running_stats.cpp), or None without the extension.
+_UPDATE = getattr(getattr(torch.ops.uresnet_ops, "_update_running_stats", None), "default", None)
 DEFAULT_NEGATIVE_SLOPE = 0.01
 
 
@@ -94,17 +96,19 @@ def check_batch_norm_args(op: str, x, channels: int, weight, bias, running_mean,
 
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float | None) -> None:
     """In-place running-statistics update exactly as ``F.batch_norm`` does it: exponential
-    average with ``momentum`` of the batch mean and the unbiased batch variance."""
+    average with ``momentum`` of the batch mean and the unbiased batch variance. One call of the
+    compiled ``_update_running_stats`` where the extension is built: at decoder sizes every ATen
+    call costs about as much as the fused kernel."""
     if running_mean is None or count == 0:
         return
     momentum = 0.0 if momentum is None else float(momentum)
-    # Two ATen calls, no grad-mode context (a few microseconds each: the update is per-call
-    # overhead on small shapes). mean and var are non-differentiable outputs of the op: nothing
-    # here is recorded by autograd.
-    unbiased = var * (count / max(count - 1, 1))
-    if mean.dtype != running_mean.dtype:
-        mean, unbiased = mean.to(running_mean.dtype), unbiased.to(running_var.dtype)
-    torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+    if _UPDATE is not None:
+        _UPDATE(running_mean, running_var, mean, var, count, momentum)
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        torch._foreach_lerp_([running_mean, running_var],
+                             [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -26,6 +26,8 @@ except ImportError as error:
                   "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning, stacklevel=2)
 
 LIB = torch.library.Library("uresnet_ops", "FRAGMENT")
+if HAS_EXTENSION:  # csrc/running_stats.cpp: it writes its first two arguments and returns nothing
+    torch.library.register_fake("uresnet_ops::_update_running_stats", lib=LIB)(lambda *args: None)
 _OVERLOADS: dict[str, torch._ops.OpOverload] = {}  # op_to_call's cache
 _COMPILED: set[str] = set()  # the public ops whose CPU/CUDA kernels and autograd the extension registers
 
