@@ -15,6 +15,7 @@ costs without the layers in front of it, eval only).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -94,7 +95,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    lines = [f"Host: {device_name('cpu')}, 1 thread, torch {torch.__version__}; µs per call, median of "
+    command = " ".join(["python benchmarks/bench_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"Made with `{command}` on {device_name('cpu')}, 1 thread, torch {torch.__version__}, load "
+             f"average {os.getloadavg()[0]:.1f} at the start (the VM has 2 cores); µs per call, median of "
              f"{args.rounds} interleaved rounds; ×eager = eager chain / fused (>1: fused is faster).", "",
              "| op | shape | mode | fused µs | eager chain µs | ×eager | one ATen op µs | kernel op alone µs |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
