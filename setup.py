@@ -102,7 +102,8 @@ def extension_setup():
     if want_cuda == "" and no_cuda_reason:
         warn(f"building the CPU kernels only: {no_cuda_reason}.")
 
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))]
+    sources = ["csrc/ops.cpp", "csrc/running_stats.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE)),
+               *sorted(glob.glob("csrc/autograd/*.cpp", root_dir=HERE))]
     # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 for older
     # torch, C++20 for torch 2.14); the sources are valid C++17. -g0 drops the -g that Python's
     # CFLAGS add: it cuts C++ compile time by ~40%. -fopenmp: at::parallel_for is a header

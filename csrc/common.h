@@ -24,7 +24,7 @@ inline Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "relu") return Activation::ReLU;
   if (name == "leaky_relu") return Activation::LeakyReLU;
   if (name == "silu") return Activation::SiLU;
-  TORCH_CHECK(false, op, ": argument 'activation' must be one of 'none', 'relu', 'leaky_relu', 'silu', got '",
+  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of 'none', 'relu', 'leaky_relu', 'silu', got '",
               name, "'");
 }
 
@@ -78,14 +78,16 @@ inline at::ScalarType stat_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The argument checks raise ValueError / TypeError in Python (TORCH_CHECK_VALUE / _TYPE), as the
+// Python front ends' own checks do.
 inline void check_channel_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x,
                                 int64_t channels) {
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == channels, op, ": argument '", name, "' must have shape (", channels,
-              ",) (one value per output channel), got shape ", p.sizes());
-  TORCH_CHECK(p.device() == x.device(), op, ": argument '", name, "' must be on x's device (", x.device(),
-              "), got ", p.device());
-  TORCH_CHECK(is_supported_float(p.scalar_type()), op, ": argument '", name,
-              "' must be float32, float64, float16 or bfloat16, got ", p.scalar_type());
+  TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == channels, op, ": argument '", name, "' must have shape (",
+                    channels, ",) (one value per output channel), got shape ", p.sizes());
+  TORCH_CHECK_VALUE(p.device() == x.device(), op, ": argument '", name, "' must be on x's device (", x.device(),
+                    "), got ", p.device());
+  TORCH_CHECK_TYPE(is_supported_float(p.scalar_type()), op, ": argument '", name,
+                   "' must be float32, float64, float16 or bfloat16, got ", p.scalar_type());
 }
 
 // An optional tensor argument that was given (a Tensor? may also arrive as an undefined tensor).

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "routing.h"
 
 namespace uresnet {
 
@@ -27,6 +28,12 @@ inline constexpr const char* kMultiDilationConv2dNativeSchema =
 inline constexpr const char* kMultiDilationConv2dNativeBackwardSchema =
     "_multi_dilation_conv2d_native_backward(Tensor grad_out, Tensor x, Tensor[] weights, int[] dilations, "
     "Tensor[] biases, str activation, float negative_slope) -> (Tensor, Tensor[], Tensor[])";
+
+// The op names that argument errors start with (as in csrc/pixel_shuffle_bn.h).
+inline constexpr char kMultiDilationConv2d[] = "multi_dilation_conv2d";
+inline constexpr char kMultiDilationConv2dBackward[] = "multi_dilation_conv2d_backward";
+inline constexpr char kMultiDilationConv2dNative[] = "uresnet_ops::_multi_dilation_conv2d_native";
+inline constexpr char kMultiDilationConv2dNativeBackward[] = "uresnet_ops::_multi_dilation_conv2d_native_backward";
 
 // ---- plan ---------------------------------------------------------------------------------
 
@@ -81,6 +88,42 @@ inline MultiDilationLayout check_multi_dilation(const char* op, const at::Tensor
   layout.act = parse_activation(activation, op);
   layout.fmt = x.suggest_memory_format();
   return layout;
+}
+
+// ---- the public ops' CPU/CUDA kernels (csrc/routing.h) ---------------------------------------
+
+using MultiDilationConv2dSignature = at::Tensor(const at::Tensor&, at::TensorList, at::IntArrayRef, at::TensorList,
+                                                c10::string_view, double);
+using MultiDilationConv2dBackwardSignature = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef, at::TensorList, c10::string_view, double);
+
+// uresnet_ops::multi_dilation_conv2d on one device: `native` (that device's kernel, checking with
+// the public op's name) or, where Python chose another backend, the backend registry.
+template <MultiDilationConv2dSignature* native>
+at::Tensor multi_dilation_conv2d_routed(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                                        at::TensorList biases, c10::string_view activation, double negative_slope) {
+  if (runs_native(OpId::MultiDilationConv2d, x)) {
+    auto out = native(x, weights, dilations, biases, activation, negative_slope);
+    record_native_run(OpId::MultiDilationConv2d, 0, x.device().type());
+    return out;
+  }
+  static const auto python = op_handle<MultiDilationConv2dSignature>("uresnet_ops::_multi_dilation_conv2d_python");
+  return python.call(x, weights, dilations, biases, activation, negative_slope);
+}
+
+// uresnet_ops::multi_dilation_conv2d_backward on one device, as multi_dilation_conv2d_routed.
+template <MultiDilationConv2dBackwardSignature* native>
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> multi_dilation_conv2d_backward_routed(
+    const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+    at::TensorList biases, c10::string_view activation, double negative_slope) {
+  if (runs_native(OpId::MultiDilationConv2d, x)) {
+    auto result = native(grad_out, x, weights, dilations, biases, activation, negative_slope);
+    record_native_run(OpId::MultiDilationConv2d, 1, x.device().type());
+    return result;
+  }
+  static const auto python = op_handle<MultiDilationConv2dBackwardSignature>(
+      "uresnet_ops::_multi_dilation_conv2d_backward_python");
+  return python.call(grad_out, x, weights, dilations, biases, activation, negative_slope);
 }
 
 }  // namespace uresnet

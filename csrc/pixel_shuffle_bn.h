@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "common.h"
+#include "routing.h"
 
 namespace uresnet {
 
@@ -37,6 +38,13 @@ inline constexpr const char* kPixelShuffleBNNativeBackwardSchema =
     "Tensor? bias, Tensor mean, Tensor var, bool training, float eps, str activation, float negative_slope) "
     "-> (Tensor, Tensor, Tensor)";
 
+// The op names that argument errors start with: the public op's, and the kernel op's (called
+// directly, past the public op, by the backends that compose it).
+inline constexpr char kPixelShuffleBN[] = "pixel_shuffle_bn";
+inline constexpr char kPixelShuffleBNBackward[] = "pixel_shuffle_bn_backward";
+inline constexpr char kPixelShuffleBNNative[] = "uresnet_ops::_pixel_shuffle_bn_native";
+inline constexpr char kPixelShuffleBNNativeBackward[] = "uresnet_ops::_pixel_shuffle_bn_native_backward";
+
 // ---- forward -------------------------------------------------------------------------------
 
 struct PixelShuffleBNPlan {
@@ -52,18 +60,44 @@ struct PixelShuffleBNPlan {
 
 // Checks shared by forward and backward; returns C (output channels).
 inline int64_t check_pixel_shuffle_bn_input(const char* op, const at::Tensor& x, int64_t r) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C*r*r, H, W) tensor, got ", x.dim(),
-              "-D with shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
-              ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(r >= 1, op, ": argument 'upscale_factor' must be >= 1, got ", r);
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C*r*r, H, W) tensor, got ", x.dim(),
+                    "-D with shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op,
+                   ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(r >= 1, op, ": argument 'upscale_factor' must be >= 1, got ", r);
   int64_t rr = 0, out_h = 0, out_w = 0;
-  TORCH_CHECK(!c10::mul_overflows(r, r, &rr) && !c10::mul_overflows(x.size(2), r, &out_h) &&
-                  !c10::mul_overflows(x.size(3), r, &out_w),
-              op, ": argument 'upscale_factor' = ", r, " is too large for x of shape ", x.sizes());
-  TORCH_CHECK(x.size(1) % rr == 0, op, ": x.size(1) (", x.size(1), ") must be divisible by upscale_factor**2 (",
-              rr, ")");
+  TORCH_CHECK_VALUE(!c10::mul_overflows(r, r, &rr) && !c10::mul_overflows(x.size(2), r, &out_h) &&
+                        !c10::mul_overflows(x.size(3), r, &out_w),
+                    op, ": argument 'upscale_factor' = ", r, " is too large for x of shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) % rr == 0, op, ": x has ", x.size(1),
+                    " channels, which is not divisible by upscale_factor**2 = ", rr);
   return x.size(1) / rr;
+}
+
+// Every check of the forward's arguments; returns C (output channels).
+inline int64_t check_pixel_shuffle_bn_args(const char* op, const at::Tensor& x, int64_t r,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& running_mean,
+                                           const std::optional<at::Tensor>& running_var, bool training, double eps,
+                                           c10::string_view activation) {
+  const int64_t channels = check_pixel_shuffle_bn_input(op, x, r);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var), op,
+                    ": 'running_mean' and 'running_var' must both be given or both be None");
+  TORCH_CHECK_VALUE(training || has(running_mean), op,
+                    ": argument 'running_mean' is required in eval mode (training=False), got None");
+  if (has(running_mean)) {
+    check_channel_param(op, "running_mean", *running_mean, x, channels);
+    check_channel_param(op, "running_var", *running_var, x, channels);
+  }
+  if (has(weight)) check_channel_param(op, "weight", *weight, x, channels);
+  if (has(bias)) check_channel_param(op, "bias", *bias, x, channels);
+  const int64_t count = x.numel() / std::max<int64_t>(channels, 1);
+  TORCH_CHECK_VALUE(!training || count != 1, op, ": expected more than 1 value per channel when training, got ",
+                    count, " (batch statistics of one value are undefined)");
+  parse_activation(activation, op);
+  return channels;
 }
 
 // Per-channel BatchNorm math on C-long tensors. On CPU it runs as plain loops: each ATen op on
@@ -115,27 +149,14 @@ inline std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, con
 // the running statistics) and scale/shift; in training the kernel computes the batch statistics
 // and then scale_shift. The write kernels only do out = act(x * scale + shift) with the
 // shuffle folded into the indexing.
-inline PixelShuffleBNPlan plan_pixel_shuffle_bn(const at::Tensor& x, int64_t r,
+inline PixelShuffleBNPlan plan_pixel_shuffle_bn(const char* op, const at::Tensor& x, int64_t r,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 const std::optional<at::Tensor>& running_mean,
                                                 const std::optional<at::Tensor>& running_var, bool training,
                                                 double eps, c10::string_view activation) {
-  constexpr const char* op = "uresnet_ops::_pixel_shuffle_bn_native";
-  const int64_t channels = check_pixel_shuffle_bn_input(op, x, r);
-  TORCH_CHECK(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
-  TORCH_CHECK(has(running_mean) == has(running_var), op,
-              ": 'running_mean' and 'running_var' must both be given or both be None");
-  TORCH_CHECK(training || has(running_mean), op,
-              ": argument 'running_mean' is required in eval mode (training=False), got None");
-  if (has(running_mean)) {
-    check_channel_param(op, "running_mean", *running_mean, x, channels);
-    check_channel_param(op, "running_var", *running_var, x, channels);
-  }
-  if (has(weight)) check_channel_param(op, "weight", *weight, x, channels);
-  if (has(bias)) check_channel_param(op, "bias", *bias, x, channels);
-  const int64_t count = x.numel() / std::max<int64_t>(channels, 1);
-  TORCH_CHECK(!training || count != 1, op, ": expected more than 1 value per channel when training, got ", count);
+  const int64_t channels =
+      check_pixel_shuffle_bn_args(op, x, r, weight, bias, running_mean, running_var, training, eps, activation);
 
   PixelShuffleBNPlan plan;
   plan.act = parse_activation(activation, op);
@@ -163,25 +184,35 @@ struct PixelShuffleBNBackwardPlan {
   int64_t count;  // values per channel, N*H*W*r*r
 };
 
-inline PixelShuffleBNBackwardPlan plan_pixel_shuffle_bn_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
-    c10::string_view activation) {
-  constexpr const char* op = "uresnet_ops::_pixel_shuffle_bn_native_backward";
+// Every check of the backward's arguments; returns C (output channels).
+inline int64_t check_pixel_shuffle_bn_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                                    int64_t r, const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                    const at::Tensor& var, double eps, c10::string_view activation) {
   const int64_t channels = check_pixel_shuffle_bn_input(op, x, r);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == channels &&
-                  grad_out.size(2) == x.size(2) * r && grad_out.size(3) == x.size(3) * r,
-              op, ": argument 'grad_out' must have shape (", x.size(0), ", ", channels, ", ", x.size(2) * r, ", ",
-              x.size(3) * r, "), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": argument 'grad_out' must have x's dtype (",
-              x.scalar_type(), "), got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": argument 'grad_out' must be on x's device (", x.device(),
-              "), got ", grad_out.device());
-  TORCH_CHECK(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == channels &&
+                        grad_out.size(2) == x.size(2) * r && grad_out.size(3) == x.size(3) * r,
+                    op, ": argument 'grad_out' must have shape (", x.size(0), ", ", channels, ", ", x.size(2) * r,
+                    ", ", x.size(3) * r, "), got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": argument 'grad_out' must have x's dtype (",
+                   x.scalar_type(), "), got ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op, ": argument 'grad_out' must be on x's device (",
+                    x.device(), "), got ", grad_out.device());
+  TORCH_CHECK_VALUE(eps >= 0, op, ": argument 'eps' must be non-negative, got ", eps);
   check_channel_param(op, "mean", mean, x, channels);
   check_channel_param(op, "var", var, x, channels);
   if (has(weight)) check_channel_param(op, "weight", *weight, x, channels);
   if (has(bias)) check_channel_param(op, "bias", *bias, x, channels);
+  parse_activation(activation, op);
+  return channels;
+}
+
+inline PixelShuffleBNBackwardPlan plan_pixel_shuffle_bn_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t r,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& var, double eps, c10::string_view activation) {
+  const int64_t channels =
+      check_pixel_shuffle_bn_backward_args(op, grad_out, x, r, weight, bias, mean, var, eps, activation);
 
   PixelShuffleBNBackwardPlan plan;
   plan.act = parse_activation(activation, op);
@@ -257,6 +288,51 @@ inline BackwardCoefficients backward_coefficients(const PixelShuffleBNBackwardPl
     k.d = plan.scale.mul(0);
   }
   return k;
+}
+
+// ---- the public ops' CPU/CUDA kernels (csrc/routing.h) ---------------------------------------
+
+using PixelShuffleBNSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, c10::string_view, double);
+using PixelShuffleBNBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, double, c10::string_view, double);
+
+// uresnet_ops::pixel_shuffle_bn on one device: `native` (that device's kernel, checking with the
+// public op's name) or, where Python chose another backend, the backend registry.
+template <PixelShuffleBNSignature* native>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_routed(
+    const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double eps, c10::string_view activation, double negative_slope) {
+  if (runs_native(OpId::PixelShuffleBN, x)) {
+    auto result = native(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
+    record_native_run(OpId::PixelShuffleBN, 0, x.device().type());
+    return result;
+  }
+  check_pixel_shuffle_bn_args(kPixelShuffleBN, x, r, weight, bias, running_mean, running_var, training, eps,
+                              activation);
+  static const auto python = op_handle<PixelShuffleBNSignature>("uresnet_ops::_pixel_shuffle_bn_python");
+  return python.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
+}
+
+// uresnet_ops::pixel_shuffle_bn_backward on one device, as pixel_shuffle_bn_routed.
+template <PixelShuffleBNBackwardSignature* native>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_routed(
+    const at::Tensor& grad_out, const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+    c10::string_view activation, double negative_slope) {
+  if (runs_native(OpId::PixelShuffleBN, x)) {
+    auto result = native(grad_out, x, r, weight, bias, mean, var, training, eps, activation, negative_slope);
+    record_native_run(OpId::PixelShuffleBN, 1, x.device().type());
+    return result;
+  }
+  check_pixel_shuffle_bn_backward_args(kPixelShuffleBNBackward, grad_out, x, r, weight, bias, mean, var, eps,
+                                       activation);
+  static const auto python =
+      op_handle<PixelShuffleBNBackwardSignature>("uresnet_ops::_pixel_shuffle_bn_backward_python");
+  return python.call(grad_out, x, r, weight, bias, mean, var, training, eps, activation, negative_slope);
 }
 
 }  // namespace uresnet

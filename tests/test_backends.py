@@ -1,4 +1,6 @@
 """The backend registry: listing, selecting, plugging in, falling back."""
+import contextlib
+import threading
 import time
 import warnings
 
@@ -26,7 +28,7 @@ def plugin():
 
     uresnet_ops.register_backend("pixel_shuffle_bn", "mine", "cpu", forward, backward)
     yield calls
-    del backends._registry["pixel_shuffle_bn"]["mine"]
+    backends.unregister_backend("pixel_shuffle_bn", "mine")
 
 
 def test_available_backends_lists_reference_and_built_ones():
@@ -52,6 +54,67 @@ def test_registered_backend_runs_forward_and_backward(plugin):
     y.sum().backward()  # outside the block: backward still uses the forward's backend
     assert plugin == {"forward": 1, "backward": 1}
     assert last_used("pixel_shuffle_bn", "backward") == "mine"
+
+
+def test_threads_with_different_backends_each_run_their_own_forward_and_backward(plugin):
+    # One thread inside use_backend("mine"), one on the default (the compiled kernel where built):
+    # each call's backward runs its own forward's backend, whatever the other thread does.
+    default = get_backend("pixel_shuffle_bn", "cpu").name
+    ran, errors, barrier = {}, [], threading.Barrier(2)
+
+    def work(name, context):
+        try:
+            torch.manual_seed(0)
+            x = torch.randn(2, 8, 5, 5, requires_grad=True)
+            with context:
+                barrier.wait()
+                for _ in range(20):
+                    y = uresnet_ops.pixel_shuffle_bn(x, 2)
+                    assert last_used("pixel_shuffle_bn") == name
+                    time.sleep(0)  # let the other thread run between forward and backward
+                    (grad,) = torch.autograd.grad(y.sum(), x)
+                    assert last_used("pixel_shuffle_bn", "backward") == name
+            ran[name] = grad
+        except (AssertionError, RuntimeError, ValueError, TypeError) as error:  # reported below, not lost in the thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=("mine", uresnet_ops.use_backend("mine", "pixel_shuffle_bn"))),
+               threading.Thread(target=work, args=(default, contextlib.nullcontext()))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert plugin == {"forward": 20, "backward": 20}
+    torch.testing.assert_close(ran["mine"], ran[default])
+
+
+@pytest.mark.skipif("pixel_shuffle_bn" not in backends._routed, reason="no compiled hot path here")
+def test_the_compiled_hot_path_follows_every_change_of_choice(plugin):
+    # csrc/routing.h: the table is rewritten on set_backend/register_backend/unregister_backend,
+    # and a use_backend block sends the thread's calls to Python.
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+
+    def ran():
+        uresnet_ops.pixel_shuffle_bn(x, 2).sum().backward()
+        return last_used("pixel_shuffle_bn"), last_used("pixel_shuffle_bn", "backward")
+
+    assert ran() == ("cpu", "cpu")
+    try:
+        uresnet_ops.set_backend("mine", "pixel_shuffle_bn")
+        assert ran() == ("mine", "mine")
+        backends.unregister_backend("pixel_shuffle_bn", "mine")  # chosen, then gone: the default order
+        assert ran() == ("cpu", "cpu")
+        reference = \
+            backends._registry["pixel_shuffle_bn"]["reference"]
+        uresnet_ops.register_backend("pixel_shuffle_bn", "mine", "cpu", reference.forward, reference.backward)
+        assert ran() == ("mine", "mine")
+    finally:
+        uresnet_ops.set_backend(None, "pixel_shuffle_bn")
+    assert ran() == ("cpu", "cpu")
+    with uresnet_ops.use_backend("reference"):
+        assert ran() == ("reference", "reference")
+    assert ran() == ("cpu", "cpu")
 
 
 def test_set_backend_global_and_per_op(plugin):

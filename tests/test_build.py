@@ -48,11 +48,11 @@ def test_native_kernel_checks_its_arguments():
         pytest.skip("extension not built")
     native = torch.ops.uresnet_ops._pixel_shuffle_bn_native
     x, c = torch.randn(2, 8, 3, 3), torch.ones(2)
-    with pytest.raises(RuntimeError, match="upscale_factor"):
+    with pytest.raises(ValueError, match="upscale_factor"):
         native(x, 3, c, c, c, c, False, 1e-5, "relu", 0.0)
-    with pytest.raises(RuntimeError, match="activation"):
+    with pytest.raises(ValueError, match="activation"):
         native(x, 2, c, c, c, c, False, 1e-5, "gelu", 0.0)
-    with pytest.raises(RuntimeError, match="running_var"):
+    with pytest.raises(ValueError, match="running_var"):
         native(x, 2, c, c, c, torch.ones(3), False, 1e-5, "relu", 0.0)
 
 

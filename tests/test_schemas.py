@@ -32,7 +32,7 @@ def _registered(public):
     """Names of the uresnet_ops ops registered now: the public ones or the native ones."""
     names = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("uresnet_ops::")}
-    return {n for n in names if n.startswith("_") != public}
+    return {n for n in names if n.startswith("_") != public and not n.endswith("_python")}  # not the Python twins
 
 
 def _schema(name):

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "silu")
+# The compiled running-statistics update (csrc/running_stats.cpp), or None without the extension.
+_UPDATE = getattr(getattr(torch.ops.uresnet_ops, "_update_running_stats", None), "default", None)
 DEFAULT_NEGATIVE_SLOPE = 0.01
 
 
@@ -68,10 +70,16 @@ def check_tensor(op: str, name: str, t, *, ndim: int | None = None, like: torch.
             raise TypeError(f"{op}: argument '{name}' has dtype {t.dtype} but 'x' has {like.dtype}")
 
 
+def check_momentum(op: str, momentum) -> None:
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        raise TypeError(f"{op}: argument 'momentum' must be a float or None, got {type(momentum).__name__}")
+
+
 def check_batch_norm_args(op: str, x, channels: int, weight, bias, running_mean, running_var,
-                          training: bool, count: int, momentum, eps, prefix: str = "") -> None:
-    """Checks shared by the ops with a BatchNorm; ``count`` is values per channel; ``prefix``
-    names the affine parameters (``bn_`` for ``bn_weight``)."""
+                          training: bool, count: int, eps, prefix: str = "") -> None:
+    """Checks shared by the ops with a BatchNorm (the momentum: :func:`check_momentum`);
+    ``count`` is values per channel; ``prefix`` names the affine parameters (``bn_`` for
+    ``bn_weight``)."""
     for name, t in ((prefix + "weight", weight), (prefix + "bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         check_tensor(op, name, t, like=x, optional=True, shape=(channels,))
@@ -82,19 +90,22 @@ def check_batch_norm_args(op: str, x, channels: int, weight, bias, running_mean,
     if training and count == 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got "
                          f"{count} (batch statistics of one value are undefined)")
-    if momentum is not None and not isinstance(momentum, (int, float)):
-        raise TypeError(f"{op}: argument 'momentum' must be a float or None, got {type(momentum).__name__}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"{op}: argument 'eps' must be a non-negative float, got {eps!r}")
 
 
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float | None) -> None:
     """In-place running-statistics update exactly as ``F.batch_norm`` does it: exponential
-    average with ``momentum`` of the batch mean and the unbiased batch variance."""
+    average with ``momentum`` of the batch mean and the unbiased batch variance. One call of the
+    compiled ``_update_running_stats`` where the extension is built: at decoder sizes every ATen
+    call costs about as much as the fused kernel."""
     if running_mean is None or count == 0:
         return
     momentum = 0.0 if momentum is None else float(momentum)
-    with torch.no_grad():  # one foreach call: the update is per-call overhead on small shapes
+    if _UPDATE is not None:
+        _UPDATE(running_mean, running_var, mean, var, count, momentum)
+        return
+    with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
         torch._foreach_lerp_([running_mean, running_var],
                              [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)

@@ -26,14 +26,28 @@ except ImportError as error:
                   "Rebuild with `pip install --no-build-isolation .` to get them.", RuntimeWarning, stacklevel=2)
 
 LIB = torch.library.Library("uresnet_ops", "FRAGMENT")
+if HAS_EXTENSION:  # csrc/running_stats.cpp: it writes its first two arguments and returns nothing
+    torch.library.register_fake("uresnet_ops::_update_running_stats", lib=LIB)(lambda *args: None)
+_OVERLOADS: dict[str, torch._ops.OpOverload] = {}  # op_to_call's cache
+_COMPILED: set[str] = set()  # the public ops whose CPU/CUDA kernels and autograd the extension registers
 
 
 def define_op(name: str, schema: str, device_arg: int = 0) -> None:
     """Define ``uresnet_ops::<name>`` and route its CPU/CUDA calls through the backend
     registry; ``device_arg`` is the index of the tensor argument that decides the device.
-    ``name`` is ``<op>`` (forward) or ``<op>_backward``."""
+    ``name`` is ``<op>`` (forward) or ``<op>_backward``.
+
+    Where the extension compiled the op's public CPU/CUDA kernels (the C++ hot path,
+    csrc/routing.h), they run the compiled kernel when it is the choice and otherwise call
+    ``uresnet_ops::_<name>_python``, defined here with the same schema: the backend registry's
+    kernels, autograd and fake kernel go on that twin."""
     LIB.define(name + schema)
     op, phase = (name[: -len("_backward")], "backward") if name.endswith("_backward") else (name, "forward")
+    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"uresnet_ops::{name}", "CPU"):
+        _COMPILED.add(name)
+        LIB.define(python_twin(name) + schema)
+        if phase == "forward":
+            backends.enable_routing(_C, [op])
 
     def kernel(*args):
         device_type = args[device_arg].device.type
@@ -44,7 +58,31 @@ def define_op(name: str, schema: str, device_arg: int = 0) -> None:
         return backends.dispatch(op, phase, device_type, args)
 
     for key in ("CPU", "CUDA"):
-        LIB.impl(name, kernel, key)
+        LIB.impl(python_side(name), kernel, key)
+
+
+def compiled_kernels(name: str) -> bool:
+    """Whether the extension compiled ``uresnet_ops::<name>``'s public kernels (the hot path)."""
+    return name in _COMPILED
+
+
+def python_twin(name: str) -> str:
+    return f"_{name}_python"
+
+
+def python_side(name: str) -> str:
+    """The op that carries ``name``'s Python kernels and autograd: the op, or its twin."""
+    return python_twin(name) if compiled_kernels(name) else name
+
+
+def register_fake(name: str, *also: str):
+    """Decorator: the fake kernel of ``uresnet_ops::<name>``, its Python twin and the ops in
+    ``also`` (kernel ops with the same schema, called by the compiled autograd)."""
+    def decorate(fn):
+        for target in {name, python_side(name), *(a for a in also if hasattr(torch.ops.uresnet_ops, a))}:
+            torch.library.register_fake(f"uresnet_ops::{target}", lib=LIB)(fn)
+        return fn
+    return decorate
 
 
 def native_op(name: str):
@@ -55,14 +93,15 @@ def native_op(name: str):
 
 
 def op_to_call(name: str):
-    """What a front end calls for ``uresnet_ops::<name>``: the op, or, while ``torch.onnx.export``
-    traces a module (either exporter), its decomposition into ATen ops
-    (:data:`uresnet_ops.export.DECOMPOSITIONS`). The exporters have no ONNX translation for a
-    custom op; traced this way the file gets standard operators and needs nothing of this package."""
-    op = getattr(torch.ops.uresnet_ops, name)
+    """What a front end calls for ``uresnet_ops::<name>``: the op (its default overload: one
+    Python layer less than the packet), or, while ``torch.onnx.export`` traces a module (either
+    exporter), its decomposition into ATen ops (:data:`uresnet_ops.export.DECOMPOSITIONS`). The
+    exporters have no ONNX translation for a custom op; traced this way the file gets standard
+    operators and needs nothing of this package."""
+    op = _OVERLOADS.get(name) or _OVERLOADS.setdefault(name, getattr(torch.ops.uresnet_ops, name).default)
     if torch.onnx.is_in_onnx_export():
         from .export import DECOMPOSITIONS  # here, not at the top: export.py needs the ops defined
-        return DECOMPOSITIONS[op.default]
+        return DECOMPOSITIONS[op]
     return op
 
 
@@ -91,6 +130,8 @@ def register_native_backends(op: str, *, kernels: str | None = None, compose=Non
                 forward.default.name(), "CUDA")
         backends.register_backend(op, device_type, device_type, *functions, available=available,
                                   declines=(declines or {}).get(device_type))
+        if available and compose is None:
+            backends.mark_compiled(op, device_type)
 
 
 def _not_built(*args):
@@ -112,6 +153,7 @@ def register_autograd(name: str, backward, setup_context) -> None:
     the list is rebuilt for the op and ``setup_context``, and ``backward``'s list of gradients is
     spread back the same way.
     """
+    public, name = name, python_side(name)
     op = getattr(torch.ops.uresnet_ops, name).default
     arity = len(op._schema.arguments)
     positions = tuple(i for i, a in enumerate(op._schema.arguments)
@@ -150,6 +192,7 @@ def register_autograd(name: str, backward, setup_context) -> None:
 
     def forward(ctx, keyset, lengths, *flat):
         args = gather(flat, lengths)
+        backends.forget_last_used(public, "forward")  # setup_context reads which backend this call ran
         output = redispatch(keyset, args)
         setup_context(ctx, args, output)
         ctx.list_lengths = lengths

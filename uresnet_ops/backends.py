@@ -29,6 +29,12 @@ passes the calls for which ``pred(*args)`` holds to the next backend of the defa
 only when the default order reached it; asked for by name (or measured fastest by ``"auto"``)
 it runs them. multi_dilation_conv2d's "cpu" backend declines channels_last input that way
 (oneDNN's convolutions, in the reference backend, measured faster there).
+
+The hot path: where the compiled extension registers an op's public CPU/CUDA kernels and its
+autograd in C++ (csrc/routing.h), the choice above is resolved once per (op, device) whenever
+it changes and written to the extension's routing table; a call whose choice is a compiled
+kernel then runs it with no Python in between, any other goes to this module. A use_backend
+block sends its thread's calls here while it lasts.
 """
 from __future__ import annotations
 
@@ -36,13 +42,16 @@ import contextlib
 import dataclasses
 import os
 import threading
-import time
 import warnings
 from typing import Callable, Iterator
 
 import torch
 
+from .timing import measure
+
 OPS = ("pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d")
+_DEVICES = ("cpu", "cuda")  # csrc/routing.h's device index
+_PHASES = ("forward", "backward")
 AUTO = "auto"  # the pseudo-backend that measures (see the module docstring)
 AUTO_RUNS = 3  # timed forward calls per backend, after one warm-up call (JIT compile, autotune)
 
@@ -68,12 +77,30 @@ class Backend:
     declines: Callable | None = None
 
 
+    # True for the compiled kernel ops themselves (register_native_backends), which the C++ hot
+    # path runs without this module when they are the choice.
+    compiled: bool = False
+
+
 _registry: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 _selected: dict[str | None, str] = {}  # op (None = every op) -> backend name
-_local = threading.local()  # .stack: list of (op or None, name) from use_backend
+# Per thread: .stack, the (op or None, name) of the open use_backend blocks; .ran, (op, phase) ->
+# the backend this module last ran (uresnet_ops/_library.py's autograd reads it for its backward).
+_local = threading.local()
 _warned: set[tuple[str, str]] = set()
-_last_used: dict[tuple[str, str], str] = {}  # (op, phase) -> backend name, for tests and debugging
 _auto_cache: dict[tuple, str] = {}  # call key (see _call_key) -> the backend "auto" measured fastest
+_orders: dict[tuple, tuple[Backend, ...]] = {}  # (op, device, phase, chosen) -> candidates, until a registration
+_native = None  # the extension's routing functions (uresnet_ops._C), when it routes any op
+_routed: set[str] = set()  # the ops whose public kernels are compiled (the C++ hot path)
+
+
+class Route:  # csrc/routing.h's Route
+    PYTHON, NATIVE, NATIVE_UNLESS_CHANNELS_LAST = 0, 1, 2
+
+
+def declines_channels_last(x, *args) -> bool:
+    """A ``declines`` policy: channels_last input (the hot path knows it too)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def register_backend(op: str, name: str, device_type, forward: Callable,
@@ -103,6 +130,30 @@ def register_backend(op: str, name: str, device_type, forward: Callable,
         raise ValueError(f"register_backend: 'device_type' must be 'cpu', 'cuda' or a list of them, "
                          f"got {device_type!r}")
     _registry[op][name] = Backend(name, frozenset(types), forward, backward, available, declines)
+    _orders.clear()
+    _update_routes()
+
+
+def unregister_backend(op: str, name: str) -> None:
+    """Remove backend ``name`` of ``op`` (a plugin's, say); the choice is resolved again."""
+    del _registry[_check_op(op)][name]
+    _orders.clear()
+    _update_routes()
+
+
+def mark_compiled(op: str, name: str) -> None:
+    """Record that backend ``name`` of ``op`` is the compiled kernel op pair itself, which the
+    extension's C++ kernels run directly when ``routed`` (the public op's kernels are compiled)."""
+    _registry[_check_op(op)][name].compiled = True
+    _update_routes()
+
+
+def enable_routing(extension, ops) -> None:
+    """Hand the choice of ``ops`` to ``extension``'s routing table (csrc/routing.h) from now on."""
+    global _native
+    _native = extension
+    _routed.update(ops)
+    _update_routes()
 
 
 def available_backends(op: str | None = None) -> list[str]:
@@ -122,6 +173,7 @@ def set_backend(name: str | None, op: str | None = None) -> None:
         _selected.pop(op, None)
     else:
         _selected[op] = name
+    _update_routes()
 
 
 def set_backend_from_environment() -> None:
@@ -141,10 +193,14 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
     _check_name(name, op)
     stack = _stack()
     stack.append((op, name))
+    if _native is not None:
+        _native.open_use_backend(1)
     try:
         yield
     finally:
         stack.pop()
+        if _native is not None:
+            _native.open_use_backend(-1)
 
 
 def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
@@ -152,7 +208,7 @@ def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
     ``"auto"``, whose choice depends on the call, the default order's first; a backend's
     ``declines`` policy and a returned ``NotImplemented`` depend on the call too:
     :func:`last_used` says what ran; for meta tensors, the reference: it only computes shapes)."""
-    backend = next(_candidates(_check_op(op), device_type, phase, _chosen_name(op)), None)
+    backend = next(iter(_candidates(_check_op(op), device_type, phase, _chosen_name(op))), None)
     if backend is None and device_type == "meta":
         backend = _registry[op].get("reference")
     if backend is None:
@@ -161,8 +217,19 @@ def get_backend(op: str, device_type: str, phase: str = "forward") -> Backend:
 
 
 def last_used(op: str, phase: str = "forward") -> str | None:
-    """The backend that ran the last ``phase`` of ``op`` (the one that did not decline)."""
-    return _last_used.get((_check_op(op), phase))
+    """The backend that ran the last ``phase`` of ``op`` in this thread (the one that did not
+    decline): for tests and debugging."""
+    ran = _ran().get((_check_op(op), phase))
+    if op in _routed:  # or the compiled kernel, if the hot path ran it since
+        ran = _native.native_run(OPS.index(op), _PHASES.index(phase), 0) or ran
+    return ran
+
+
+def forget_last_used(op: str, phase: str) -> None:
+    """Clear :func:`last_used` for this thread (before a call whose backend is to be known)."""
+    _ran().pop((op, phase), None)
+    if op in _routed:
+        _native.native_run(OPS.index(op), _PHASES.index(phase), 1)
 
 
 def auto_choices() -> dict[tuple, str]:
@@ -188,29 +255,65 @@ def dispatch(op: str, phase: str, device_type: str, args: tuple):
             continue
         result = getattr(backend, phase)(*args)
         if result is not NotImplemented:
-            _last_used[(op, phase)] = backend.name
+            forget_last_used(op, phase)
+            _ran()[(op, phase)] = backend.name
             return result
     raise RuntimeError(f"uresnet_ops.{op}: no backend could run this {phase} on {device_type}")
 
 
-def _candidates(op: str, device_type: str, phase: str, chosen: str | None) -> Iterator[Backend]:
+def _candidates(op: str, device_type: str, phase: str, chosen: str | None, warn: bool = True) -> tuple[Backend, ...]:
+    """The backends that may run the call, in order (resolved once per key, until a registration);
+    ``warn``: once per op, that the chosen backend is not available here."""
+    key = (op, device_type, phase, chosen)
+    if key not in _orders:
+        _orders[key] = _resolve(op, device_type, phase, chosen)
+    candidates, unavailable = _orders[key]
+    if warn and unavailable and (op, chosen) not in _warned:
+        _warned.add((op, chosen))
+        order = DEFAULT_ORDER[op].get(device_type, ["reference"])
+        warnings.warn(f"uresnet_ops: backend {chosen!r} is not available here for {op}; "
+                      f"falling back to {order}", RuntimeWarning, stacklevel=4)
+    return candidates
+
+
+def _resolve(op: str, device_type: str, phase: str, chosen: str | None) -> tuple[tuple[Backend, ...], bool]:
+    """(the candidates, whether the chosen backend runs on the device but is not available)."""
     backends = _registry[op]
     if chosen == AUTO:
         chosen = None  # not measured for this call: the default order
     order = DEFAULT_ORDER[op].get(device_type, ["reference"])
     names = ([chosen] if chosen else []) + [n for n in order if n != chosen]
+    candidates, unavailable = [], False
     for name in names:
         backend = backends.get(name)
         if backend is None or device_type not in backend.device_types:
             continue
         if not backend.available:
-            if name == chosen and (op, name) not in _warned:
-                _warned.add((op, name))
-                warnings.warn(f"uresnet_ops: backend {name!r} is not available here for {op}; "
-                              f"falling back to {order}", RuntimeWarning, stacklevel=3)
+            unavailable = unavailable or name == chosen
             continue
         if getattr(backend, phase) is not None:
-            yield backend
+            candidates.append(backend)
+    return tuple(candidates), unavailable
+
+
+def _update_routes() -> None:
+    """Write the process-wide choice of every routed op and device to the routing table."""
+    for op in _routed:
+        for index, device_type in enumerate(_DEVICES):
+            _native.set_route(OPS.index(op), index, _route(op, device_type))
+
+
+def _route(op: str, device_type: str) -> int:
+    chosen = _selected.get(op) or _selected.get(None)
+    if chosen == AUTO:
+        return Route.PYTHON
+    first = {phase: next(iter(_candidates(op, device_type, phase, chosen, warn=False)), None) for phase in _PHASES}
+    backend = first["forward"]
+    if backend is None or not backend.compiled or first["backward"] is not backend:
+        return Route.PYTHON
+    if backend.declines is None or backend.name == chosen:
+        return Route.NATIVE
+    return Route.NATIVE_UNLESS_CHANNELS_LAST if backend.declines is declines_channels_last else Route.PYTHON
 
 
 def _auto_pick(op: str, device_type: str, args: tuple) -> str | None:
@@ -221,7 +324,7 @@ def _auto_pick(op: str, device_type: str, args: tuple) -> str | None:
     if torch.compiler.is_compiling() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None  # no timing while tracing or capturing: the default order
     timings = {}
-    for backend in list(_candidates(op, device_type, "forward", AUTO)):
+    for backend in _candidates(op, device_type, "forward", AUTO):
         seconds = _time_forward(op, backend, device_type, args)
         if seconds is not None:
             timings[backend.name] = seconds
@@ -239,14 +342,8 @@ def _time_forward(op: str, backend: Backend, device_type: str, args: tuple) -> f
     # Called directly, as if asked for by name: a backend's ``declines`` policy does not apply.
     if backend.forward(*call_args) is NotImplemented:  # the warm-up: compiles, autotunes
         return None
-    times = []
-    for _ in range(AUTO_RUNS):
-        _synchronize(device_type)
-        start = time.perf_counter()
-        backend.forward(*call_args)
-        _synchronize(device_type)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), device_type)
+    return measure(lambda: backend.forward(*call_args), device=device, warmup=0, reps=AUTO_RUNS)["median_s"]
 
 
 def _call_key(op: str, device_type: str, args: tuple) -> tuple:
@@ -266,11 +363,6 @@ def _written_args(op: str) -> set[int]:
     return {i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write}
 
 
-def _synchronize(device_type: str) -> None:
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _chosen_name(op: str) -> str | None:
     for scope in (op, None):
         for s, name in reversed(_stack()):
@@ -283,6 +375,12 @@ def _stack() -> list:
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
+
+
+def _ran() -> dict:
+    if not hasattr(_local, "ran"):
+        _local.ran = {}
+    return _local.ran
 
 
 def _check_op(op) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from ._common import activation_backward, autocast_dtype, check_tensor, memory_format, parse_activation
-from ._library import define_op, op_to_call, register_autograd, register_native_backends
+from ._library import define_op, op_to_call, register_autograd, register_fake, register_native_backends
 
 # --- schema ---------------------------------------------------------------------------------------
 
@@ -62,14 +62,14 @@ def multi_dilation_conv2d(x, weights, dilations, biases=None, activation="none")
 
 # --- fake kernels ---------------------------------------------------------------------------------
 
-@torch.library.register_fake("uresnet_ops::" + OP)
+@register_fake(OP)
 def _fake(x, weights, dilations, biases, activation, negative_slope):
     n, _, h, w = x.shape
     out = x.new_empty((n, sum(wt.shape[0] for wt in weights), h, w))
     return out.contiguous(memory_format=memory_format(x))
 
 
-@torch.library.register_fake("uresnet_ops::" + OP + "_backward")
+@register_fake(OP + "_backward", f"_{OP}_native_backward")  # the compiled autograd's backward
 def _fake_backward(grad_out, x, weights, dilations, biases, activation, negative_slope):
     return torch.empty_like(x), [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
@@ -131,13 +131,9 @@ backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, 
 # csrc/cuda/multi_dilation_conv2d.cu (implicit GEMMs, WMMA tensor cores for half types): the
 # compiled ops are the backends.
 
-def _channels_last(x, *args):
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 # Measured: oneDNN's channels_last convolutions (the reference backend) beat the C++ kernel, so
 # by default the cpu backend leaves channels_last input to them; asked for by name, it runs it.
-register_native_backends(OP, declines={"cpu": _channels_last})
+register_native_backends(OP, declines={"cpu": backends.declines_channels_last})
 
 
 # --- triton backend -------------------------------------------------------------------------------

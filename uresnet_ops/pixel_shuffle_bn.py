@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from . import backends
 from ._common import (activation_backward, apply_activation, batch_norm_backward, batch_norm_forward,
-                      check_batch_norm_args, check_tensor, memory_format, normalize, parse_activation,
+                      check_batch_norm_args, check_momentum, check_tensor, memory_format, normalize, parse_activation,
                       stat_dtype, update_running_stats)
-from ._library import define_op, op_to_call, register_autograd, register_native_backends
+from ._library import (compiled_kernels, define_op, op_to_call, register_autograd, register_fake,
+                       register_native_backends)
 
 # --- schema ---------------------------------------------------------------------------------------
 
@@ -22,6 +23,7 @@ _ARGS = ("Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, Tensor? ru
          "Tensor? running_var, bool training, float eps, str activation, float negative_slope")
 # Returns (out, mean, var): the statistics it normalised with, for the running-stat update and backward.
 define_op(OP, f"({_ARGS}) -> (Tensor, Tensor, Tensor)")
+_CHECKED_BY_KERNEL = compiled_kernels(OP)
 define_op(OP + "_backward", "(Tensor grad_out, Tensor x, int upscale_factor, Tensor? weight, Tensor? bias, "
           "Tensor mean, Tensor var, bool training, float eps, str activation, float negative_slope) "
           "-> (Tensor, Tensor, Tensor)")
@@ -33,27 +35,34 @@ def pixel_shuffle_bn(x, upscale_factor, weight=None, bias=None, running_mean=Non
                      training=True, momentum=0.1, eps=1e-5, activation="relu"):
     """``act(F.batch_norm(F.pixel_shuffle(x, r), running_mean, running_var, weight, bias,
     training, momentum, eps))`` in one pass; running statistics are updated in place."""
-    check_tensor(OP, "x", x, ndim=4)
     r = upscale_factor
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{OP}: argument 'upscale_factor' must be a positive int, got {r!r}")
-    if x.shape[1] % (r * r):
-        raise ValueError(f"{OP}: x has {x.shape[1]} channels, which is not divisible by "
-                         f"upscale_factor**2 = {r * r}")
-    channels = x.shape[1] // (r * r)
-    count = x.shape[0] * x.shape[2] * x.shape[3] * r * r
-    check_batch_norm_args(OP, x, channels, weight, bias, running_mean, running_var, training, count, momentum, eps)
+    check_momentum(OP, momentum)
+    if not _CHECKED_BY_KERNEL:  # else the op's compiled kernel checks the tensors, with the same messages
+        check_tensor(OP, "x", x, ndim=4)
+        if x.shape[1] % (r * r):
+            raise ValueError(f"{OP}: x has {x.shape[1]} channels, which is not divisible by "
+                             f"upscale_factor**2 = {r * r}")
+        channels = x.shape[1] // (r * r)
+        check_batch_norm_args(OP, x, channels, weight, bias, running_mean, running_var, training,
+                              _count(x, r), eps)
     act, slope = parse_activation(activation, OP)
     out, mean, var = op_to_call(OP)(
         x, r, weight, bias, running_mean, running_var, bool(training), float(eps), act, slope)
     if training:
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        update_running_stats(running_mean, running_var, mean, var, _count(x, r), momentum)
     return out
+
+
+def _count(x, r):
+    """Values per output channel: N * H*r * W*r."""
+    return x.shape[0] * x.shape[2] * x.shape[3] * r * r
 
 
 # --- fake kernels ---------------------------------------------------------------------------------
 
-@torch.library.register_fake("uresnet_ops::" + OP)
+@register_fake(OP)
 def _fake(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope):
     n, c, h, w = x.shape
     out = x.new_empty((n, c // (r * r), h * r, w * r)).contiguous(memory_format=memory_format(x))
@@ -61,7 +70,7 @@ def _fake(x, r, weight, bias, running_mean, running_var, training, eps, activati
     return out, stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("uresnet_ops::" + OP + "_backward")
+@register_fake(OP + "_backward", f"_{OP}_native_backward")  # the compiled autograd's backward
 def _fake_backward(grad_out, x, r, weight, bias, mean, var, training, eps, activation, negative_slope):
     return torch.empty_like(x), _param_like(weight, x, mean.shape[0]), _param_like(bias, x, mean.shape[0])
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
-                      batch_norm_forward, check_batch_norm_args, check_tensor, memory_format, normalize,
+                      batch_norm_forward, check_batch_norm_args, check_momentum, check_tensor, memory_format, normalize,
                       parse_activation, scale_shift, stat_dtype, update_running_stats)
 from ._library import define_op, op_to_call, register_autograd, register_native_backends
 from .reference import upsample_conv3x3
@@ -69,8 +69,9 @@ def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_b
     if isinstance(g, bool) or not isinstance(g, int) or g < 1 or c_in % g:
         raise ValueError(f"{OP}: argument 'shuffle_groups' must be a positive divisor of C_in = {c_in}, got {g!r}")
     count = x.shape[0] * x.shape[2] * x.shape[3] * s * s
+    check_momentum(OP, momentum)
     check_batch_norm_args(OP, x, c_in, bn_weight, bn_bias, running_mean, running_var, training, count,
-                          momentum, eps, prefix="bn_")
+                          eps, prefix="bn_")
     act, slope = parse_activation(activation, OP)
     out, mean, var = op_to_call(OP)(
         x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,

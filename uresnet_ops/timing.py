@@ -79,19 +79,19 @@ def measure(fn: Callable, *, device="cpu", warmup: int | float = 3, reps: int | 
         fn(*args[step % len(args)])
         step += 1
 
-    # Warm up, and estimate one call's time to choose the repetitions.
+    # Warm up, and (unless ``reps`` is given) estimate one call's time to choose the repetitions.
     synchronize(device)
     start = time.perf_counter()
     count = 0
     while (count < warmup) if isinstance(warmup, int) else (count < 1 or time.perf_counter() - start < warmup):
         call()
         count += 1
-    synchronize(device)
-    start = time.perf_counter()
-    call()
-    synchronize(device)
-    estimate = max(time.perf_counter() - start, 1e-7)
     if reps is None:
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        estimate = max(time.perf_counter() - start, 1e-7)
         reps = int(min(max(min_time / estimate, 5), max_reps))
 
     times = []

@@ -35,8 +35,6 @@ __attribute__((weak)) void dgemm_(const char*, const char*, const int*, const in
 namespace uresnet {
 namespace {
 
-constexpr const char* kOp = "uresnet_ops::_multi_dilation_conv2d_native";
-
 // Column-major C (m x n, ldc) += op(A) (m x k) * op(B) (k x n), the BLAS convention.
 template <typename T>
 void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
@@ -266,16 +264,16 @@ struct Plan : MultiDilationLayout {
   at::ScalarType compute;  // float32 (also for half inputs) or float64
 };
 
-Plan make_plan(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, at::TensorList biases,
-               c10::string_view activation) {
+Plan make_plan(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+               at::TensorList biases, c10::string_view activation) {
   Plan plan;
   static_cast<MultiDilationLayout&>(plan) =
-      check_multi_dilation(kOp, x, weights, dilations, biases, activation, c10::DeviceType::CPU);
+      check_multi_dilation(op, x, weights, dilations, biases, activation, c10::DeviceType::CPU);
   plan.g = {x.size(0), x.size(2), x.size(3), plan.fmt == at::MemoryFormat::ChannelsLast};
   plan.compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // BLAS takes 32-bit sizes and leading dimensions.
   const int64_t limit = std::numeric_limits<int>::max();
-  TORCH_CHECK(plan.g.HW() <= limit && plan.cin * plan.g.HW() <= limit && plan.ctot * plan.g.HW() <= limit, kOp,
+  TORCH_CHECK(plan.g.HW() <= limit && plan.cin * plan.g.HW() <= limit && plan.ctot * plan.g.HW() <= limit, op,
               ": one image of x (", x.sizes(), ") or of the output is too large for 32-bit BLAS indexing");
   return plan;
 }
@@ -336,9 +334,10 @@ at::Tensor forward_compute(const Plan& p, const at::Tensor& xc, at::TensorList w
   return out;
 }
 
+template <const char* op>
 at::Tensor mdc_forward_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
                            at::TensorList biases, c10::string_view activation, double negative_slope) {
-  const Plan p = make_plan(x, weights, dilations, biases, activation);
+  const Plan p = make_plan(op, x, weights, dilations, biases, activation);
   const auto xc = as_compute(x, p, p.fmt);
   at::Tensor out = p.compute == at::kDouble
                        ? forward_compute<double>(p, xc, weights, dilations, biases, p.act, negative_slope)
@@ -393,13 +392,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> backwar
   return {grad_x, grad_w, grad_b};
 }
 
+template <const char* op>
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
     at::TensorList biases, c10::string_view activation, double negative_slope) {
-  const Plan p = make_plan(x, weights, dilations, biases, activation);
+  const Plan p = make_plan(op, x, weights, dilations, biases, activation);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.g.N && grad_out.size(1) == p.ctot &&
                   grad_out.size(2) == p.g.H && grad_out.size(3) == p.g.W,
-              kOp, "_backward: argument 'grad_out' must have shape (", p.g.N, ", ", p.ctot, ", ", p.g.H, ", ", p.g.W,
+              op, ": argument 'grad_out' must have shape (", p.g.N, ", ", p.ctot, ", ", p.g.H, ", ", p.g.W,
               "), got ", grad_out.sizes());
   return p.compute == at::kDouble
              ? backward_compute<double>(p, grad_out, x, weights, dilations, biases, negative_slope)
@@ -410,6 +410,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_bac
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
-  m.impl("_multi_dilation_conv2d_native", &uresnet::mdc_forward_cpu);
-  m.impl("_multi_dilation_conv2d_native_backward", &uresnet::mdc_backward_cpu);
+  using namespace uresnet;
+  m.impl("_multi_dilation_conv2d_native", &mdc_forward_cpu<kMultiDilationConv2dNative>);
+  m.impl("_multi_dilation_conv2d_native_backward", &mdc_backward_cpu<kMultiDilationConv2dNativeBackward>);
+  m.impl("multi_dilation_conv2d", &multi_dilation_conv2d_routed<&mdc_forward_cpu<kMultiDilationConv2d>>);
+  m.impl("multi_dilation_conv2d_backward",
+         &multi_dilation_conv2d_backward_routed<&mdc_backward_cpu<kMultiDilationConv2dBackward>>);
 }

@@ -349,12 +349,13 @@ void backward_cpu_kernel(const at::Tensor& dy, const at::Tensor& x, const PixelS
   });
 }
 
+template <const char* op>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cpu(
     const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, c10::string_view activation,
     double negative_slope) {
-  PixelShuffleBNPlan plan = plan_pixel_shuffle_bn(x, upscale_factor, weight, bias, running_mean, running_var,
+  PixelShuffleBNPlan plan = plan_pixel_shuffle_bn(op, x, upscale_factor, weight, bias, running_mean, running_var,
                                                   training, eps, activation);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_bn_cpu", [&] {
     if (training) {
@@ -372,12 +373,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cpu(
   return {plan.out, plan.mean, plan.var};
 }
 
+template <const char* op>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     c10::string_view activation, double negative_slope) {
   PixelShuffleBNBackwardPlan plan =
-      plan_pixel_shuffle_bn_backward(grad_out, x, upscale_factor, weight, bias, mean, var, eps, activation);
+      plan_pixel_shuffle_bn_backward(op, grad_out, x, upscale_factor, weight, bias, mean, var, eps, activation);
   at::Tensor grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pixel_shuffle_bn_backward_cpu", [&] {
     URESNET_DISPATCH_ACTIVATION(plan.act,
@@ -391,6 +393,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_cpu(
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
-  m.impl("_pixel_shuffle_bn_native", &uresnet::pixel_shuffle_bn_cpu);
-  m.impl("_pixel_shuffle_bn_native_backward", &uresnet::pixel_shuffle_bn_backward_cpu);
+  using namespace uresnet;
+  m.impl("_pixel_shuffle_bn_native", &pixel_shuffle_bn_cpu<kPixelShuffleBNNative>);
+  m.impl("_pixel_shuffle_bn_native_backward", &pixel_shuffle_bn_backward_cpu<kPixelShuffleBNNativeBackward>);
+  m.impl("pixel_shuffle_bn", &pixel_shuffle_bn_routed<&pixel_shuffle_bn_cpu<kPixelShuffleBN>>);
+  m.impl("pixel_shuffle_bn_backward",
+         &pixel_shuffle_bn_backward_routed<&pixel_shuffle_bn_backward_cpu<kPixelShuffleBNBackward>>);
 }

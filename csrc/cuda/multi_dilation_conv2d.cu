@@ -616,10 +616,11 @@ at::Tensor run_grad_w(const Plan& p, const at::Tensor& x, const at::Tensor& gp, 
   return part.sum(0);
 }
 
+template <const char* op>
 at::Tensor mdc_forward_cuda(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
                             at::TensorList biases, c10::string_view activation, double negative_slope) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const Plan p = make_plan(kOp, x, weights, dilations, biases, activation);
+  const Plan p = make_plan(op, x, weights, dilations, biases, activation);
   at::Tensor out = at::empty({p.N, p.ctot, p.H, p.W}, x.options().memory_format(p.fmt));
   if (out.numel() == 0) return out;
   const Packed pk = pack(weights, dilations, /*transposed=*/false);
@@ -663,10 +664,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Plan& p, cons
   return {grad_x, gw, gb};
 }
 
+template <const char* op>
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
     at::TensorList biases, c10::string_view activation, double negative_slope) {
-  constexpr const char* op = "uresnet_ops::_multi_dilation_conv2d_native_backward";
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan p = make_plan(op, x, weights, dilations, biases, activation);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == p.ctot &&
@@ -713,6 +714,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_bac
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CUDA, m) {
-  m.impl("_multi_dilation_conv2d_native", &uresnet::mdc_forward_cuda);
-  m.impl("_multi_dilation_conv2d_native_backward", &uresnet::mdc_backward_cuda);
+  using namespace uresnet;
+  m.impl("_multi_dilation_conv2d_native", &mdc_forward_cuda<kMultiDilationConv2dNative>);
+  m.impl("_multi_dilation_conv2d_native_backward", &mdc_backward_cuda<kMultiDilationConv2dNativeBackward>);
+  m.impl("multi_dilation_conv2d", &multi_dilation_conv2d_routed<&mdc_forward_cuda<kMultiDilationConv2d>>);
+  m.impl("multi_dilation_conv2d_backward",
+         &multi_dilation_conv2d_backward_routed<&mdc_backward_cuda<kMultiDilationConv2dBackward>>);
 }

@@ -254,13 +254,14 @@ void backward_cuda_impl(const at::Tensor& dy, const at::Tensor& x, const PixelSh
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <const char* op>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cuda(
     const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, c10::string_view activation,
     double negative_slope) {
   const c10::cuda::CUDAGuard guard(x.device());
-  PixelShuffleBNPlan plan = plan_pixel_shuffle_bn(x, upscale_factor, weight, bias, running_mean, running_var,
+  PixelShuffleBNPlan plan = plan_pixel_shuffle_bn(op, x, upscale_factor, weight, bias, running_mean, running_var,
                                                   training, eps, activation);
   // 32-bit indexing unless the output or the span of x's offsets reaches 2^31.
   const bool index32 = at::native::canUse32BitIndexMath(x) && at::native::canUse32BitIndexMath(plan.out);
@@ -289,13 +290,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_cuda(
   return {plan.out, plan.mean, plan.var};
 }
 
+template <const char* op>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, int64_t upscale_factor, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     c10::string_view activation, double negative_slope) {
   const c10::cuda::CUDAGuard guard(x.device());
   PixelShuffleBNBackwardPlan plan =
-      plan_pixel_shuffle_bn_backward(grad_out, x, upscale_factor, weight, bias, mean, var, eps, activation);
+      plan_pixel_shuffle_bn_backward(op, grad_out, x, upscale_factor, weight, bias, mean, var, eps, activation);
   at::Tensor grad_weight, grad_bias;
   if (x.numel() == 0) {  // nothing to reduce: zero parameter gradients
     const at::Tensor zero = plan.mean.mul(0);
@@ -317,6 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_backward_cuda(
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CUDA, m) {
-  m.impl("_pixel_shuffle_bn_native", &uresnet::pixel_shuffle_bn_cuda);
-  m.impl("_pixel_shuffle_bn_native_backward", &uresnet::pixel_shuffle_bn_backward_cuda);
+  using namespace uresnet;
+  m.impl("_pixel_shuffle_bn_native", &pixel_shuffle_bn_cuda<kPixelShuffleBNNative>);
+  m.impl("_pixel_shuffle_bn_native_backward", &pixel_shuffle_bn_backward_cuda<kPixelShuffleBNNativeBackward>);
+  m.impl("pixel_shuffle_bn", &pixel_shuffle_bn_routed<&pixel_shuffle_bn_cuda<kPixelShuffleBN>>);
+  m.impl("pixel_shuffle_bn_backward",
+         &pixel_shuffle_bn_backward_routed<&pixel_shuffle_bn_backward_cuda<kPixelShuffleBNBackward>>);
 }
