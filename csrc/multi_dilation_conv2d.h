@@ -51,32 +51,32 @@ struct MultiDilationLayout {
 inline MultiDilationLayout check_multi_dilation(const char* op, const at::Tensor& x, at::TensorList weights,
                                                 at::IntArrayRef dilations, at::TensorList biases,
                                                 c10::string_view activation, c10::DeviceType device) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op,
               ": argument 'x' must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().type() == device, op, ": argument 'x' must be a ", c10::DeviceTypeName(device),
+  TORCH_CHECK_VALUE(x.device().type() == device, op, ": argument 'x' must be a ", c10::DeviceTypeName(device),
               " tensor, got ", x.device());
-  TORCH_CHECK(!weights.empty(), op, ": argument 'weights' must hold at least one branch, got none");
-  TORCH_CHECK(weights.size() == dilations.size(), op, ": 'weights' has ", weights.size(),
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": argument 'weights' must hold at least one branch, got none");
+  TORCH_CHECK_VALUE(weights.size() == dilations.size(), op, ": 'weights' has ", weights.size(),
               " branches but 'dilations' has ", dilations.size(), " entries");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op, ": 'biases' must be empty or have one entry "
+  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(), op, ": 'biases' must be empty or have one entry "
               "per branch (", weights.size(), "), got ", biases.size());
   MultiDilationLayout layout;
   layout.cin = x.size(1);
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 4 && w.size(1) == layout.cin && w.size(2) == w.size(3) && w.size(2) % 2 == 1, op,
+    TORCH_CHECK_VALUE(w.dim() == 4 && w.size(1) == layout.cin && w.size(2) == w.size(3) && w.size(2) % 2 == 1, op,
                 ": argument 'weights[", i, "]' must have shape (C_out, ", layout.cin, ", k, k) with odd k, got ",
                 w.sizes());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": argument 'weights[", i,
+    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": argument 'weights[", i,
                 "]' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
                 w.scalar_type(), ", ", w.device());
-    TORCH_CHECK(dilations[i] >= 1, op, ": argument 'dilations[", i, "]' must be >= 1, got ", dilations[i]);
+    TORCH_CHECK_VALUE(dilations[i] >= 1, op, ": argument 'dilations[", i, "]' must be >= 1, got ", dilations[i]);
     if (!biases.empty()) {
       const auto& b = biases[i];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, ": argument 'biases[", i, "]' must have shape (",
+      TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, ": argument 'biases[", i, "]' must have shape (",
                   w.size(0), ",), got ", b.sizes());
-      TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), op, ": argument 'biases[", i,
+      TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type() && b.device() == x.device(), op, ": argument 'biases[", i,
                   "]' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
                   b.scalar_type(), ", ", b.device());
     }

@@ -46,27 +46,27 @@ inline constexpr const char* kShuffleUpsampleBNBackwardNativeSchema =
 // Checks shared by the CPU and CUDA upsample-conv kernels; returns true for mode "bilinear".
 inline bool check_upsample_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t s,
                                 c10::string_view mode) {
-  TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": argument 'x' must be float32, float64, float16 or "
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": argument 'x' must be float32, float64, float16 or "
               "bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) >= 1 &&
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) >= 1 &&
                   x.size(1) % weight.size(1) == 0 && weight.size(2) == 3 && weight.size(3) == 3,
               op, ": argument 'weight' must have shape (C, C/groups, 3, 3) with C = ", x.size(1), ", got ",
               weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == stat_dtype(x) && weight.device() == x.device(), op,
+  TORCH_CHECK_TYPE(weight.scalar_type() == stat_dtype(x) && weight.device() == x.device(), op,
               ": argument 'weight' must be ", stat_dtype(x), " on ", x.device(), " (the accumulation type), got ",
               weight.scalar_type(), " on ", weight.device());
-  TORCH_CHECK(mode == "nearest" || mode == "bilinear", op, ": argument 'mode' must be 'nearest' or 'bilinear', got '",
+  TORCH_CHECK_VALUE(mode == "nearest" || mode == "bilinear", op, ": argument 'mode' must be 'nearest' or 'bilinear', got '",
               mode, "'");
-  TORCH_CHECK(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
-  TORCH_CHECK(mode == "nearest" || s == 2, op, ": mode 'bilinear' supports scale_factor 2 only, got ", s);
+  TORCH_CHECK_VALUE(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
+  TORCH_CHECK_VALUE(mode == "nearest" || s == 2, op, ": mode 'bilinear' supports scale_factor 2 only, got ", s);
   return mode == "bilinear";
 }
 
 // A (C,) per-channel vector in the accumulation type, as the bias and the BatchNorm terms are.
 inline void check_upsample_conv_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& x) {
   check_channel_param(op, name, v, x, x.size(1));
-  TORCH_CHECK(v.scalar_type() == stat_dtype(x), op, ": argument '", name, "' must be ", stat_dtype(x), ", got ",
+  TORCH_CHECK_TYPE(v.scalar_type() == stat_dtype(x), op, ": argument '", name, "' must be ", stat_dtype(x), ", got ",
               v.scalar_type());
 }
 
@@ -75,11 +75,11 @@ inline void check_upsample_conv_bias(const char* op, const std::optional<at::Ten
 }
 
 inline void check_upsample_conv_grad(const char* op, const at::Tensor& grad, const at::Tensor& x, int64_t s) {
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) &&
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) &&
                   grad.size(2) == x.size(2) * s && grad.size(3) == x.size(3) * s,
               op, ": argument 'grad' must have shape (", x.size(0), ", ", x.size(1), ", ", x.size(2) * s, ", ",
               x.size(3) * s, "), got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(), op,
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type() && grad.device() == x.device(), op,
               ": argument 'grad' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
               grad.scalar_type(), ", ", grad.device());
 }

@@ -273,7 +273,7 @@ Plan make_plan(const char* op, const at::Tensor& x, at::TensorList weights, at::
   plan.compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // BLAS takes 32-bit sizes and leading dimensions.
   const int64_t limit = std::numeric_limits<int>::max();
-  TORCH_CHECK(plan.g.HW() <= limit && plan.cin * plan.g.HW() <= limit && plan.ctot * plan.g.HW() <= limit, op,
+  TORCH_CHECK_VALUE(plan.g.HW() <= limit && plan.cin * plan.g.HW() <= limit && plan.ctot * plan.g.HW() <= limit, op,
               ": one image of x (", x.sizes(), ") or of the output is too large for 32-bit BLAS indexing");
   return plan;
 }
@@ -397,7 +397,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_bac
     const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
     at::TensorList biases, c10::string_view activation, double negative_slope) {
   const Plan p = make_plan(op, x, weights, dilations, biases, activation);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.g.N && grad_out.size(1) == p.ctot &&
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.g.N && grad_out.size(1) == p.ctot &&
                   grad_out.size(2) == p.g.H && grad_out.size(3) == p.g.W,
               op, ": argument 'grad_out' must have shape (", p.g.N, ", ", p.ctot, ", ", p.g.H, ", ", p.g.W,
               "), got ", grad_out.sizes());

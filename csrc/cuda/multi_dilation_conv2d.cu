@@ -437,7 +437,7 @@ Plan make_plan(const char* op, const at::Tensor& x, at::TensorList weights, at::
   p.H = x.size(2);
   p.W = x.size(3);
   for (size_t i = 0; i < weights.size(); ++i)  // offsets up to (k/2)*d stay far from int64 overflow
-    TORCH_CHECK(dilations[i] <= (int64_t{1} << 40) / weights[i].size(2), op, ": argument 'dilations[", i,
+    TORCH_CHECK_VALUE(dilations[i] <= (int64_t{1} << 40) / weights[i].size(2), op, ": argument 'dilations[", i,
                 "]' is too large, got ", dilations[i]);
   return p;
 }
@@ -466,7 +466,7 @@ bool use_tensor_cores(at::ScalarType t) {
 template <typename Engine>
 unsigned int pixel_blocks(const Geo& g) {
   const int64_t blocks = (g.NHW + Engine::BM - 1) / Engine::BM;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), kOp, ": too many pixels (", g.NHW, ") for one launch");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kOp, ": too many pixels (", g.NHW, ") for one launch");
   return static_cast<unsigned int>(blocks);
 }
 
@@ -518,7 +518,7 @@ void run_forward(const Plan& p, const at::Tensor& x, const Packed& pk, at::Tenso
     }
     segs.tile0[segs.count] = tiles;
     if (tiles == 0) continue;
-    TORCH_CHECK(tiles <= 65535, kOp, ": too many output channels per launch (", tiles, " column tiles)");
+    TORCH_CHECK_VALUE(tiles <= 65535, kOp, ": too many output channels per launch (", tiles, " column tiles)");
     const dim3 grid(pixel_blocks<Engine>(g), static_cast<unsigned int>(tiles));
     conv_gemm_kernel<scalar_t, Engine, kMode><<<grid, kGemmThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), segs, out.mutable_data_ptr<scalar_t>(),
@@ -536,7 +536,7 @@ void run_grad_x(const Plan& p, const at::Tensor& gp, const Packed& pk, at::Tenso
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t nb = static_cast<int64_t>(pk.w.size());
   const int64_t col_tiles = (p.cin + Engine::BN - 1) / Engine::BN;
-  TORCH_CHECK(col_tiles <= 65535, kOp, "_backward: too many input channels (", p.cin, ")");
+  TORCH_CHECK_VALUE(col_tiles <= 65535, kOp, "_backward: too many input channels (", p.cin, ")");
   for (int64_t s0 = 0; s0 < nb; s0 += kMaxSegs) {
     Segs<scalar_t> segs{};
     segs.count = static_cast<int>(std::min<int64_t>(kMaxSegs, nb - s0));
@@ -574,7 +574,7 @@ at::Tensor run_grad_w(const Plan& p, const at::Tensor& x, const at::Tensor& gp, 
   for (int64_t b = 0; b < nb; ++b)
     total_items += ((p.widths[b] + Engine::BM - 1) / Engine::BM) * weights[b].size(2) * weights[b].size(2);
   const int64_t ci_tiles = (p.cin + Engine::BN - 1) / Engine::BN;
-  TORCH_CHECK(ci_tiles <= std::numeric_limits<int>::max(), kOp, "_backward: too many input channels");
+  TORCH_CHECK_VALUE(ci_tiles <= std::numeric_limits<int>::max(), kOp, "_backward: too many input channels");
   // Splits along the pixels: about 4 waves of blocks, at least 8 K chunks per block.
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t want = std::max<int64_t>(1, 4 * prop->multiProcessorCount / std::max<int64_t>(1, total_items * ci_tiles));
@@ -605,7 +605,7 @@ at::Tensor run_grad_w(const Plan& p, const at::Tensor& x, const at::Tensor& gp, 
     }
     segs.item0[segs.count] = items;
     if (items == 0) continue;
-    TORCH_CHECK(items <= 65535, kOp, "_backward: too many (channel tile, tap) pairs per launch (", items, ")");
+    TORCH_CHECK_VALUE(items <= 65535, kOp, "_backward: too many (channel tile, tap) pairs per launch (", items, ")");
     const dim3 grid(static_cast<unsigned int>(ci_tiles), static_cast<unsigned int>(items),
                     static_cast<unsigned int>(splits));
     grad_weight_kernel<scalar_t, Engine><<<grid, kGemmThreads, 0, stream>>>(
@@ -670,11 +670,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mdc_bac
     at::TensorList biases, c10::string_view activation, double negative_slope) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan p = make_plan(op, x, weights, dilations, biases, activation);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == p.ctot &&
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == p.ctot &&
                   grad_out.size(2) == p.H && grad_out.size(3) == p.W,
               op, ": argument 'grad_out' must have shape (", p.N, ", ", p.ctot, ", ", p.H, ", ", p.W, "), got ",
               grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
               ": argument 'grad_out' must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
               grad_out.scalar_type(), ", ", grad_out.device());
   std::vector<at::Tensor> grad_w, grad_b;
