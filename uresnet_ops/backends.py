@@ -75,8 +75,6 @@ class Backend:
     available: bool = True
     # (*forward args) -> bool: forward calls passed on unless the backend was asked for by name.
     declines: Callable | None = None
-
-
     # True for the compiled kernel ops themselves (register_native_backends), which the C++ hot
     # path runs without this module when they are the choice.
     compiled: bool = False
@@ -89,7 +87,8 @@ _selected: dict[str | None, str] = {}  # op (None = every op) -> backend name
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
 _auto_cache: dict[tuple, str] = {}  # call key (see _call_key) -> the backend "auto" measured fastest
-_orders: dict[tuple, tuple[Backend, ...]] = {}  # (op, device, phase, chosen) -> candidates, until a registration
+# (op, device, phase, chosen) -> _resolve's (candidates, chosen-but-unavailable), until a registration
+_orders: dict[tuple, tuple[tuple[Backend, ...], bool]] = {}
 _native = None  # the extension's routing functions (uresnet_ops._C), when it routes any op
 _routed: set[str] = set()  # the ops whose public kernels are compiled (the C++ hot path)
 
