@@ -104,18 +104,10 @@ def test_compiled_models_match_eager_at_three_sizes(name, dynamic):
     """Dynamo, AOT autograd with inductor's decompositions and its min-cut partitioner (where a
     symbolic ``(-w) % 32`` of the padding used to fail on the second size, or at once with
     ``dynamic=True``), without inductor's code generation: a few seconds per model instead of a
-    minute. The inductor test below runs the whole path once."""
+    minute."""
     torch._dynamo.reset()
     eager = tiny(name)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, dynamic=dynamic, backend="aot_eager_decomp_partition")
     for train in (True, False):
         _compare_at_sizes(name, eager, compiled_model, compiled, train)
-
-
-@pytest.mark.slow
-def test_inductor_trains_at_three_sizes():
-    torch._dynamo.reset()
-    eager = tiny("unet")
-    compiled_model = copy.deepcopy(eager)
-    _compare_at_sizes("unet", eager, compiled_model, torch.compile(compiled_model, dynamic=True), train=True)
