@@ -6,8 +6,9 @@ extension is compiled against that torch:
     pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
 
 Environment switches:
-    URESNET_CUDA=0|1          0: CPU kernels only; 1: the CUDA kernels must build (else fail);
-                              unset: build them when torch has CUDA and nvcc is found.
+    URESNET_CUDA=0|1          0: CPU kernels only; 1: the CUDA kernels must build (else fail),
+                              GPU or not (CI sets it: it compiles and checks them); unset: build
+                              them only when a GPU is visible (torchvision's FORCE_CUDA rule).
     URESNET_NO_EXTENSION=1    install the pure-Python packages only (no compiled kernels).
     TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0": A100, H100).
     MAX_JOBS                  parallel compile jobs (default 2).
@@ -98,9 +99,16 @@ def extension_setup():
                       f"no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME} (set CUDA_HOME to the toolkit root)")
     if want_cuda == "1" and no_cuda_reason:
         sys.exit(f"uresnet: URESNET_CUDA=1 but the CUDA kernels cannot be built: {no_cuda_reason}.")
-    with_cuda = want_cuda != "0" and no_cuda_reason is None
-    if want_cuda == "" and no_cuda_reason:
-        warn(f"building the CPU kernels only: {no_cuda_reason}.")
+    # Compiling the CUDA kernels takes most of the build (~10 minutes on 2 cores): not for a
+    # machine that cannot run them, unless asked.
+    gpu_visible = torch.version.cuda is not None and torch.cuda.is_available()
+    with_cuda = no_cuda_reason is None and (want_cuda == "1" or (want_cuda == "" and gpu_visible))
+    if want_cuda == "" and gpu_visible and no_cuda_reason:
+        warn(f"a GPU is visible but only the CPU kernels are built: {no_cuda_reason}.")
+    elif not with_cuda:
+        print("uresnet setup.py: building the CPU kernels only (" + (
+            "URESNET_CUDA=0" if want_cuda == "0" else "no GPU visible; URESNET_CUDA=1 builds the CUDA kernels too")
+            + ")", file=sys.stderr, flush=True)
 
     sources = ["csrc/ops.cpp", "csrc/running_stats.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE)),
                *sorted(glob.glob("csrc/autograd/*.cpp", root_dir=HERE))]

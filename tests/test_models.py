@@ -2,6 +2,7 @@
 RGB-D input, save/load, backends, channels_last, torch.export / torch.compile."""
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 import uresnet_models as um
 import uresnet_ops
@@ -314,7 +315,9 @@ def test_save_pretrained_of_a_model_built_from_its_class(tmp_path):
 def test_model_card(tmp_path):
     model = um.create_model("unet", encoder="test_resnet", num_classes=2, **SMALL["unet"])
     model.save_pretrained(tmp_path, metrics={"val_miou": 0.8123, "epoch": 7})
-    card = (tmp_path / "README.md").read_text()
+    hub_card = ModelCard.load(tmp_path / "README.md")  # the Hub's metadata, then ours
+    assert hub_card.data.library_name == "uresnet" and "image-segmentation" in hub_card.data.tags
+    card = hub_card.text.lstrip()
     assert card.startswith("# unet on test_resnet")
     for needle in ("| output classes | 2 |", "| val_miou | 0.8123 |", "| epoch | 7 |", "from_pretrained",
                    "mean [0.5, 0.5, 0.5]", '"architecture": "unet"'):

@@ -121,3 +121,37 @@ def test_count_parameters_and_cli(capsys):
     assert main(["list-models", "--params", "*resunet"]) == 0
     out = capsys.readouterr().out
     assert "deresunet" in out and "resunet" in out and "M" in out
+
+
+def test_smp_argument_names(monkeypatch):
+    tiny = dict(decoder_channels=(8,) * 5)
+    model = um.create_model("unet", encoder_name="test_resnet", encoder_weights=None, classes=3, in_channels=2,
+                            activation="softmax2d", **tiny)
+    kwargs = model.model_config["kwargs"]
+    assert (kwargs["encoder"], kwargs["num_classes"], kwargs["in_channels"]) == ("test_resnet", 3, 2)
+    probs = model.eval()(torch.randn(1, 2, 32, 32))
+    assert probs.shape == (1, 3, 32, 32) and torch.allclose(probs.sum(1), torch.ones(1, 32, 32))
+    seen, build_unet = {}, registry.model_entrypoint("unet")
+
+    def spy(**kw):  # "imagenet" asks for the encoder's timm weights (not downloaded here)
+        seen.update(kw)
+        return build_unet(**{**kw, "pretrained": False})
+
+    monkeypatch.setitem(registry._REGISTRY, "unet", spy)
+    um.create_model("unet", encoder_name="test_resnet", encoder_weights="imagenet", **tiny)
+    assert seen["pretrained"] is True and seen["encoder"] == "test_resnet"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(encoder="resnet18", encoder_name="resnet34"), "encoder_name= .* and encoder= both given"),
+    (dict(num_classes=2, classes=3), "classes= .* and num_classes= both given"),
+    (dict(pretrained=True, encoder_weights=None), "encoder_weights= .* and pretrained= both given"),
+])
+def test_smp_and_our_name_of_one_argument_is_refused(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        um.create_model("unet", **kwargs)
+
+
+def test_smp_encoder_weights_other_than_imagenet_are_refused():
+    with pytest.raises(ValueError, match=r"encoder_weights='ssl': expected None or 'imagenet'"):
+        um.create_model("unet", encoder_name="resnet50", encoder_weights="ssl")

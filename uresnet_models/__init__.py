@@ -4,7 +4,7 @@ blocks, Residual U-Net, U-Net) built from uresnet_ops modules and any timm encod
     import uresnet_models
     model = uresnet_models.create_model("uresnet", encoder="resnet34", num_classes=19)
     uresnet_models.list_models("*resunet*")
-    model.save_pretrained("ckpt/"); model = uresnet_models.from_pretrained("ckpt/")
+    model.save_pretrained("ckpt/"); model = uresnet_models.from_pretrained("ckpt/")  # or a Hub id
 
 The names below are imported on first use, so that importing the package (and the ``uresnet``
 command's ``--help``) does not import torch.
@@ -16,14 +16,15 @@ __version__ = "0.1.0"  # the same as uresnet_ops and pyproject.toml
 _EXPORTS = {
     ".registry": ["create_model", "list_models", "register_model", "is_model", "model_entrypoint",
                   "count_parameters", "UnknownModelError", "ENTRY_POINT_GROUP"],
-    ".base": ["ModelBase", "SegmentationModel", "from_pretrained"],
+    ".base": ["ModelBase", "SegmentationModel"],
+    ".hub": ["from_pretrained", "HubMixin"],
     ".encoders": ["Encoder", "TimmEncoder", "DualEncoder", "create_encoder", "get_preprocessing"],
     ".architectures": ["UResNet", "UResNetClassifier", "DeResUNet", "ResUNetAtrous", "ResUNet", "UNet"],
     ".constants": ["DEFAULT_ENCODER"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = ("architectures", "base", "benchmark", "blocks", "checkpoint", "cli", "constants", "data", "demo",
-               "distributed", "encoders", "errors", "export", "heads", "losses", "metrics", "plots", "predict",
+               "distributed", "encoders", "errors", "export", "heads", "hub", "losses", "metrics", "plots", "predict",
                "registry", "train")
 
 __all__ = [name for names in _EXPORTS.values() for name in names] + ["__version__"]

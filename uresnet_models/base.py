@@ -1,92 +1,25 @@
-"""Base classes: save/load (safetensors + JSON config) and the segmentation model contract
-(logits at the input's resolution for any H, W; optional auxiliary classification head), with
-the U-Net builder and forward the U-Net-style architectures share."""
+"""Base classes: the segmentation model contract (logits at the input's resolution for any
+H, W; optional auxiliary classification head), with the U-Net builder and forward the
+U-Net-style architectures share. Saving and loading come from :class:`~.hub.HubMixin`."""
 from __future__ import annotations
-
-import functools
-import inspect
-import json
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .blocks import UNetDecoder, check_upsample, crop_to, decoder_levels, fit_widths, pad_to_multiple
 from .heads import ClassificationHead, SegmentationHead
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
+from .hub import HubMixin, checked_preprocessing
 
 
-class ModelBase(nn.Module):
-    """What every registered model has: ``model_config`` (the architecture name and every
-    argument it was built with, defaults included), :meth:`save_pretrained`, :meth:`predict`,
-    :meth:`freeze_encoder` / :meth:`unfreeze_encoder` and :attr:`preprocessing`.
+class ModelBase(nn.Module, HubMixin):
+    """What every registered model has: :meth:`predict`, :meth:`freeze_encoder` /
+    :meth:`unfreeze_encoder`, :attr:`preprocessing` and the output ``activation``; and from
+    :class:`~.hub.HubMixin`, ``model_config`` (the architecture name and every argument it was
+    built with, defaults included), ``save_pretrained``, ``from_pretrained`` and
+    ``push_to_hub``."""
 
-    A model built by :func:`uresnet_models.create_model` gets its config from it; one built
-    from its class (``UNet(...)``) records the constructor's arguments, so both can be saved."""
-
-    model_config: dict | None = None
     _encoder_frozen: bool = False
     _preprocessing: dict | None = None
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-
-        @functools.wraps(init)
-        def recording_init(self, *args, **kw):
-            init(self, *args, **kw)
-            if type(self) is cls:  # the outermost __init__: the arguments that rebuild this model
-                bound = inspect.signature(init).bind(self, *args, **kw)
-                bound.apply_defaults()
-                arguments = dict(list(bound.arguments.items())[1:])
-                for name, p in inspect.signature(init).parameters.items():
-                    if p.kind == p.VAR_KEYWORD:
-                        arguments.update(arguments.pop(name))
-                self._init_arguments = arguments
-
-        cls.__init__ = recording_init
-
-    def _config(self) -> dict:
-        config = getattr(self, "model_config", None)
-        if config:
-            return config
-        from .registry import model_kwargs, registered_name
-        name = registered_name(type(self))
-        arguments = getattr(self, "_init_arguments", None)
-        if name is None or arguments is None:
-            raise RuntimeError(f"{type(self).__name__}.save_pretrained: {type(self).__name__} is not a registered "
-                               "architecture, so it cannot be rebuilt; register it with @register_model or build it "
-                               "with uresnet_models.create_model(...)")
-        return {"architecture": name, "kwargs": model_kwargs(arguments)}
-
-    def save_pretrained(self, path: str | os.PathLike, metrics: dict | None = None) -> Path:
-        """Write ``path/model.safetensors`` (the state dict, buffers included),
-        ``path/config.json`` (how to rebuild the model) and ``path/README.md`` (a model card:
-        architecture, encoder, classes, preprocessing, ``metrics`` and how to load it);
-        :func:`uresnet_models.from_pretrained` reads them back. ``config.json`` also records the
-        model's ``preprocessing`` (mean/std; from_pretrained restores it). Returns the folder."""
-        from safetensors.torch import save_model
-        config = self._config()
-        if self.preprocessing:
-            config = {**config, "preprocessing": self.preprocessing}
-        try:
-            text = json.dumps(config, indent=2, sort_keys=True)
-        except TypeError as error:
-            raise TypeError(f"save_pretrained: the model's arguments are not JSON-serializable ({error}); pass names "
-                            "and numbers (e.g. an encoder name with encoder_kwargs, not an encoder module; an "
-                            "activation name, not a function)") from error
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(path / WEIGHTS_NAME), metadata={"format": "pt", "architecture": config["architecture"]})
-        (path / CONFIG_NAME).write_text(text + "\n")
-        (path / CARD_NAME).write_text(model_card(config, self, metrics))
-        return path
 
     @property
     def preprocessing(self) -> dict | None:
@@ -155,111 +88,6 @@ class ModelBase(nn.Module):
         if self._encoder_frozen:
             self.encoder.eval()
         return self
-
-
-def model_card(config: dict, model: nn.Module | None = None, metrics: dict | None = None,
-               training: dict | None = None) -> str:
-    """The README.md that :meth:`ModelBase.save_pretrained` writes next to the weights."""
-    kwargs = config.get("kwargs", {})
-    lines = [f"# {config['architecture']}" + (f" on {kwargs['encoder']}" if kwargs.get("encoder") else ""), "",
-             "A `uresnet_models` checkpoint.", "", "| | |", "|---|---|",
-             f"| architecture | `{config['architecture']}` |",
-             "| encoder | " + (f"`{kwargs['encoder']}`" if kwargs.get("encoder") else "the architecture's own")
-             + (f" ({kwargs['encoder_kwargs']})" if kwargs.get("encoder_kwargs") else "") + " |",
-             f"| input channels | {kwargs.get('in_channels', '?')} |",
-             f"| output classes | {kwargs.get('num_classes', '?')} |"]
-    if kwargs.get("aux_classes"):
-        lines.append(f"| auxiliary classes | {kwargs['aux_classes']} |")
-    if kwargs.get("activation"):
-        lines.append(f"| activation (applied by forward) | `{kwargs['activation']}` |")
-    pre = getattr(model, "preprocessing", None) or config.get("preprocessing")
-    if model is not None:
-        lines.append(f"| parameters | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M |")
-        if pre:
-            lines.append(f"| preprocessing | images in [0, 1], mean {list(pre['mean'])}, std {list(pre['std'])} |")
-    for key, value in (training or {}).items():
-        lines.append(f"| {key} | {value} |")
-    if metrics:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "## Loading", "", "```python", "import uresnet_models",
-              "model = uresnet_models.from_pretrained(\"path/to/this/folder\").eval()"]
-    if pre:
-        lines += ["# the input as in training: RGB scaled to [0, 1], normalised with model.preprocessing",
-                  "import torch", "from torchvision.io import decode_image", "from torchvision.transforms import v2",
-                  "pre = model.preprocessing  # " + json.dumps({k: pre[k] for k in ("mean", "std")}),
-                  "normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre[\"mean\"], "
-                  "pre[\"std\"])])",
-                  "logits = model(normalize(decode_image(\"image.png\", mode=\"RGB\"))[None])"]
-    lines += ["```", "", "Full configuration (`config.json`):", "", "```json",
-              json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
-    return "\n".join(lines)
-
-
-def from_pretrained(path: str | os.PathLike, *, device=None, strict: bool = True, **overrides) -> nn.Module:
-    """The model saved by :meth:`ModelBase.save_pretrained` in ``path``: rebuilt from its
-    config (``overrides`` replace saved arguments; ``pretrained`` is always False, the weights
-    come from the file), with its weights and buffers loaded."""
-    from .registry import create_model
-    path = Path(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"from_pretrained: {f} not found (expected a folder written by save_pretrained)")
-    config = read_json(config_file)
-    kwargs = {**config.get("kwargs", {}), **overrides, "pretrained": False}
-    model = create_model(config["architecture"], **kwargs)
-    if config.get("preprocessing"):
-        try:
-            model.preprocessing = config["preprocessing"]
-        except ValueError as error:
-            raise ValueError(f"{config_file}: {error}") from None
-    if device is not None:
-        model.to(device)
-    load_weights(model, weights_file, strict=strict, device=device)
-    return model
-
-
-def load_weights(model: nn.Module, path: Path, *, strict: bool = True, device=None) -> None:
-    """``model.safetensors`` into ``model``; a truncated or corrupted file raises a ``ValueError``
-    naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-    try:
-        load_model(model, str(path), strict=strict, device=str(device) if device is not None else "cpu")
-    except SafetensorError as error:
-        raise ValueError(f"{path} is damaged ({error}); the checkpoint must be written again or restored") from None
-
-
-def checked_preprocessing(value: dict) -> dict:
-    """``{"mean", "std"[, "input_range"]}`` as lists of floats (JSON-ready), or a ``ValueError``
-    saying what is wrong."""
-    try:
-        mean, std = [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
-        low, high = (float(v) for v in value.get("input_range", (0, 1)))
-    except (TypeError, KeyError, ValueError, AttributeError) as error:
-        raise ValueError(f"preprocessing must be {{'mean': [...], 'std': [...], 'input_range': (0, 1)}} of numbers, "
-                         f"got {value!r} ({type(error).__name__}: {error})") from None
-    if (low, high) != (0, 1):
-        raise ValueError(f"preprocessing: input_range {(low, high)} is not supported (images scaled to (0, 1))")
-    if not mean or len(mean) != len(std) or min(std) <= 0:
-        raise ValueError(f"preprocessing: mean and std need one value per channel, std positive; got mean {mean}, "
-                         f"std {std}")
-    return {"mean": mean, "std": std, "input_range": [low, high]}
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file; a corrupted one raises a ``ValueError`` naming it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is damaged: write it again or "
-                         "restore it") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 class SegmentationModel(ModelBase):

@@ -282,9 +282,17 @@ class FeatureMerge(nn.Sequential):
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """``x`` zero-padded at the bottom and right so that H and W are multiples of ``multiple``.
     Always padded (by 0 where it is one already): no branch on the size, so torch.export,
-    torch.jit.trace and ONNX capture one graph for every H, W."""
+    torch.jit.trace and ONNX capture one graph for every H, W. The padding is rounded up with
+    floor division, not ``(-w) % multiple``: torch.compile's backward partitioner cannot turn a
+    symbolic modulo into graph code (``TensorReferenceAnalysis`` has no ``python_mod``), so a
+    model compiled with ``dynamic=True``, or recompiled for a second size, failed to train."""
     h, w = x.shape[-2:]
-    return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
+    return F.pad(x, (0, _round_up(w, multiple) - w, 0, _round_up(h, multiple) - h))
+
+
+def _round_up(size, multiple: int):
+    """The multiple of ``multiple`` at or above ``size`` (an int or a symbolic size)."""
+    return (size + multiple - 1) // multiple * multiple
 
 
 def crop_to(x: torch.Tensor, h, w) -> torch.Tensor:

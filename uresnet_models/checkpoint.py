@@ -40,14 +40,11 @@ def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainCo
                     state: dict | None = None) -> Path:
     """``save_pretrained`` (its README.md card with the data and the metrics) + ``training.json``
     (+ ``state.pt`` for resuming)."""
-    from .base import CARD_NAME, model_card
-    model.save_pretrained(folder)
     classes = ", ".join(map(str, info.class_names))
     training = {"trained on": f"{info.format} `{cfg.data}` ({info.task}; classes: {classes})",
                 "epoch": epoch, "recipe": f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, image size "
                 f"{cfg.image_size}, loss {cfg.loss}" + (", encoder frozen" if cfg.freeze_encoder else "")}
-    card_config = json.loads((folder / "config.json").read_text())
-    (folder / CARD_NAME).write_text(model_card(card_config, model, metrics, training))
+    model.save_pretrained(folder, metrics=metrics, model_card_kwargs={"training": training})
     meta = {"epoch": epoch, "metrics": metrics, "data": info.to_dict(), "config": asdict(cfg)}
     (folder / TRAINING_JSON).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     if state is not None:
@@ -57,7 +54,7 @@ def save_checkpoint(folder: Path, model: nn.Module, info: DataInfo, cfg: TrainCo
 
 def load_checkpoint(path, device=None) -> tuple[nn.Module, DataInfo, dict]:
     """The model, DataInfo and training.json of a checkpoint folder (or of a run folder's best/)."""
-    from .base import from_pretrained, read_json
+    from .hub import from_pretrained, read_json
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -82,7 +79,7 @@ def load_resume(path, model: nn.Module, device) -> tuple[Path, dict]:
     """Load the weights of a run's ``last/`` (``path``: the run or its last/ folder) into
     ``model``, which must be the same architecture with the same arguments; returns the folder
     and its ``state.pt`` (what :func:`save_checkpoint` was given as ``state``)."""
-    from .base import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_json
+    from .hub import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_json
     folder = Path(path)
     folder = folder / "last" if (folder / "last").is_dir() else folder
     for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME):

@@ -3,6 +3,8 @@ average pool -> linear) of U-ResNet's classifier and of the ``aux_classes`` opti
 output activation that ``model.predict`` applies."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -28,21 +30,24 @@ class ClassificationHead(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
 
 
-ACTIVATIONS = ("identity", "sigmoid", "softmax", "logsoftmax", "tanh")
+ACTIVATIONS = ("identity", "sigmoid", "softmax", "softmax2d", "logsoftmax", "tanh")
 
 
 class Activation(nn.Module):
     """The activation of ``create_model(..., activation=)``: ``None``/``"identity"``,
-    ``"sigmoid"``, ``"softmax"`` / ``"logsoftmax"`` (over the class dimension, 1), ``"tanh"``
-    or any callable (applied to the logits tensor)."""
+    ``"sigmoid"``, ``"softmax"`` / ``"logsoftmax"`` (over the class dimension, 1; smp's
+    ``"softmax2d"`` is the same softmax), ``"tanh"`` or any callable (applied to the logits
+    tensor)."""
 
     def __init__(self, activation=None):
         super().__init__()
         if activation is None or activation == "identity":
             self.fn, self.name = None, "identity"
         elif isinstance(activation, str):
-            fns = {"sigmoid": torch.sigmoid, "softmax": lambda x: x.softmax(1),
-                   "logsoftmax": lambda x: x.log_softmax(1), "tanh": torch.tanh}
+            # functions and partials, not lambdas: the model must pickle (torch.save, deepcopy)
+            softmax = functools.partial(torch.softmax, dim=1)
+            fns = {"sigmoid": torch.sigmoid, "softmax": softmax, "softmax2d": softmax,
+                   "logsoftmax": functools.partial(torch.log_softmax, dim=1), "tanh": torch.tanh}
             if activation not in fns:
                 raise ValueError(f"activation={activation!r}: expected None, a callable or one of "
                                  f"{', '.join(map(repr, ACTIVATIONS))}")

@@ -144,7 +144,7 @@ def save_best_samples(model: nn.Module, out: Path, val_set, info: DataInfo, devi
     """samples.png from the best/ checkpoint (the one eval and predict use), not the last epoch;
     ``model`` keeps its own weights."""
     from safetensors.torch import load_model
-    from .base import WEIGHTS_NAME
+    from .hub import WEIGHTS_NAME
     best_weights = out / "best" / WEIGHTS_NAME
     if not best_weights.is_file():
         save_samples(model, val_set, info, out / "samples.png", device)

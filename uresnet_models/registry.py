@@ -25,7 +25,7 @@ from torch import nn
 from .constants import DEFAULT_ENCODER
 
 __all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint", "count_parameters",
-           "UnknownModelError", "ENTRY_POINT_GROUP"]
+           "UnknownModelError", "ENTRY_POINT_GROUP", "SMP_NAMES"]
 
 ENTRY_POINT_GROUP = "uresnet_models.architectures"
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -168,9 +168,16 @@ def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, nu
     ``upsample="eucb_star"``, ``decoder_channels``); unknown ones raise a ``TypeError`` naming
     the accepted ones.
 
+    segmentation_models_pytorch's names work too, where they mean the same (:data:`SMP_NAMES`):
+    ``encoder_name=`` for ``encoder``, ``classes=`` for ``num_classes``, ``encoder_weights=None``
+    or ``"imagenet"`` (the timm weights) for ``pretrained=False``/``True``; ``in_channels`` and
+    ``activation`` are already smp's. Giving both names of one argument is an error (the
+    defaults ``num_classes=1`` and ``pretrained=False`` count as not given).
+
     ``model.model_config`` (saved as ``config.json``) holds every argument of the builder,
     defaults included, so a checkpoint rebuilds the same model after a default changes."""
     from .heads import Activation
+    encoder, num_classes, pretrained = _from_smp_names(name, kwargs, encoder, num_classes, pretrained)
     builder = model_entrypoint(name)
     activation_module = Activation(activation)  # checked before the (possibly slow) build
     args = dict(in_channels=in_channels, num_classes=num_classes, aux_classes=aux_classes, pretrained=pretrained,
@@ -206,6 +213,31 @@ def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, nu
     except (AttributeError, TypeError):  # a module that forbids new attributes
         pass
     return model
+
+
+# segmentation_models_pytorch's argument names -> create_model's
+SMP_NAMES = {"encoder_name": "encoder", "classes": "num_classes", "encoder_weights": "pretrained"}
+
+
+def _from_smp_names(name: str, kwargs: dict, encoder, num_classes, pretrained) -> tuple:
+    """``(encoder, num_classes, pretrained)`` with smp's names in ``kwargs`` (removed from it)
+    taken for them; both names of one argument raise a ``TypeError``."""
+    ours = {"encoder": encoder != DEFAULT_ENCODER, "num_classes": num_classes != 1,
+            "pretrained": pretrained is not False}
+    for smp_name, our_name in SMP_NAMES.items():
+        if smp_name in kwargs and ours[our_name]:
+            raise TypeError(f"create_model({name!r}): {smp_name}= (segmentation_models_pytorch's name) and "
+                            f"{our_name}= both given; pass one of them")
+    encoder = kwargs.pop("encoder_name", encoder)
+    num_classes = kwargs.pop("classes", num_classes)
+    if "encoder_weights" in kwargs:
+        weights = kwargs.pop("encoder_weights")
+        if weights not in (None, "imagenet"):
+            raise ValueError(f"create_model({name!r}): encoder_weights={weights!r}: expected None or 'imagenet' (the "
+                             "timm encoder's pretrained weights); for other weights name a timm tag with "
+                             "pretrained=True, e.g. encoder='resnet50.fb_ssl_yfcc100m_ft_in1k'")
+        pretrained = weights == "imagenet"
+    return encoder, num_classes, pretrained
 
 
 def _defaults(builder) -> dict:
