@@ -97,9 +97,13 @@ class TimmEncoder(Encoder):
         self.reductions = list(self.model.feature_info.reduction())
         self.channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         self.preprocessing = _preprocessing(dict(getattr(self.model, "pretrained_cfg", None) or {}))
-        # ViT-style models take the one size their patch embedding was built for, unless asked otherwise
-        self.fixed_size = next((tuple(m.img_size) for m in self.model.modules()
-                                if getattr(m, "strict_img_size", False) and getattr(m, "img_size", None)), None)
+        # ViT-style models take the one size their input patch embedding (the shallowest module
+        # named patch_embed; a later stage's, visformer's patch_embed2 say, sees a smaller map) was
+        # built for, unless asked otherwise
+        embeds = [(name.count("."), m) for name, m in self.model.named_modules()
+                  if name.rsplit(".", 1)[-1] == "patch_embed" and getattr(m, "strict_img_size", False)
+                  and getattr(m, "img_size", None)]
+        self.fixed_size = tuple(min(embeds, key=lambda e: e[0])[1].img_size) if embeds else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2:]
