@@ -261,10 +261,10 @@ def test_activation_is_kept_through_save_and_given_when_loading(tmp_path):
         torch.testing.assert_close(cls(x).sum(1), torch.ones(1))
 
 
-def test_training_refuses_an_activation():
+def test_training_refuses_an_activation(tmp_path):
     from uresnet_models.train import TrainConfig, fit
     with pytest.raises(ValueError, match="activation='sigmoid'.*logits"):
-        fit(TrainConfig(data="synthetic", epochs=1, model_args={"activation": "sigmoid"}, out=None))
+        fit(TrainConfig(data="synthetic", epochs=1, model_args={"activation": "sigmoid"}, out=str(tmp_path)))
 
 
 def test_freeze_and_unfreeze_encoder():
