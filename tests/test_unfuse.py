@@ -9,11 +9,21 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import uresnet_models as um
 import uresnet_ops
 from uresnet_ops import nn as unn
 from uresnet_ops.fuse import _FUSED_TYPES
 from test_fuse import CrossBuildingAtrous, DeResUNetDecoder, EMCADEUCB, HandWrittenASPP, UResNetEUCBStar, \
     assert_grad_close, randomize_bn
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: one thread is faster, and spares a loaded machine the thread pool's spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 FUSED_MODULES = {  # each fused class, small, with the input it takes
     "pixel_shuffle_bn": (lambda: unn.PixelShuffleBN(16, 2, ("leaky_relu", 0.2), momentum=None), (2, 16, 3, 4)),
@@ -133,3 +143,55 @@ def test_unfuse_of_fuse(make, shape):
     buffer.seek(0)
     assert list(torch.load(buffer, weights_only=False).state_dict()) == list(original.state_dict())
     assert_same_model(fused, plain, torch.randn(shape), steps=("train", "eval"))
+
+
+# ----------------------------------------------------------------------------- create_model(fused=False)
+SMALL_MODELS = {  # every registered model, small (see tests/test_models.py)
+    "uresnet": dict(base_channels=8, residual_widths=(8, 16, 8, 8), residual_out_channels=8),
+    "uresnet_cls": dict(encoder="test_resnet", base_channels=4),
+    "deresunet": dict(encoder="test_resnet", decoder_channels=(32, 16, 16, 8, 8), bottleneck_channels=32),
+    "resunet_atrous": dict(encoder="test_resnet", decoder_channels=(32, 16, 16, 8, 8)),
+    "resunet": dict(encoder="test_resnet", decoder_channels=(32, 16, 16, 8, 8)),
+    "unet": dict(encoder="test_resnet", decoder_channels=(32, 16, 16, 8, 8)),
+}
+
+
+def model_input(name, n=2):
+    return torch.randn(n, 4 if name == "deresunet" else 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", um.list_models())
+def test_plain_model_of_every_registered_model(name):
+    assert name in SMALL_MODELS, f"add a small configuration of {name!r} to SMALL_MODELS"
+    fused = randomize_bn(um.create_model(name, num_classes=2, **SMALL_MODELS[name]))
+    plain = um.create_model(name, num_classes=2, fused=False, **SMALL_MODELS[name])
+    assert not any(isinstance(m, _FUSED_TYPES) for m in plain.modules())
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    assert plain.model_config["kwargs"]["fused"] is False and "fused" not in fused.model_config["kwargs"]
+    # eval, then one training step: outputs, gradients and the running statistics after it
+    assert_same_model(fused, plain, model_input(name), steps=("eval", "train"), tol=(1e-4, 1e-4))
+
+
+def test_plain_checkpoint_reloads_plain(tmp_path):
+    kwargs = dict(num_classes=2, **SMALL_MODELS["deresunet"])
+    plain = randomize_bn(um.create_model("deresunet", fused=False, **kwargs)).eval()
+    plain.save_pretrained(tmp_path / "plain")
+    loaded = um.from_pretrained(tmp_path / "plain")
+    assert not any(isinstance(m, _FUSED_TYPES) for m in loaded.modules())
+    x = model_input("deresunet", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), plain(x))
+        fused = um.from_pretrained(tmp_path / "plain", fused=True)  # the same weights, fused
+        assert any(isinstance(m, _FUSED_TYPES) for m in fused.modules())
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+        fused.save_pretrained(tmp_path / "fused")
+        again = um.from_pretrained(tmp_path / "fused", fused=False)
+        assert not any(isinstance(m, _FUSED_TYPES) for m in again.modules())
+        torch.testing.assert_close(again(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["no", None, 0, 1])
+def test_fused_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="fused must be True .* or False .*got"):
+        um.create_model("unet", fused=value, **SMALL_MODELS["unet"])
