@@ -17,6 +17,9 @@ whose forward was rewritten becomes a ``torch.fx.GraphModule`` (of the same clas
 
 The fused modules share the original modules (Conv2d, BatchNorm2d, ...), so parameters,
 buffers, ``requires_grad``, devices, dtypes and train/eval modes carry over untouched.
+
+``fuse(model, inference=True)`` also folds eval-mode BatchNorms into the convolutions before
+them (the last section); ``unfuse(model)`` turns the fused modules back into plain PyTorch.
 """
 from __future__ import annotations
 
