@@ -49,10 +49,10 @@ def one_aten_op(sample) -> callable:
 
 
 def native_kernel(sample) -> callable | None:
-    """The compiled kernel op on the sample, called directly (ops whose kernel op takes the public
-    op's arguments; eval)."""
+    """The compiled kernel op on the sample, called directly (it takes the public op's arguments;
+    eval)."""
     op = getattr(torch.ops.uresnet_ops, f"_{sample.op}_native", None)
-    if op is None or sample.op == "shuffle_upsample":
+    if op is None:
         return None
     public = getattr(torch.ops.uresnet_ops, sample.op).default
     calls = []

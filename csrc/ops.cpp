@@ -21,6 +21,8 @@
 TORCH_LIBRARY(uresnet_ops, m) {
   m.def(uresnet::kPixelShuffleBNNativeSchema);
   m.def(uresnet::kPixelShuffleBNNativeBackwardSchema);
+  m.def(uresnet::kShuffleUpsampleNativeSchema);
+  m.def(uresnet::kShuffleUpsampleNativeBackwardSchema);
   m.def(uresnet::kShuffleUpsampleConvNativeSchema);
   m.def(uresnet::kShuffleUpsampleConvNativeBackwardSchema);
   m.def(uresnet::kShuffleUpsampleBNSumsNativeSchema);

@@ -64,8 +64,8 @@ def test_threads_with_different_backends_each_run_their_own_forward_and_backward
 
     def work(name, context):
         try:
-            torch.manual_seed(0)
-            x = torch.randn(2, 8, 5, 5, requires_grad=True)
+            # Its own generator: the global one is shared, and the threads would race for it.
+            x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
             with context:
                 barrier.wait()
                 for _ in range(20):

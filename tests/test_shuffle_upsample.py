@@ -1,4 +1,5 @@
 """shuffle_upsample: every backend against uresnet_ops.reference (computed in float64)."""
+import contextlib
 import random
 
 import pytest
@@ -107,6 +108,39 @@ def test_gradcheck_float64(training, mode):
         x, *p, rm.clone(), rv.clone(), training=training, activation="silu", **cfg), (x, *params))
 
 
+@pytest.mark.skipif(OP not in uresnet_ops.backends._routed, reason="no compiled hot path here")
+def test_threads_on_the_hot_path_and_in_python_each_run_their_own_backend():
+    # One thread on the compiled hot path (csrc/autograd/shuffle_upsample.cpp), one inside
+    # use_backend("reference") (the Python twin): each call's backward runs its forward's backend.
+    import threading
+    ran, errors, barrier = {}, [], threading.Barrier(2)
+
+    def work(name):
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+            dw, pw = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64), torch.randn(6, 4, 1, 1, generator=g,
+                                                                                                dtype=torch.float64)
+            with uresnet_ops.use_backend(name, OP) if name != "cpu" else contextlib.nullcontext():
+                barrier.wait()
+                for _ in range(10):
+                    out = uresnet_ops.shuffle_upsample(x, dw, pw, shuffle_groups=2)
+                    assert last_used(OP) == name
+                    (grad,) = torch.autograd.grad(out.square().sum(), x)
+                    assert last_used(OP, "backward") == name
+            ran[name] = (out.detach(), grad)
+        except (AssertionError, RuntimeError, ValueError, TypeError) as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in ("cpu", "reference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    torch.testing.assert_close(ran["cpu"], ran["reference"])
+
+
 def test_autocast_casts_conv_operands_keeps_bn_float32():
     x, t, cfg = make_case(5, torch.float32, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -137,14 +171,37 @@ def _bad_calls():
         yield "device", dict(pw_weight=torch.randn(6, 4, 1, 1, device="cuda"))
 
 
+@pytest.mark.parametrize("route", ["default", "reference"])  # the compiled kernel where built, and Python
 @pytest.mark.parametrize("match,override", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input_raises_clear_error(match, override):
+def test_bad_input_raises_clear_error(match, override, route):
     args = dict(x=torch.randn(2, 4, 5, 5), dw_weight=torch.randn(4, 1, 3, 3), pw_weight=torch.randn(6, 4, 1, 1),
                 pw_bias=torch.randn(6), bn_weight=torch.ones(4), bn_bias=torch.zeros(4),
                 running_mean=torch.zeros(4), running_var=torch.ones(4))
     args.update(override)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=match), \
+            (uresnet_ops.use_backend(route, OP) if route != "default" else contextlib.nullcontext()):
         uresnet_ops.shuffle_upsample(**args)
+
+
+def _bad_backward_calls():
+    yield "grad_out", dict(grad_out=torch.randn(2, 6, 9, 10))                       # not the output's shape
+    yield "grad_out", dict(grad_out=torch.randn(2, 6, 10, 10, dtype=torch.float64))  # not x's dtype
+    yield "mean", dict(mean=torch.zeros(3))
+    yield "dw_weight", dict(dw_weight=torch.randn(4, 3, 3, 3))
+    yield "mode", dict(mode="area")
+
+
+@pytest.mark.skipif(not uresnet_ops._library.HAS_EXTENSION, reason="native kernels not built")
+@pytest.mark.parametrize("match,override", list(_bad_backward_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_backward_ops_check_their_arguments(match, override):
+    args = dict(grad_out=torch.randn(2, 6, 10, 10), x=torch.randn(2, 4, 5, 5), dw_weight=torch.randn(4, 1, 3, 3),
+                pw_weight=torch.randn(6, 4, 1, 1), pw_bias=torch.randn(6), bn_weight=None, bn_bias=None,
+                mean=torch.zeros(4), var=torch.ones(4), training=True, eps=1e-5, scale_factor=2, mode="nearest",
+                shuffle_groups=1, activation="relu", negative_slope=0.01)
+    args.update(override)
+    for op in (torch.ops.uresnet_ops._shuffle_upsample_native_backward, torch.ops.uresnet_ops.shuffle_upsample_backward):
+        with pytest.raises((ValueError, TypeError), match=match):
+            op(**args)
 
 
 # --- batch statistics far from zero, the identities of docs/design.md §3.2, kernel-level errors ----
@@ -333,38 +390,34 @@ def test_batch_norm_passes_bad_input_raises_clear_error(match, op, args):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("pw", [True, False], ids=["pw", "no_pw"])
 def test_batch_slices_match_reference(training, pw):
-    """The CPU kernels run the conv + 1x1 GEMM in batch slices; with one sample per slice the
-    results (outputs, gradients, running statistics) must not change."""
-    import dataclasses
-    import importlib
-    module = importlib.import_module("uresnet_ops.shuffle_upsample")
-    sliced = dataclasses.replace(uresnet_ops.get_backend(OP, "cpu").forward.args[0], chunk_bytes=1)
-    uresnet_ops.register_backend(OP, "cpu_one_sample_slices", "cpu", *module.fused_backend(sliced))
-    try:
-        for seed, layout_name in enumerate(LAYOUTS):
-            x, t, cfg = make_case(seed + 20 * pw, torch.float64, torch.float64, pw=pw)
-            x = layout(torch.cat([x, x.flip(0) * 0.5, x + 1]), layout_name).requires_grad_()  # 3+ samples
-            t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
-            x64, t64 = x.detach().clone().requires_grad_(), double(t)
-            with uresnet_ops.use_backend("cpu_one_sample_slices", OP):
-                out = uresnet_ops.shuffle_upsample(x, **t, training=training, activation="relu", **cfg)
-            assert last_used(OP) == "cpu_one_sample_slices"
-            for k in PARAMS:
-                if t64[k] is not None:
-                    t64[k].requires_grad_()
-            expected = reference.shuffle_upsample(x64, **t64, training=training, activation="relu", **cfg)
-            assert_close(out, expected)
-            grad_out = torch.randn_like(expected)
-            out.backward(grad_out)
-            expected.backward(grad_out)
-            assert_close(x.grad, x64.grad)
-            for k in PARAMS:
-                if t[k] is not None:
-                    assert_close(t[k].grad, t64[k].grad)
-            for k in ("running_mean", "running_var"):
-                assert_close(t[k], t64[k])
-    finally:
-        del uresnet_ops.backends._registry[OP]["cpu_one_sample_slices"]
+    """The CPU op runs the conv + 1x1 GEMM (and the backward's BatchNorm passes) in batch slices
+    of about 2 MiB of conv output (csrc/cpu/shuffle_upsample.cpp): with about 1.1 MB of it a
+    sample, one sample a slice, the results (outputs, gradients, running statistics) must not change."""
+    for seed, layout_name in enumerate(("contiguous", "channels_last")):
+        x, t, cfg = make_case(seed + 20 * pw, torch.float64, torch.float64, pw=pw)
+        c = x.shape[1]
+        cfg.update(scale_factor=2, mode="nearest")
+        x = torch.randn(3, c, 160 // c, 220, dtype=torch.float64)  # conv output c * (160/c) * 220 * 4 * 8 bytes
+        x = layout(x, layout_name).requires_grad_()
+        t = {k: None if v is None else v.clone().requires_grad_(k in PARAMS) for k, v in t.items()}
+        x64, t64 = x.detach().clone().requires_grad_(), double(t)
+        with uresnet_ops.use_backend("cpu", OP):
+            out = uresnet_ops.shuffle_upsample(x, **t, training=training, activation="relu", **cfg)
+        assert last_used(OP) == "cpu"
+        for k in PARAMS:
+            if t64[k] is not None:
+                t64[k].requires_grad_()
+        expected = reference.shuffle_upsample(x64, **t64, training=training, activation="relu", **cfg)
+        assert_close(out, expected)
+        grad_out = torch.randn_like(expected)
+        out.backward(grad_out)
+        expected.backward(grad_out)
+        assert_close(x.grad, x64.grad)
+        for k in PARAMS:
+            if t[k] is not None:
+                assert_close(t[k].grad, t64[k].grad)
+        for k in ("running_mean", "running_var"):
+            assert_close(t[k], t64[k])
 
 
 # --- the Triton kernels' 32-bit and 64-bit index math --------------------------------------

@@ -105,32 +105,26 @@ def op_to_call(name: str):
     return op
 
 
-def register_native_backends(op: str, *, kernels: str | None = None, compose=None, declines=None) -> None:
+def register_native_backends(op: str, *, declines=None) -> None:
     """Register ``op``'s "cpu" and "cuda" backends: the compiled ops
-    ``torch.ops.uresnet_ops._<kernels>_native`` and ``_<kernels>_native_backward`` (csrc/ops.cpp;
-    ``kernels`` defaults to ``op``). Both are registered in every build, so that they can be
-    named; they are available where the extension has both ops, "cuda" where they also have
-    CUDA kernels.
-
-    By default the two ops are the backends' forward and backward (their schemas are the op's and
-    its backward's). Where they compute a part of the op (shuffle_upsample's upsample-conv),
-    ``compose(device_type, forward, backward)`` returns the backend's ``(forward, backward)``
-    built around them. ``declines`` maps a device type to its backend's measured dispatch policy
+    ``torch.ops.uresnet_ops._<op>_native`` and ``_<op>_native_backward`` (csrc/ops.cpp), whose
+    schemas are the op's and its backward's. Both are registered in every build, so that they can
+    be named; they are available where the extension has both ops, "cuda" where they also have
+    CUDA kernels. ``declines`` maps a device type to its backend's measured dispatch policy
     (``declines`` of :func:`uresnet_ops.backends.register_backend`).
     """
-    name = kernels or op
-    forward = native_op(name)
-    backward = None if forward is None else getattr(torch.ops.uresnet_ops, f"_{name}_native_backward", None)
+    forward = native_op(op)
+    backward = None if forward is None else getattr(torch.ops.uresnet_ops, f"_{op}_native_backward", None)
     for device_type in ("cpu", "cuda"):
         if backward is None:
             functions, available = (_not_built, _not_built), False
         else:
-            functions = (forward, backward) if compose is None else compose(device_type, forward, backward)
+            functions = (forward, backward)
             available = device_type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
                 forward.default.name(), "CUDA")
         backends.register_backend(op, device_type, device_type, *functions, available=available,
                                   declines=(declines or {}).get(device_type))
-        if available and compose is None:
+        if available:
             backends.mark_compiled(op, device_type)
 
 

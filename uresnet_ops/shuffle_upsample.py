@@ -16,7 +16,8 @@ from . import backends
 from ._common import (activation_backward, apply_activation, autocast_dtype, batch_norm_backward,
                       batch_norm_forward, check_batch_norm_args, check_momentum, check_tensor, memory_format, normalize,
                       parse_activation, scale_shift, stat_dtype, update_running_stats)
-from ._library import define_op, op_to_call, register_autograd, register_native_backends
+from ._library import (compiled_kernels, define_op, op_to_call, register_autograd, register_fake,
+                       register_native_backends)
 from .reference import upsample_conv3x3
 
 # --- schema ---------------------------------------------------------------------------------------
@@ -28,6 +29,7 @@ _CONFIG = ("bool training, float eps, int scale_factor, str mode, int shuffle_gr
            "float negative_slope")
 # Returns (out, mean, var): the BatchNorm statistics it normalised with.
 define_op(OP, f"({_PARAMS}, Tensor? running_mean, Tensor? running_var, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
+_CHECKED_BY_KERNEL = compiled_kernels(OP)
 define_op(OP + "_backward", f"(Tensor grad_out, {_PARAMS}, Tensor mean, Tensor var, {_CONFIG}) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
@@ -40,11 +42,38 @@ def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_b
     """``F.conv2d(F.channel_shuffle(act(F.batch_norm(F.conv2d(F.interpolate(x, scale_factor,
     mode), dw_weight, padding=1, groups=C_in // dw_weight.shape[1]), ...)), shuffle_groups),
     pw_weight, pw_bias)`` as one op; running statistics are updated in place."""
-    check_tensor(OP, "x", x, ndim=4)
-    cast = autocast_dtype(x)
+    s, g = scale_factor, shuffle_groups
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise ValueError(f"{OP}: argument 'scale_factor' must be a positive int, got {s!r}")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"{OP}: argument 'shuffle_groups' must be a positive int, got {g!r}")
+    check_momentum(OP, momentum)
+    cast = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
     if cast is not None:  # as F.conv2d under autocast: conv operands in the autocast dtype
         x, dw_weight, pw_weight, pw_bias = (t.to(cast) if isinstance(t, torch.Tensor) else t
                                             for t in (x, dw_weight, pw_weight, pw_bias))
+    if not _CHECKED_BY_KERNEL:  # else the op's compiled kernel checks the rest, with the same messages
+        _check_args(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var, training,
+                    eps, s, mode, g)
+    act, slope = parse_activation(activation, OP)
+    out, mean, var = op_to_call(OP)(
+        x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+        bool(training), float(eps), s, mode, g, act, slope)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, _count(x, s), momentum)
+    return out
+
+
+def _count(x, s):
+    """Values per channel of the BatchNorm: N * H*s * W*s."""
+    return x.shape[0] * x.shape[2] * x.shape[3] * s * s
+
+
+def _check_args(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps,
+                s, mode, g):
+    """The tensor and configuration checks, where no compiled kernel makes them
+    (csrc/shuffle_upsample.h's check_shuffle_upsample_args, with these messages)."""
+    check_tensor(OP, "x", x, ndim=4)
     c_in = x.shape[1]
     check_tensor(OP, "dw_weight", dw_weight, ndim=4, like=x, same_dtype=True)
     if dw_weight.shape[0] != c_in or dw_weight.shape[2:] != (3, 3) or c_in % dw_weight.shape[1]:
@@ -58,32 +87,19 @@ def shuffle_upsample(x, dw_weight, pw_weight, pw_bias=None, bn_weight=None, bn_b
         raise ValueError(f"{OP}: argument 'pw_bias' needs 'pw_weight'")
     if pw_bias is not None:
         check_tensor(OP, "pw_bias", pw_bias, like=x, same_dtype=True, shape=(pw_weight.shape[0],))
-    s = scale_factor
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-        raise ValueError(f"{OP}: argument 'scale_factor' must be a positive int, got {s!r}")
     if mode not in MODES:
         raise ValueError(f"{OP}: argument 'mode' must be one of {list(MODES)}, got {mode!r}")
     if mode == "bilinear" and s != 2:
         raise ValueError(f"{OP}: mode 'bilinear' supports scale_factor=2 only, got {s}")
-    g = shuffle_groups
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or c_in % g:
+    if c_in % g:
         raise ValueError(f"{OP}: argument 'shuffle_groups' must be a positive divisor of C_in = {c_in}, got {g!r}")
-    count = x.shape[0] * x.shape[2] * x.shape[3] * s * s
-    check_momentum(OP, momentum)
-    check_batch_norm_args(OP, x, c_in, bn_weight, bn_bias, running_mean, running_var, training, count,
+    check_batch_norm_args(OP, x, c_in, bn_weight, bn_bias, running_mean, running_var, training, _count(x, s),
                           eps, prefix="bn_")
-    act, slope = parse_activation(activation, OP)
-    out, mean, var = op_to_call(OP)(
-        x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
-        bool(training), float(eps), s, mode, g, act, slope)
-    if training:
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return out
 
 
 # --- fake kernels ---------------------------------------------------------------------------------
 
-@torch.library.register_fake("uresnet_ops::" + OP)
+@register_fake(OP)
 def _fake(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, running_var,
           training, eps, s, mode, groups, activation, negative_slope):
     n, c, h, w = x.shape
@@ -93,7 +109,7 @@ def _fake(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, running_mean, ru
     return out, stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("uresnet_ops::" + OP + "_backward")
+@register_fake(OP + "_backward", f"_{OP}_native_backward")  # the compiled autograd's backward
 def _fake_backward(grad_out, x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias, *config):
     return tuple(torch.empty_like(t) for t in _with_defaults(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias))
 
@@ -110,7 +126,7 @@ def _with_defaults(x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias):
     return x, dw_weight, pw_weight, pw_bias, bn_weight, bn_bias
 
 
-if hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native"):  # the cpu backend's BatchNorm passes
+if hasattr(torch.ops.uresnet_ops, "_shuffle_upsample_bn_sums_native"):  # the CPU backward's BatchNorm passes
     @torch.library.register_fake("uresnet_ops::_shuffle_upsample_bn_sums_native")
     def _fake_bn_sums(grad, x, weight, scale, shift, mean, s, mode, activation, slope, write_y):
         y = x.new_empty(grad.shape) if write_y else x.new_empty(0)
@@ -196,13 +212,21 @@ backends.register_backend(OP, "reference", ("cpu", "cuda"), _reference_forward, 
 
 
 # --- native backends (cpu, cuda) ------------------------------------------------------------------
-# The native backends (and the Triton one) are one composition around kernels of their own.
-# Each supplies two (ConvKernels): the 3x3 grouped conv of the upsampled input with
-# the upsample fused in (the upsampled tensor is never written), with an optional bias +
-# activation epilogue and optional per-channel batch statistics; and its backward. Around them:
-# eval folds BatchNorm into the conv weights and a bias; the channel shuffle is folded into the
-# 1x1 conv's weight columns and the 1x1 conv runs as one batched GEMM; the backward recomputes
-# the conv output from x instead of saving it, so only the inputs are kept for the backward.
+# csrc/cpu/shuffle_upsample.cpp, csrc/cuda/shuffle_upsample.cu: the compiled ops are the backends,
+# the composition of csrc/shuffle_upsample.h around their upsample-conv kernels (as below, plus
+# on CPU batch slicing and a backward through BatchNorm in two passes that recompute the conv).
+
+register_native_backends(OP)
+
+
+# --- the Triton backend's composition -------------------------------------------------------------
+# The Triton backend is one composition around two kernels of its own (ConvKernels): the 3x3
+# grouped conv of the upsampled input with the upsample fused in (the upsampled tensor is never
+# written), with an optional bias + activation epilogue and optional per-channel batch
+# statistics; and its backward. Around them: BatchNorm folds into the conv weights and a bias; the
+# channel shuffle is folded into the 1x1 conv's weight columns and the 1x1 conv runs as one
+# batched GEMM; the backward recomputes the conv output from x instead of saving it, so only the
+# inputs are kept for the backward. csrc/shuffle_upsample.h is the same composition in C++.
 
 @dataclasses.dataclass(frozen=True)
 class ConvKernels:
@@ -213,24 +237,6 @@ class ConvKernels:
     forward: Callable
     # (grad, x, weight, scale_factor, mode) -> (grad_x NCHW-contiguous, grad_weight)
     backward: Callable
-    # Optional, for the backward: BatchNorm (with given statistics) + activation of z in one pass,
-    # and its backward, fused: pixel_shuffle_bn and its backward with upscale factor 1 are exactly
-    # that. (z, bn_weight, bn_bias, mean, var, eps, activation, slope) -> y and
-    # (grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope) ->
-    # (grad_z, grad_bn_weight, grad_bn_bias). Without them, ATen ops do it in more passes.
-    normalize: Callable | None = None
-    normalize_backward: Callable | None = None
-    # Optional, the backward through BatchNorm + activation in two passes that recompute the conv
-    # output z from x instead of storing it (y = act(pre), pre = scale * z + shift):
-    # (grad_y, x, weight, scale, shift, mean, scale_factor, mode, activation, slope, write_y) ->
-    # (y if write_y, (2, C) sums of grad_pre and grad_pre * (z - mean)), and
-    # (grad_y, x, weight, scale, shift, mean, centered, constant, scale_factor, mode, activation,
-    # slope) -> (grad_x, grad_weight) of grad_z = scale * grad_pre + centered * (z - mean) + constant.
-    batch_norm_sums: Callable | None = None
-    batch_norm_backward: Callable | None = None
-    # Run the conv + 1x1 GEMM pipeline over batch slices of about this many bytes of conv output,
-    # so that the intermediate stays in cache and is never allocated at full size (CPU).
-    chunk_bytes: int | None = None
 
 
 def shuffled_pointwise_weight(pw, groups):
@@ -251,15 +257,6 @@ def _pointwise(y, w, bias, out):
     return torch.bmm(y3.mT, w_t, out=out3) if bias is None else torch.baddbmm(bias.view(1, 1, -1), y3.mT, w_t, out=out3)
 
 
-def _batch_slices(x, s, chunk_bytes):
-    """Slices of the batch whose conv output (C * H*s * W*s values) is about ``chunk_bytes``."""
-    n = x.shape[0]
-    if chunk_bytes is None or n == 0:
-        return [slice(None)]
-    step = max(1, chunk_bytes // max(x[0].numel() * s * s * x.element_size(), 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-
 def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
                   training, eps, s, mode, groups, activation, slope):
     dw_acc = dw.to(stat_dtype(x))
@@ -269,16 +266,12 @@ def fused_forward(kernels: ConvKernels, x, dw, pw, pw_bias, bn_weight, bn_bias, 
         mean, var = running_mean.to(dw_acc.dtype).clone(), running_var.to(dw_acc.dtype).clone()
     # BatchNorm folded into the conv: the epilogue writes the activation directly.
     scale, shift = scale_shift(mean, var, bn_weight, bn_bias, eps)
-    folded = dw_acc * scale.view(-1, 1, 1, 1)
+    y, _, _ = kernels.forward(x, dw_acc * scale.view(-1, 1, 1, 1), shift, s, mode, activation, slope, False)
     if pw is None:
-        y, _, _ = kernels.forward(x, folded, shift, s, mode, activation, slope, False)
         return F.channel_shuffle(y, groups).contiguous(memory_format=memory_format(x)), mean, var
     n, _, h, w = x.shape
     out = torch.empty((n, pw.shape[0], h * s, w * s), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    pw_matrix = shuffled_pointwise_weight(pw, groups)
-    for part in _batch_slices(x, s, kernels.chunk_bytes):
-        y, _, _ = kernels.forward(x[part], folded, shift, s, mode, activation, slope, False)
-        _pointwise(y, pw_matrix, pw_bias, out[part])
+    _pointwise(y, shuffled_pointwise_weight(pw, groups), pw_bias, out)
     return out, mean, var
 
 
@@ -291,44 +284,17 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
     dw_acc = dw.to(stat_dtype(x))
     scale, shift = scale_shift(mean, var, bn_weight, bn_bias, eps)
     pointwise = _PointwiseGrads(grad_out, pw, pw_, groups)
+    z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
+    pre = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1)).to(z.dtype)
+    if pw is not None:  # y = act(BatchNorm(z)) is needed only for the 1x1 conv's weight gradient
+        pointwise.add(apply_activation(pre, activation, slope))
+    grad_pre = activation_backward(pointwise.grad_input(x.shape[1]), pre, activation, slope)
+    del pre  # lower peak memory
     param_dtype = x.dtype if bn_weight is None else bn_weight.dtype
-    if kernels.batch_norm_backward is not None:
-        # Two passes through BatchNorm, z recomputed from x in each: no tensor of the conv
-        # output's size is kept but grad_y.
-        grad_y = pointwise.grad_input(x.shape[1])
-        sums = torch.zeros(2, x.shape[1], dtype=scale.dtype, device=x.device)
-        for part in _batch_slices(x, s, kernels.chunk_bytes):  # y a slice at a time, for the 1x1 weight gradient
-            y, part_sums = kernels.batch_norm_sums(grad_y[part], x[part], dw_acc, scale, shift, mean, s, mode,
-                                                   activation, slope, pw is not None)
-            sums += part_sums
-            pointwise.add(part, y)
-        sum_grad, sum_grad_centered = sums
-        invstd = torch.rsqrt(var + eps)
-        if training:  # BatchNorm's backward through the batch statistics
-            count = grad_y.numel() // x.shape[1]
-            centered, constant = -scale * invstd * invstd * sum_grad_centered / count, -scale * sum_grad / count
-        else:
-            centered, constant = torch.zeros_like(scale), torch.zeros_like(scale)
-        grad_x, grad_dw = kernels.batch_norm_backward(grad_y, x, dw_acc, scale, shift, mean, centered, constant, s,
-                                                      mode, activation, slope)
-        grad_bn_weight, grad_bn_bias = (sum_grad_centered * invstd).to(param_dtype), sum_grad.to(param_dtype)
-    else:
-        z, _, _ = kernels.forward(x, dw_acc, None, s, mode, "none", slope, False)  # recomputed, not saved
-        pre = None if kernels.normalize_backward else torch.addcmul(shift.view(1, -1, 1, 1), z,
-                                                                     scale.view(1, -1, 1, 1)).to(z.dtype)
-        if pw is not None:  # y = act(BatchNorm(z)) is needed only for the 1x1 conv's weight gradient
-            pointwise.add(slice(None), kernels.normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope)
-                          if kernels.normalize else apply_activation(pre, activation, slope))
-        grad_y = pointwise.grad_input(x.shape[1])  # after y is freed: lower peak memory
-        if kernels.normalize_backward is not None:
-            grad_z, grad_bn_weight, grad_bn_bias = kernels.normalize_backward(
-                grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope)
-        else:
-            grad_pre = activation_backward(grad_y, pre, activation, slope)
-            grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training,
-                                                                       eps, param_dtype)
-        del z, grad_y  # lower peak memory: free them before the conv backward allocates
-        grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
+    grad_z, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad_pre, z, bn_weight, mean, var, training, eps,
+                                                               param_dtype)
+    del z, grad_pre  # lower peak memory: free them before the conv backward allocates
+    grad_x, grad_dw = kernels.backward(grad_z.contiguous(), x, dw_acc, s, mode)
     grad_pw, grad_pw_bias = pointwise.result()
     return (grad_x.contiguous(memory_format=memory_format(x)), grad_dw.to(dw.dtype), grad_pw, grad_pw_bias,
             grad_bn_weight, grad_bn_bias)
@@ -336,7 +302,7 @@ def fused_backward(kernels: ConvKernels, grad_out, x, dw, pw, pw_bias, bn_weight
 
 class _PointwiseGrads:
     """The 1x1 conv's side of the backward: the gradient of its (unshuffled) input y, and its
-    weight and bias gradients, the weight's accumulated over batch slices of y."""
+    weight and bias gradients."""
 
     def __init__(self, grad_out, pw, pw_or_empty, groups):
         self.grad_out, self.pw, self.pw_or_empty, self.groups = grad_out, pw, pw_or_empty, groups
@@ -352,12 +318,10 @@ class _PointwiseGrads:
         w_t = shuffled_pointwise_weight(self.pw, self.groups).t().contiguous()
         return torch.bmm(w_t.expand(n, c, -1), self.g3).view(n, c, *self.grad_out.shape[2:])
 
-    def add(self, part, y):
-        """grad_w += sum over the slice of grad_out[i] @ y[i]^T: accumulating GEMMs, no (N, C_out,
+    def add(self, y):
+        """grad_w += sum over the batch of grad_out[i] @ y[i]^T: accumulating GEMMs, no (N, C_out,
         C) intermediate; half: products in the input dtype (tensor cores), the batch sum in float32."""
-        if self.pw is None:
-            return
-        g3, y3 = self.g3[part], y.flatten(2)
+        g3, y3 = self.g3, y.flatten(2)
         if g3.dtype in (torch.float32, torch.float64):
             for g_i, y_i in zip(g3, y3):
                 self.grad_w.addmm_(g_i, y_i.mT)
@@ -375,31 +339,6 @@ class _PointwiseGrads:
 def fused_backend(kernels: ConvKernels) -> tuple[Callable, Callable]:
     """The (forward, backward) of a backend made of ``kernels``."""
     return functools.partial(fused_forward, kernels), functools.partial(fused_backward, kernels)
-
-
-def _native_normalize(z, bn_weight, bn_bias, mean, var, eps, activation, slope):
-    return torch.ops.uresnet_ops._pixel_shuffle_bn_native(z, 1, bn_weight, bn_bias, mean, var, False, eps,
-                                                          activation, slope)[0]
-
-
-def _native_normalize_backward(grad_y, z, bn_weight, bn_bias, mean, var, training, eps, activation, slope):
-    return torch.ops.uresnet_ops._pixel_shuffle_bn_native_backward(grad_y, z, 1, bn_weight, bn_bias, mean, var,
-                                                                   training, eps, activation, slope)
-
-
-def _native_backend(device_type, conv, conv_backward):
-    kernels = ConvKernels(conv, conv_backward, _native_normalize, _native_normalize_backward)
-    if device_type == "cpu":
-        # On CPU the backward recomputes through BatchNorm in two passes, and the forward runs in
-        # batch slices of about L2 size (2 MiB per core here) that stay in cache between conv and GEMM.
-        kernels = dataclasses.replace(
-            kernels, batch_norm_sums=torch.ops.uresnet_ops._shuffle_upsample_bn_sums_native,
-            batch_norm_backward=torch.ops.uresnet_ops._shuffle_upsample_bn_backward_native, chunk_bytes=2 << 20)
-    return fused_backend(kernels)
-
-
-# csrc/cpu/shuffle_upsample.cpp, csrc/cuda/shuffle_upsample.cu: the upsample-conv and its backward.
-register_native_backends(OP, kernels=OP + "_conv", compose=_native_backend)
 
 
 # --- triton backend -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 // CPU kernels of uresnet_ops::_shuffle_upsample_conv_native(_backward) and of the backward's two
 // passes through BatchNorm (_shuffle_upsample_bn_sums_native, _shuffle_upsample_bn_backward_native):
 // the first half of the EUCB block, conv3x3_grouped(upsample(x)), with the upsample fused into the
-// convolution. uresnet_ops/shuffle_upsample.py composes the rest (BatchNorm folding, the shuffled
-// 1x1 GEMM).
+// convolution; and the op itself (uresnet_ops::shuffle_upsample and its native twin), the
+// composition of csrc/shuffle_upsample.h around them.
 //
 // One task per (sample, conv group). Nearest x2 reads its Cg input planes from zero-bordered
 // low-resolution copies by the parity identity; the other modes, and the backward, upsample
@@ -560,12 +560,46 @@ std::tuple<at::Tensor, at::Tensor> shuffle_upsample_bn_backward_cpu(
   return {grad_x, grad_weight};
 }
 
+// ---- the op --------------------------------------------------------------------------------
+
+// The backward recomputes through BatchNorm in two passes, and the forward runs in batch slices
+// of about L2 size (2 MiB per core here) that stay in cache between the conv and the GEMM.
+const ShuffleUpsampleKernels kKernels{&shuffle_upsample_conv_cpu, &shuffle_upsample_conv_backward_cpu,
+                                      &shuffle_upsample_bn_sums_cpu, &shuffle_upsample_bn_backward_cpu, 2 << 20};
+
+template <const char* op>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_cpu(
+    const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
+    const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t s, c10::string_view mode,
+    int64_t groups, c10::string_view activation, double slope) {
+  return shuffle_upsample_fused(kKernels, op, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                                training, eps, s, mode, groups, activation, slope);
+}
+
+template <const char* op>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
+    const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& var, bool training,
+    double eps, int64_t s, c10::string_view mode, int64_t groups, c10::string_view activation, double slope) {
+  return shuffle_upsample_fused_backward(kKernels, op, grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var,
+                                         training, eps, s, mode, groups, activation, slope);
+}
+
 }  // namespace
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CPU, m) {
-  m.impl("_shuffle_upsample_conv_native", &uresnet::shuffle_upsample_conv_cpu);
-  m.impl("_shuffle_upsample_conv_native_backward", &uresnet::shuffle_upsample_conv_backward_cpu);
-  m.impl("_shuffle_upsample_bn_sums_native", &uresnet::shuffle_upsample_bn_sums_cpu);
-  m.impl("_shuffle_upsample_bn_backward_native", &uresnet::shuffle_upsample_bn_backward_cpu);
+  using namespace uresnet;
+  m.impl("_shuffle_upsample_conv_native", &shuffle_upsample_conv_cpu);
+  m.impl("_shuffle_upsample_conv_native_backward", &shuffle_upsample_conv_backward_cpu);
+  m.impl("_shuffle_upsample_bn_sums_native", &shuffle_upsample_bn_sums_cpu);
+  m.impl("_shuffle_upsample_bn_backward_native", &shuffle_upsample_bn_backward_cpu);
+  m.impl("_shuffle_upsample_native", &shuffle_upsample_cpu<kShuffleUpsampleNative>);
+  m.impl("_shuffle_upsample_native_backward", &shuffle_upsample_backward_cpu<kShuffleUpsampleNativeBackward>);
+  m.impl("shuffle_upsample", &shuffle_upsample_routed<&shuffle_upsample_cpu<kShuffleUpsample>>);
+  m.impl("shuffle_upsample_backward",
+         &shuffle_upsample_backward_routed<&shuffle_upsample_backward_cpu<kShuffleUpsampleBackward>>);
 }

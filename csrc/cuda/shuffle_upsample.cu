@@ -1,7 +1,7 @@
 // CUDA kernels of uresnet_ops::_shuffle_upsample_conv_native(_backward): conv3x3_grouped(upsample(x))
 // with the upsample fused into the convolution (each tap reads the low-resolution x directly;
-// the upsampled tensor never exists). Same contract as csrc/cpu/shuffle_upsample.cpp; the
-// BatchNorm folding and the shuffled 1x1 GEMM (cuBLAS) are composed in uresnet_ops/shuffle_upsample.py.
+// the upsampled tensor never exists). Same contract as csrc/cpu/shuffle_upsample.cpp; the op
+// itself is the composition of csrc/shuffle_upsample.h around them (the 1x1 GEMM on cuBLAS).
 //
 // Direct kernels, one thread per output element: x is 1/s^2 the size of the output and its
 // taps are re-read from L1/L2. 64-bit indices throughout (tensors over 2^31 elements work).
@@ -253,10 +253,45 @@ std::tuple<at::Tensor, at::Tensor> shuffle_upsample_conv_backward_cuda(const at:
   return {grad_x, grad_weight};
 }
 
+// ---- the op --------------------------------------------------------------------------------
+
+// The backward recomputes the conv output once and runs BatchNorm + activation and its backward
+// as pixel_shuffle_bn's kernels with upscale factor 1; the forward runs the whole batch at once.
+const ShuffleUpsampleKernels kKernels{&shuffle_upsample_conv_cuda, &shuffle_upsample_conv_backward_cuda};
+
+template <const char* op>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_cuda(
+    const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
+    const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t s, c10::string_view mode,
+    int64_t groups, c10::string_view activation, double slope) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return shuffle_upsample_fused(kKernels, op, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                                training, eps, s, mode, groups, activation, slope);
+}
+
+template <const char* op>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
+    const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean, const at::Tensor& var, bool training,
+    double eps, int64_t s, c10::string_view mode, int64_t groups, c10::string_view activation, double slope) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return shuffle_upsample_fused_backward(kKernels, op, grad_out, x, dw, pw, pw_bias, bn_weight, bn_bias, mean, var,
+                                         training, eps, s, mode, groups, activation, slope);
+}
+
 }  // namespace
 }  // namespace uresnet
 
 TORCH_LIBRARY_IMPL(uresnet_ops, CUDA, m) {
-  m.impl("_shuffle_upsample_conv_native", &uresnet::shuffle_upsample_conv_cuda);
-  m.impl("_shuffle_upsample_conv_native_backward", &uresnet::shuffle_upsample_conv_backward_cuda);
+  using namespace uresnet;
+  m.impl("_shuffle_upsample_conv_native", &shuffle_upsample_conv_cuda);
+  m.impl("_shuffle_upsample_conv_native_backward", &shuffle_upsample_conv_backward_cuda);
+  m.impl("_shuffle_upsample_native", &shuffle_upsample_cuda<kShuffleUpsampleNative>);
+  m.impl("_shuffle_upsample_native_backward", &shuffle_upsample_backward_cuda<kShuffleUpsampleNativeBackward>);
+  m.impl("shuffle_upsample", &shuffle_upsample_routed<&shuffle_upsample_cuda<kShuffleUpsample>>);
+  m.impl("shuffle_upsample_backward",
+         &shuffle_upsample_backward_routed<&shuffle_upsample_backward_cuda<kShuffleUpsampleBackward>>);
 }
