@@ -433,10 +433,11 @@ def test_state_dict_keys_are_kept_and_load_both_ways(make, channels):
     fresh = make()
     fused.load_state_dict(fresh.state_dict(), strict=True)
     plain.load_state_dict(fused.state_dict(), strict=True)
-    buffer = io.BytesIO()
-    torch.save(fused, buffer)  # the key hooks pickle with the model
-    buffer.seek(0)
-    assert list(torch.load(buffer, weights_only=False).state_dict()) == list(plain.state_dict())
+    for model in (fused, copy.deepcopy(fused)):  # the key hooks pickle with the model and its deep copy
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        assert list(torch.load(buffer, weights_only=False).state_dict()) == list(plain.state_dict())
     assert list(copy.deepcopy(fused).state_dict()) == list(plain.state_dict())
     x = torch.randn(2, channels, 4, 4)
     fresh.eval(), fused.eval()

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as unn
 
-__all__ = ["fuse", "FuseReport", "FuseEntry"]
+__all__ = ["fuse", "unfuse", "FuseReport", "FuseEntry"]
 
 _FUSED_TYPES = (unn.PixelShuffleBN, unn.EUCB, unn.EUCBStar, unn.MultiDilationConv2d, unn.ASPP, unn.AtrousBlock)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.SiLU)
@@ -86,6 +86,37 @@ def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
     _fuse_children(holder, None, rep)
     model = holder._modules["model"]
     return (model, rep) if report else model
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`fuse`: every fused module of :mod:`uresnet_ops.nn` in ``model``
+    (the model itself included) replaced by its plain-PyTorch form (``module.plain()``, see
+    :mod:`uresnet_ops.plain`), which computes the same chain with plain torch modules and
+    functions, in training and eval, and has the same state-dict keys.
+
+    The plain modules take over the fused modules' submodules, parameters and buffers (the
+    same objects, modes included); ``inplace=False`` works on a deep copy, so ``model`` is left
+    as it was and shares nothing with the result. A fused module found twice becomes one plain
+    module. Forward hooks and ``sync`` (distributed statistics) of a fused module are not
+    carried over."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    plain = {}  # fused module -> its plain form
+
+    def plain_of(module):
+        if module not in plain:
+            plain[module] = module.plain()
+            if hasattr(module, "_uresnet_renames"):  # fuse() replaced a whole module by this one
+                _keep_original_keys(plain[module], *module._uresnet_renames)
+        return plain[module]
+
+    if isinstance(model, _FUSED_TYPES):
+        return plain_of(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, _FUSED_TYPES):
+                parent._modules[name] = plain_of(child)
+    return model
 
 
 # ----------------------------------------------------------------------------- the tree walk
@@ -176,15 +207,28 @@ def _keep_original_keys(module, renames: dict, order: list) -> None:
     takes theirs, so checkpoints of the original load into the fused model and back, strictly."""
     module.register_state_dict_post_hook(_RenameKeys(renames, order))
     module.register_load_state_dict_pre_hook(_RenameKeys({theirs: ours for ours, theirs in renames.items()}))
+    module._uresnet_renames = renames, order  # for unfuse (the plain module keeps the keys) and pickling
     if isinstance(module, fx.GraphModule):
-        # A GraphModule pickles as its code and attributes, without hooks; each has a class of
-        # its own, so its pickling can bring them back.
-        type(module).__reduce__ = _reduce_with_renames
-        module._uresnet_renames = renames, order
+        _pickle_with_renames(module)
+
+
+def _pickle_with_renames(module) -> None:
+    """A GraphModule pickles as its code and attributes, without hooks; each has a class of its
+    own, so its pickling can bring them back. Its deep copy gets a class of its own too
+    (``GraphModule.__deepcopy__``), which must pickle the same way."""
+    type(module).__reduce__ = _reduce_with_renames
+    type(module).__deepcopy__ = _deepcopy_with_renames
 
 
 def _reduce_with_renames(module):
     return _restore_renames, (fx.GraphModule.__reduce__(module), module._uresnet_renames)
+
+
+def _deepcopy_with_renames(module, memo):
+    new = fx.GraphModule.__deepcopy__(module, memo)  # copies the state-dict hooks, not other attributes
+    new._uresnet_renames = copy.deepcopy(module._uresnet_renames, memo)
+    _pickle_with_renames(new)
+    return new
 
 
 def _restore_renames(reduced, renames_and_order):

@@ -1,7 +1,9 @@
 """Drop-in modules running the fused ops.
 
 Each keeps the parameter and buffer names of the plain-torch modules it replaces, so their
-state dicts load, and equals that plain chain in training and eval.
+state dicts load, and equals that plain chain in training and eval. ``plain()`` gives that
+chain as plain torch modules (:mod:`uresnet_ops.plain`), sharing the module's parameters,
+buffers and submodules, with the same state-dict keys (what ``uresnet_ops.unfuse`` uses).
 """
 from __future__ import annotations
 
@@ -16,16 +18,12 @@ from ._common import parse_activation
 from .multi_dilation_conv2d import multi_dilation_conv2d
 from .distributed import sync_active, sync_pixel_shuffle_bn, sync_shuffle_upsample
 from .pixel_shuffle_bn import pixel_shuffle_bn
+from . import plain as _plain
+from .plain import activation_module
 from .shuffle_upsample import shuffle_upsample
 
 __all__ = ["PixelShuffleBN", "EUCB", "EUCBStar", "MultiDilationConv2d", "ASPP", "AtrousBlock",
            "activation_module"]
-
-
-def activation_module(activation) -> nn.Module:
-    """The nn.Module of an activation spec ("relu", ("leaky_relu", 0.2), ...)."""
-    name, slope = parse_activation(activation, "activation_module")
-    return {"none": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU}.get(name, lambda: nn.LeakyReLU(slope))()
 
 
 def _activation_of(module: nn.Module):
@@ -81,6 +79,9 @@ def _set_mode(module: nn.Module, training: bool, *shared: nn.Module) -> nn.Modul
     return module
 
 
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 class PixelShuffleBN(_NormBase):
     """``PixelShuffle(r) -> BatchNorm2d(C) -> activation`` in one op. ``in_channels`` is the
     input's C*r*r. Parameters and buffers are those of ``nn.BatchNorm2d(C)``, so its state dict
@@ -111,9 +112,17 @@ class PixelShuffleBN(_NormBase):
         r = pixel_shuffle.upscale_factor
         module = cls(bn.num_features * r * r, r, _activation_of(act) if act is not None else "none",
                      bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        for name in _BN_STATE:
             setattr(module, name, getattr(bn, name))
         return module.train(bn.training)
+
+    def plain(self) -> nn.Module:
+        with torch.device("meta"):  # the fresh tensors are replaced right away
+            module = _plain.PlainPixelShuffleBN(self.num_features, self.upscale_factor, self.activation, self.eps,
+                                                self.momentum, self.affine, self.track_running_stats)
+        for name in _BN_STATE:
+            setattr(module, name, getattr(self, name))
+        return module.train(self.training)
 
     def _check_input_dim(self, x):
         if x.dim() != 4:
@@ -187,6 +196,10 @@ class EUCB(_RemapStateDict, nn.Module):
         """The BatchNorms the fused op runs (synchronised by ``sync``, not by SyncBatchNorm)."""
         return [self.up_dwc[2]]
 
+    def plain(self) -> nn.Module:
+        return _set_mode(_plain.PlainEUCB(self.up_dwc, self.pwc, self.shuffle_groups), self.training,
+                         self.up_dwc, self.pwc)
+
     def forward(self, x):
         bn, pw = self.up_dwc[2], self.pwc[0]
         return _shuffle_upsample(self, x, self.up_dwc[1].weight, pw.weight, pw.bias, bn, scale_factor=self.scale_factor,
@@ -243,6 +256,11 @@ class EUCBStar(nn.Module):
 
     def fused_batch_norms(self) -> list:
         return [stage[1] for stage in self.stages]
+
+    def plain(self) -> nn.Module:
+        up = nn.Upsample(scale_factor=self.scale_factor, mode=self.mode)
+        return _set_mode(_plain.PlainEUCBStar(up, self.stages, self.pwc, self.groups), self.training,
+                         self.stages, self.pwc)
 
     def forward(self, x):
         last = len(self.stages) - 1
@@ -342,6 +360,9 @@ class MultiDilationConv2d(nn.Module):
     def fused_batch_norms(self) -> list:
         return [b[1] for b in self.branches] if self.norm else []
 
+    def plain(self) -> nn.Module:
+        return _set_mode(_plain.PlainMultiDilationConv2d(self.branches), self.training, self.branches)
+
     def forward(self, x):
         return fused_conv_branches(x, [b[0] for b in self.branches], self.fused_batch_norms() or None, self.activation,
                                    self.sync, self.process_group)
@@ -405,6 +426,10 @@ class ASPP(nn.Module):
     def fused_batch_norms(self) -> list:
         return [b[1] for b in self.convs[:-1]] if self.norm else []
 
+    def plain(self) -> nn.Module:
+        position = len(self.convs) - 1 if self.pool_position is None else self.pool_position
+        return _set_mode(_plain.PlainASPP(self.convs, self.project, position), self.training, self.convs, self.project)
+
     def forward(self, x):
         branches = self.convs[:-1]
         y = fused_conv_branches(x, [b[0] for b in branches], self.fused_batch_norms() or None, self.activation,
@@ -435,6 +460,10 @@ class AtrousBlock(nn.Module):
         self.conv = nn.Conv2d(width * len(dilations) + in_channels, out_channels, 1)
         self.bn_out = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU()
+
+    def plain(self) -> nn.Module:
+        parts = (self.branches, self.pool, self.bn_in, self.conv, self.bn_out, self.act)
+        return _set_mode(_plain.PlainAtrousBlock(*parts), self.training, *parts)
 
     def forward(self, x):
         y = fused_conv_branches(x, list(self.branches), None, "none")
