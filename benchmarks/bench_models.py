@@ -1,4 +1,4 @@
-"""Whole-model benchmarks: the plain PyTorch model (``create_model(..., fused=False)``) vs the
+"""Whole-model benchmarks: the plain PyTorch model (``uresnet_ops.unfuse``) vs the
 fused one (and ``torch.compile`` of each) for resunet_atrous(resnet50), deresunet(resnet50) and
 uresnet(resnet34): a training step (forward, backward, Adam) and an inference forward (eval,
 no_grad) at batch 1 and 8; ratios to plain, the training step's peak memory (CPU too), and where
@@ -11,6 +11,7 @@ compiling a ResNet-50 U-Net's training step takes minutes per model and shape on
 (``--compile`` / ``--bench-compile`` ask for it there). Run::
 
     python benchmarks/bench_models.py --threads 1 --rounds 5 --markdown benchmarks/results/models.md
+    python benchmarks/bench_models.py --report run1.json run2.json --markdown out.md   # runs of several models
     pytest benchmarks/bench_models.py --benchmark-json=bench-results/models.json
 
 pytest-benchmark: one ``benchmark.group`` per (mode, model, shape), the implementations
@@ -110,18 +111,21 @@ def _cell(row: dict | None, plain: bool) -> str:
     return f"{row['median_s'] * 1e3:.0f} ms" + ("" if plain else f" ({row['vs_plain']:.2f}x)")
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    """The results as a markdown table (benchmarks/results/models.md)."""
-    lines = [f"# Whole models: plain PyTorch vs fused ({meta['device']})", "",
-             f"Made with `{meta['command']}` on {meta['date']}: {meta['device_name']}, {meta['threads']} thread(s), "
-             f"torch {meta['torch']}, backends {', '.join(meta['backends'])}, load average {meta['load']} before "
-             f"the run. {meta['note']}", "",
-             "x = plain median / median (>1 is faster than the plain PyTorch model); spread = (max - min) / median "
-             f"of the {meta['rounds']} interleaved rounds (the widest of the case's implementations); peak = the "
-             "training step's own peak allocations (parameters, optimizer state and inputs excluded; CPU: "
-             "torch.profiler's allocator events); fused/plain = peak fused / peak plain.", "",
-             "| model | mode | shape | plain | fused | plain+compile | fused+compile | spread | peak plain | "
-             "peak fused | fused/plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown(runs: list[dict]) -> str:
+    """The results of one or more runs (``{"meta": ..., "rows": ...}``, as ``--json`` writes
+    them) as a markdown table (benchmarks/results/models.md)."""
+    lines = [f"# Whole models: plain PyTorch vs fused ({runs[0]['meta']['device']})", ""]
+    for meta in (run["meta"] for run in runs):
+        lines += [f"Made with `{meta['command']}` on {meta['date']}: {meta['device_name']}, {meta['threads']} "
+                  f"thread(s), {meta['rounds']} interleaved rounds per case, torch {meta['torch']}, backends "
+                  f"{', '.join(meta['backends'])}, load average {meta['load']:.1f} before the run. {meta['note']}", ""]
+    lines += ["x = plain median / median (>1 is faster than the plain PyTorch model); spread = (max - min) / median "
+              "of the rounds (the widest of the case's implementations); peak = the training step's own peak "
+              "allocations (gradients and activations; parameters, optimizer state and inputs excluded; CPU: "
+              "torch.profiler's allocator events); fused/plain = peak fused / peak plain.", "",
+              "| model | mode | shape | plain | fused | plain+compile | fused+compile | spread | peak plain | "
+              "peak fused | fused/plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [row for run in runs for row in run["rows"]]
     cases: dict = {}
     for r in rows:
         cases.setdefault((r["model"], r["mode"], r["batch"], r["side"]), {})[r["implementation"]] = r
@@ -162,7 +166,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as markdown")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: write --markdown from these --json files (runs of several models)")
     args = parser.parse_args(argv)
+    if args.report:
+        runs = [json.loads(path.read_text()) for path in args.report]
+        text = markdown(runs)
+        if args.markdown:
+            args.markdown.write_text(text)
+        print(text)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     load = mb.machine_load()
@@ -185,7 +198,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     if args.markdown:
-        args.markdown.write_text(markdown(rows, meta))
+        args.markdown.write_text(markdown([dict(meta=meta, rows=rows)]))
     return 0
 
 

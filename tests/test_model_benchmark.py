@@ -1,6 +1,8 @@
 """The whole-model benchmark's pieces (uresnet_models/benchmark.py): the plain and the fused
 model are different models with the same weights, the peak memory of a training step is a real
 measure, the profile's shares add up, the Amdahl limit. Small models and images: fast."""
+import json
+
 import pytest
 import torch
 
@@ -96,3 +98,26 @@ def test_amdahl_limit_and_shapes():
         mb.measure_models("cpu", models=["nope"])
     with pytest.raises(ValueError, match="mode: expected one of"):
         mb.make_step(torch.nn.Identity(), "eval", None, None)
+
+
+def test_the_committed_table_is_written_from_the_runs_json(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    bench_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_models)
+    meta = dict(device="cpu", device_name="a CPU", threads=1, rounds=3, torch="2", backends=["cpu"], load=4.0,
+                date="today", command="python benchmarks/bench_models.py --models uresnet", note="Busy.")
+    common = dict(model="uresnet(resnet34)", mode="train", batch=1, side=64, spread=0.05)
+    rows = [dict(common, implementation="plain", median_s=0.1, vs_plain=1.0, peak_bytes=2**21, peak_vs_plain=1.0),
+            dict(common, implementation="fused", median_s=0.08, vs_plain=1.25, peak_bytes=2**20, peak_vs_plain=0.5,
+                 profile=dict(fused=0.1, conv=0.7, other=0.2), amdahl_limit=1.39)]
+    (tmp_path / "run.json").write_text(json.dumps(dict(meta=meta, rows=rows)))
+    out = tmp_path / "models.md"
+    assert bench_models.main(["--report", str(tmp_path / "run.json"), "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "`python benchmarks/bench_models.py --models uresnet`" in text and "1 thread(s)" in text
+    row = "| uresnet(resnet34) | train | 1x64x64 | 100 ms | 80 ms (1.25x) | - | - | 5% | 2 MiB | 1 MiB | 0.50 |"
+    assert row in text
+    assert "| uresnet(resnet34) | 1x64x64 | 10.0% | 70.0% | 20.0% | 1.25x | 1.39x |" in text

@@ -5,7 +5,7 @@
 * The models (``uresnet bench --models``; benchmarks/bench_models.py is the standalone and the
   pytest-benchmark version, benchmarks/results/models.md the committed table): for each seed
   model, a training step (forward, backward, Adam) and an inference forward (eval, no_grad) at
-  batch 1 and 8, of the plain model (``create_model(..., fused=False)``: plain PyTorch, the
+  batch 1 and 8, of the plain model (``uresnet_ops.unfuse`` of the fused one: plain PyTorch, the
   baseline), the fused model, and ``torch.compile`` of each (by default on CUDA only: on a small
   CPU it takes minutes per model and shape); ratios to the plain model; the peak memory of the
   training step (:func:`peak_step_bytes`, CPU too); and a profile of the fused training step
@@ -25,6 +25,7 @@ import time
 
 import torch
 
+import uresnet_ops
 from uresnet_ops import testing
 from uresnet_ops.timing import measure, synchronize
 
@@ -140,7 +141,7 @@ def print_op_table(rows: list[dict], out=print) -> None:
 # --------------------------------------------------------------------------- models
 MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]  # the seeds
 EXTRA_MODELS = [("unet", "resnet34"), ("resunet", None)]  # on request (--models); None: the seed's own encoder
-# plain: create_model(..., fused=False), every fused module replaced by the plain torch modules it
+# plain: uresnet_ops.unfuse(fused), every fused module replaced by the plain torch modules it
 # stands for (the user's baseline); fused: the registered model; "+compile": torch.compile of it.
 IMPLS = ("plain", "fused", "plain+compile", "fused+compile")
 MODEL_MODES = ("train", "infer")  # forward + backward + Adam step; eval forward under no_grad
@@ -170,13 +171,12 @@ def model_impls(compile: bool) -> tuple[str, ...]:
 
 
 def plain_and_fused(name: str, encoder: str | None, device, seed: int = 0, **kwargs) -> dict[str, torch.nn.Module]:
-    """The fused model (``create_model``) and its plain twin (``create_model(..., fused=False)``)
-    with the same weights, on ``device``; ``kwargs`` go to ``create_model``."""
+    """The fused model (``create_model``; ``kwargs`` go to it) and its plain PyTorch twin
+    (``uresnet_ops.unfuse`` of it: every fused module replaced by the plain torch modules it
+    stands for, same weights), on ``device``."""
     torch.manual_seed(seed)
-    fused = create_model(name, encoder=encoder, num_classes=2, **kwargs)
-    plain = create_model(name, encoder=encoder, num_classes=2, fused=False, **kwargs)
-    plain.load_state_dict(fused.state_dict())  # same keys: a missing or extra one raises
-    return {"plain": plain.to(device), "fused": fused.to(device)}
+    fused = create_model(name, encoder=encoder, num_classes=2, **kwargs).to(device)
+    return {"plain": uresnet_ops.unfuse(fused), "fused": fused}
 
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, optimizer=None):
