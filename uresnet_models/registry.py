@@ -150,7 +150,8 @@ def _accepted(builder) -> tuple[set[str], bool]:
 
 
 def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, num_classes: int = 1,
-                 aux_classes: int | None = None, pretrained: bool = False, activation=None, **kwargs) -> nn.Module:
+                 aux_classes: int | None = None, pretrained: bool = False, activation=None, fused: bool = True,
+                 **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
     ``encoder``: a timm model name that supports ``features_only=True`` (or ``None`` for the
@@ -168,6 +169,11 @@ def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, nu
     ``upsample="eucb_star"``, ``decoder_channels``); unknown ones raise a ``TypeError`` naming
     the accepted ones.
 
+    ``fused=False``: the plain model, ``uresnet_ops.unfuse`` of the built one (every fused module
+    as the plain PyTorch modules it stands for; same state-dict keys, so weights load both ways),
+    the baseline to compare the fused model with; recorded as ``"fused": false`` in
+    ``model_config`` (a fused model's config has no entry), so a plain checkpoint reloads plain.
+
     segmentation_models_pytorch's names work too, where they mean the same (:data:`SMP_NAMES`):
     ``encoder_name=`` for ``encoder``, ``classes=`` for ``num_classes``, ``encoder_weights=None``
     or ``"imagenet"`` (the timm weights) for ``pretrained=False``/``True``; ``in_channels`` and
@@ -177,6 +183,9 @@ def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, nu
     ``model.model_config`` (saved as ``config.json``) holds every argument of the builder,
     defaults included, so a checkpoint rebuilds the same model after a default changes."""
     from .heads import Activation
+    if not isinstance(fused, bool):
+        raise TypeError(f"create_model({name!r}): fused must be True (the fused modules) or False (plain PyTorch), "
+                        f"got {fused!r}")
     encoder, num_classes, pretrained = _from_smp_names(name, kwargs, encoder, num_classes, pretrained)
     builder = model_entrypoint(name)
     activation_module = Activation(activation)  # checked before the (possibly slow) build
@@ -204,9 +213,14 @@ def create_model(name: str, *, encoder=DEFAULT_ENCODER, in_channels: int = 3, nu
     model = builder(**args)
     if not isinstance(model, nn.Module):
         raise TypeError(f"create_model({name!r}): the builder returned {type(model).__name__}, not an nn.Module")
+    if not fused:
+        from uresnet_ops import unfuse
+        model = unfuse(model, inplace=True)
     resolved = {**_defaults(builder), **args}
     config = {"architecture": name, "kwargs": model_kwargs(resolved)}
     config["kwargs"]["activation"] = activation
+    if not fused:  # left out when fused, so configs written before this argument stay equal
+        config["kwargs"]["fused"] = False
     try:
         model.model_config = config
         model.activation = activation_module

@@ -12,7 +12,7 @@ from .multi_dilation_conv2d import multi_dilation_conv2d
 from .pixel_shuffle_bn import pixel_shuffle_bn
 from .shuffle_upsample import shuffle_upsample
 from . import triton as _triton  # noqa: F401  (registers the Triton backends where importable)
-from . import nn, reference
+from . import nn, plain, reference
 from .fuse import fuse, unfuse
 from . import export
 from .backends import set_backend_from_environment
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "pixel_shuffle_bn", "shuffle_upsample", "multi_dilation_conv2d",
     "available_backends", "get_backend", "register_backend", "set_backend", "use_backend",
-    "nn", "reference", "fuse", "unfuse", "export",
+    "nn", "plain", "reference", "fuse", "unfuse", "export",
 ]

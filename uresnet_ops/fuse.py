@@ -17,6 +17,9 @@ whose forward was rewritten becomes a ``torch.fx.GraphModule`` (of the same clas
 
 The fused modules share the original modules (Conv2d, BatchNorm2d, ...), so parameters,
 buffers, ``requires_grad``, devices, dtypes and train/eval modes carry over untouched.
+
+``fuse(model, inference=True)`` also folds eval-mode BatchNorms into the convolutions before
+them (the last section); ``unfuse(model)`` turns the fused modules back into plain PyTorch.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import nn as unn
 
@@ -57,6 +61,8 @@ class FuseEntry:
 class FuseReport:
     fused: list[FuseEntry] = dataclasses.field(default_factory=list)
     skipped: list[FuseEntry] = dataclasses.field(default_factory=list)
+    folded: list[FuseEntry] = dataclasses.field(default_factory=list)  # inference=True: BatchNorms folded
+    batch_norms_left: int | None = None  # inference=True: BatchNorm modules the model still runs
 
     def _fused(self, entry: FuseEntry, consumed):
         """Record a fusion; drops what was passed over in a nested module and is now fused
@@ -70,20 +76,36 @@ class FuseReport:
         if self.skipped:
             lines += [f"passed over {len(self.skipped)}:"] + [f"  {e.path or '<model>'}: {e.pattern}: {e.detail}"
                                                               for e in self.skipped]
+        if self.batch_norms_left is not None:
+            lines += [f"folded {len(self.folded)} BatchNorm(s) into the convolution before it "
+                      f"({self.batch_norms_left} BatchNorm module(s) left):"]
+            lines += [f"  {e.path or '<model>'}: {e.pattern} -> {e.detail}" for e in self.folded]
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, inplace: bool = False, report: bool = False):
+def fuse(model: nn.Module, inplace: bool = False, report: bool = False, inference: bool = False):
     """Replace the fusable patterns in ``model`` by the fused modules (see the module docstring).
 
     ``inplace=False`` works on a deep copy. Returns the model, or ``(model, FuseReport)`` with
-    ``report=True``: what was replaced, and what looked fusable but was passed over, and why."""
+    ``report=True``: what was replaced, and what looked fusable but was passed over, and why.
+
+    ``inference=True`` (``model`` in eval mode) also folds every eval-mode BatchNorm that
+    directly follows a convolution into it (see :func:`_fold_batch_norms`): the result is for
+    inference only (its BatchNorms no longer exist to be trained), and its state dict lacks
+    their entries."""
+    if inference:
+        training = next((name or "the model" for name, m in model.named_modules() if m.training), None)
+        if training is not None:
+            raise ValueError(f"fuse(inference=True): the model must be in eval mode (call model.eval() first): "
+                             f"folding a BatchNorm uses its running statistics, and {training} is in training mode")
     if not inplace:
         model = copy.deepcopy(model)
     rep = FuseReport()
     holder = nn.Module()  # so the model itself can be replaced too (a Sequential, an ASPP, ...)
     holder._modules["model"] = model
     _fuse_children(holder, None, rep)
+    if inference:
+        _fold_batch_norms(holder, rep)
     model = holder._modules["model"]
     return (model, rep) if report else model
 
@@ -922,3 +944,129 @@ def _rewrite_cats(graph, module, new_modules, consumed, found, path, rep):
                                    tuple(m for r in run for m in (r.conv, r.bn, r.act) if m is not None)))
         if problems:
             rep.skipped.append(FuseEntry(path, "torch.cat of conv branches in forward", "; ".join(problems)))
+
+
+# ----------------------------------------------------------------------------- inference: BatchNorm folding
+def _folded_conv(conv: nn.Conv2d, bn, repeat: int = 1) -> nn.Conv2d:
+    """A copy of ``conv`` with the eval-mode ``bn`` after it folded in (torch's helper); each
+    channel of ``bn`` covers ``repeat`` consecutive channels of ``conv`` (r*r before a pixel
+    shuffle by r)."""
+    def per_conv_channel(t):
+        return t if t is None or repeat == 1 else t.repeat_interleave(repeat)
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        folded.weight, folded.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, per_conv_channel(bn.running_mean), per_conv_channel(bn.running_var), bn.eps,
+            per_conv_channel(bn.weight), per_conv_channel(bn.bias))
+    return folded
+
+
+def _is_timm_batch_norm_act(module) -> bool:
+    """timm's BatchNormAct2d (BatchNorm -> drop -> act in one module), its forward not overridden."""
+    forward = type(module).forward
+    return (isinstance(module, _BatchNorm) and forward.__module__ == "timm.layers.norm_act"
+            and forward.__qualname__ == "BatchNormAct2d.forward")
+
+
+def _fold_plan(conv, bn):
+    """(folded conv, what replaces ``bn``, pattern) when ``bn`` can be folded into ``conv``, else None."""
+    if not _is_plain(conv, nn.Conv2d) or conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks \
+            or bn._forward_pre_hooks or bn.training or conv.training or getattr(bn, "running_mean", None) is None:
+        return None
+    if isinstance(bn, unn.PixelShuffleBN):
+        r = bn.upscale_factor
+        if conv.out_channels != bn.num_features * r * r:
+            return None
+        act = unn.activation_module(bn.activation)
+        rest = nn.PixelShuffle(r) if isinstance(act, nn.Identity) else nn.Sequential(nn.PixelShuffle(r), act)
+        return _folded_conv(conv, bn, r * r), rest.eval(), "Conv2d -> PixelShuffleBN"
+    if bn.num_features != conv.out_channels:
+        return None
+    if _is_plain(bn, nn.BatchNorm2d):
+        return _folded_conv(conv, bn), nn.Identity(), "Conv2d -> BatchNorm2d"
+    if _is_timm_batch_norm_act(bn):
+        return _folded_conv(conv, bn), nn.Sequential(bn.drop, bn.act).eval(), f"Conv2d -> {type(bn).__name__}"
+    return None
+
+
+def _conv_bn_pairs(module):
+    """(conv, bn) module pairs of ``module``'s own forward where ``bn`` takes ``conv``'s output
+    and nothing else does: consecutive modules of a plain Sequential, or module calls in a
+    traced forward (one level; each called once there), plain Sequentials opened up (a deep
+    stem ending in a conv, then a BatchNorm)."""
+    if _is_plain(module, nn.Sequential):
+        flat = _flat(module)
+        return list(zip(flat, flat[1:]))
+    if isinstance(module, fx.GraphModule):  # a forward fuse() rewrote
+        graph = module.graph
+    elif type(module).__module__.startswith("torch.") or not module._modules:
+        return []
+    else:
+        try:
+            graph = _trace(module)
+        except Exception:  # noqa: BLE001 - a forward torch.fx cannot read: nothing to fold here
+            return []
+    counts = _call_counts(graph)
+    pairs = []
+    for node in graph.nodes:
+        users = list(node.users)
+        if node.op == "call_module" and counts[node.target] == 1 and len(users) == 1:
+            user = users[0]
+            if user.op == "call_module" and counts[user.target] == 1 and user.args == (node,) and not user.kwargs:
+                first, then = _flat(module.get_submodule(node.target)), _flat(module.get_submodule(user.target))
+                if len(first) == 1 and isinstance(first[0], unn.ASPP) and len(first[0].project) == 1:
+                    first = list(first[0].project)  # its output is its projection conv's (with the pooling bias)
+                if first and then:
+                    pairs.append((first[-1], then[0]))
+    return pairs
+
+
+def _fold_batch_norms(root: nn.Module, rep: FuseReport) -> None:
+    """Fold every eval-mode BatchNorm2d (timm's BatchNormAct2d, PixelShuffleBN: their BatchNorm)
+    that directly follows a plain Conv2d into it, as ONNX Runtime does: the conv becomes a
+    folded copy (``torch.nn.utils.fusion.fuse_conv_bn_weights``), the BatchNorm an
+    ``nn.Identity`` (or what it ran after its normalisation: timm's drop and act, the pixel
+    shuffle and activation). Pairs are looked for in plain Sequentials and traced forwards;
+    inside the fused modules, in ASPP's pooling branch and projection, AtrousBlock's 1x1 conv
+    and BatchNorm, and the branches of MultiDilationConv2d and ASPP (they fold their BatchNorms
+    at every call in eval; folded once here, the modules run without them). A module that
+    appears twice in the model is left as it is."""
+    places = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        places.setdefault(m, []).append(name.removeprefix("model").lstrip("."))
+    replace = {}  # module -> its replacement
+
+    def plan(conv, bn):
+        if any(m in replace or len(places.get(m, ())) != 1 for m in (conv, bn)):
+            return None
+        return _fold_plan(conv, bn)
+
+    def fold(conv, bn, planned=None):
+        planned = planned or plan(conv, bn)
+        if planned is not None:
+            replace[conv], replace[bn], pattern = planned
+            rep.folded.append(FuseEntry(places[bn][0], pattern, f"folded into {places[conv][0]}", (conv, bn)))
+
+    inside = {m for f in places if isinstance(f, _FUSED_TYPES) for m in f.modules() if m is not f}
+    for m in places:
+        if isinstance(m, (unn.MultiDilationConv2d, unn.ASPP)) and m.norm:
+            branches = m.branches if isinstance(m, unn.MultiDilationConv2d) else m.convs[:-1]
+            plans = [plan(b[0], b[1]) for b in branches]
+            if all(p is not None for p in plans):  # all or none: the module then runs without BatchNorm
+                for b, p in zip(branches, plans):
+                    fold(b[0], b[1], p)
+                m.norm = False
+        if isinstance(m, unn.ASPP):
+            for seq in (m.convs[-1], m.project):
+                for conv, bn in zip(seq, list(seq)[1:]):
+                    fold(conv, bn)
+        elif isinstance(m, unn.AtrousBlock):
+            fold(m.conv, m.bn_out)
+        elif m not in inside and not isinstance(m, _FUSED_TYPES):
+            for conv, bn in _conv_bn_pairs(m):
+                fold(conv, bn)
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child in replace:
+                parent._modules[name] = replace[child]
+    rep.batch_norms_left = sum(isinstance(m, (_BatchNorm, unn.PixelShuffleBN)) for m in root.modules())
