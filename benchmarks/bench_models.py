@@ -1,4 +1,4 @@
-"""Whole-model benchmarks: the plain PyTorch model (``uresnet_ops.unfuse``) vs the
+"""Whole-model benchmarks: the plain PyTorch model (``create_model(..., fused=False)``) vs the
 fused one (and ``torch.compile`` of each) for resunet_atrous(resnet50), deresunet(resnet50) and
 uresnet(resnet34): a training step (forward, backward, Adam) and an inference forward (eval,
 no_grad) at batch 1 and 8; ratios to plain, the training step's peak memory (CPU too), and where
@@ -15,7 +15,8 @@ compiling a ResNet-50 U-Net's training step takes minutes per model and shape on
     pytest benchmarks/bench_models.py --benchmark-json=bench-results/models.json
 
 pytest-benchmark: one ``benchmark.group`` per (mode, model, shape), the implementations
-("plain", "fused", "plain+compile", "fused+compile") as its members; ``extra_info`` holds the
+("plain", "fused", "fused+fold" (inference: ``uresnet_ops.fuse(model, inference=True)``, every
+Conv -> BatchNorm folded), "plain+compile", "fused+compile") as its members; ``extra_info`` holds the
 train step's peak memory. The smp test times our ``unet`` against
 ``segmentation_models_pytorch.Unet`` (skipped when smp is not installed).
 """
@@ -62,8 +63,12 @@ def test_model_step(benchmark, bench_options, request, name, encoder, mode, batc
         pytest.skip("torch.compile of whole models: on CUDA, or with --bench-compile")
     (side,) = {s for _, s in mb.model_shapes(bench_options.size, device.type)}
     models = _models(name, encoder, device)
+    if impl not in mb.model_impls(True, mode):
+        pytest.skip(f"{impl}: inference only")
     base = impl.split("+")[0]
     model = torch.compile(models[base]) if impl.endswith("+compile") else models[base]
+    if impl == "fused+fold":
+        model = uresnet_ops.fuse(models[base].eval(), inference=True)
     x, target = mb.model_inputs(models[base], batch, side, device)
     step = mb.make_step(model, mode, x, target)
     benchmark.group = f"{mode} {mb.model_label(name, encoder)} {batch}x{side}x{side}"
@@ -123,9 +128,13 @@ def markdown(runs: list[dict]) -> str:
               "of the rounds (the widest of the case's implementations); peak = the training step's own peak "
               "allocations (gradients and activations; parameters, optimizer state and inputs excluded; CPU: "
               "torch.profiler's allocator events); fused/plain = peak fused / peak plain.", "",
-              "| model | mode | shape | plain | fused | plain+compile | fused+compile | spread | peak plain | "
-              "peak fused | fused/plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = [row for run in runs for row in run["rows"]]
+              "| model | mode | shape | " + " | ".join(mb.IMPLS) + " | spread | peak plain | peak fused | "
+              "fused/plain |",
+              "|---|---|---|" + "---|" * len(mb.IMPLS) + "---|---|---|---|"]
+    latest = {}  # a case measured again in a later run: the later measurement
+    for row in (row for run in runs for row in run["rows"]):
+        latest[row["model"], row["mode"], row["batch"], row["side"], row["implementation"]] = row
+    rows = list(latest.values())
     cases: dict = {}
     for r in rows:
         cases.setdefault((r["model"], r["mode"], r["batch"], r["side"]), {})[r["implementation"]] = r

@@ -153,8 +153,8 @@ def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     assert status == 0 and "uresnet(resnet34)" in out and "1x64x64" in out
     assert "where the fused train step's time goes" in out and "limit with free fused ops" in out
     rows = json.loads(path.read_text())["models"]
-    assert {(r["mode"], r["implementation"]) for r in rows} == {(m, i) for m in ("train", "infer")
-                                                                 for i in ("plain", "fused")}
+    assert {(r["mode"], r["implementation"]) for r in rows} == {
+        ("train", "plain"), ("train", "fused"), ("infer", "plain"), ("infer", "fused"), ("infer", "fused+fold")}
     for row in rows:
         assert row["median_s"] > 0 and row["model"] == "uresnet(resnet34)"
         assert (row["peak_bytes"] or 0) > 0 if row["mode"] == "train" else row["peak_bytes"] is None

@@ -83,8 +83,9 @@ def test_measure_case_interleaves_and_gives_ratios_memory_and_the_profile():
     assert fused["peak_vs_plain"] == pytest.approx(fused["peak_bytes"] / plain["peak_bytes"])
     assert fused["amdahl_limit"] == pytest.approx(mb.amdahl_limit(plain["median_s"], fused["median_s"],
                                                                   fused["profile"]["fused"]))
-    (infer,) = [r for r in mb.measure_case(_pair(), "infer", 1, 32, "cpu", impls=("fused",), rounds=1)]
+    (infer, folded) = mb.measure_case(_pair(), "infer", 1, 32, "cpu", impls=("fused", "fused+fold"), rounds=1)
     assert infer["peak_bytes"] is None and infer["vs_plain"] is None and "profile" not in infer
+    assert folded["implementation"] == "fused+fold" and folded["median_s"] > 0
 
 
 def test_amdahl_limit_and_shapes():
@@ -93,7 +94,8 @@ def test_amdahl_limit_and_shapes():
     assert mb.model_shapes("small", "cpu") == [(1, 128), (8, 128)]
     assert mb.model_shapes("all", "cpu") == [(1, 128), (8, 128), (1, 256), (8, 256)]
     assert mb.model_shapes("full", "cuda") == [(1, 512), (8, 512)]
-    assert mb.model_impls(False) == ("plain", "fused") and len(mb.model_impls(True)) == 4
+    assert mb.model_impls(False, "train") == ("plain", "fused") and len(mb.model_impls(True, "train")) == 4
+    assert mb.model_impls(False, "infer") == ("plain", "fused", "fused+fold") and len(mb.model_impls(True)) == 5
     with pytest.raises(ValueError, match="models: unknown nope"):
         mb.measure_models("cpu", models=["nope"])
     with pytest.raises(ValueError, match="mode: expected one of"):
@@ -118,6 +120,12 @@ def test_the_committed_table_is_written_from_the_runs_json(tmp_path):
     assert bench_models.main(["--report", str(tmp_path / "run.json"), "--markdown", str(out)]) == 0
     text = out.read_text()
     assert "`python benchmarks/bench_models.py --models uresnet`" in text and "1 thread(s)" in text
-    row = "| uresnet(resnet34) | train | 1x64x64 | 100 ms | 80 ms (1.25x) | - | - | 5% | 2 MiB | 1 MiB | 0.50 |"
+    row = "| uresnet(resnet34) | train | 1x64x64 | 100 ms | 80 ms (1.25x) | - | - | - | 5% | 2 MiB | 1 MiB | 0.50 |"
     assert row in text
     assert "| uresnet(resnet34) | 1x64x64 | 10.0% | 70.0% | 20.0% | 1.25x | 1.39x |" in text
+    rows[1] = dict(rows[1], median_s=0.05, vs_plain=2.0)  # measured again in a later run: that one is shown
+    (tmp_path / "again.json").write_text(json.dumps(dict(meta=dict(meta, command="again"), rows=rows[1:])))
+    assert bench_models.main(["--report", str(tmp_path / "run.json"), str(tmp_path / "again.json"),
+                              "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "| 50 ms (2.00x) |" in text and "80 ms" not in text and "`again`" in text

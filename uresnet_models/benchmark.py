@@ -5,10 +5,11 @@
 * The models (``uresnet bench --models``; benchmarks/bench_models.py is the standalone and the
   pytest-benchmark version, benchmarks/results/models.md the committed table): for each seed
   model, a training step (forward, backward, Adam) and an inference forward (eval, no_grad) at
-  batch 1 and 8, of the plain model (``uresnet_ops.unfuse`` of the fused one: plain PyTorch, the
-  baseline), the fused model, and ``torch.compile`` of each (by default on CUDA only: on a small
-  CPU it takes minutes per model and shape); ratios to the plain model; the peak memory of the
-  training step (:func:`peak_step_bytes`, CPU too); and a profile of the fused training step
+  batch 1 and 8, of the plain model (``create_model(..., fused=False)``: plain PyTorch, the
+  baseline), the fused model (for inference also folded, ``fuse(model, inference=True)``), and
+  ``torch.compile`` of each (by default on CUDA only: on a small CPU it takes minutes per model
+  and shape); ratios to the plain model; the peak memory of the training step
+  (:func:`peak_step_bytes`, CPU too); and a profile of the fused training step
   (:func:`time_shares`: the share of our ops and of the convolutions) with the Amdahl limit of
   the whole-model ratio (:func:`amdahl_limit`).
 
@@ -141,9 +142,11 @@ def print_op_table(rows: list[dict], out=print) -> None:
 # --------------------------------------------------------------------------- models
 MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]  # the seeds
 EXTRA_MODELS = [("unet", "resnet34"), ("resunet", None)]  # on request (--models); None: the seed's own encoder
-# plain: uresnet_ops.unfuse(fused), every fused module replaced by the plain torch modules it
-# stands for (the user's baseline); fused: the registered model; "+compile": torch.compile of it.
-IMPLS = ("plain", "fused", "plain+compile", "fused+compile")
+# plain: create_model(..., fused=False), every fused module replaced by the plain torch modules it
+# stands for (the user's baseline); fused: the registered model; "+compile": torch.compile of it;
+# fused+fold (inference only): uresnet_ops.fuse(fused, inference=True), every eval Conv -> BatchNorm
+# folded into the convolution.
+IMPLS = ("plain", "fused", "fused+fold", "plain+compile", "fused+compile")
 MODEL_MODES = ("train", "infer")  # forward + backward + Adam step; eval forward under no_grad
 BATCHES = (1, 8)
 SIDES = {"small": {"cpu": 128, "cuda": 256}, "full": {"cpu": 256, "cuda": 512}}  # image side per --size
@@ -166,17 +169,20 @@ def compile_by_default(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def model_impls(compile: bool) -> tuple[str, ...]:
-    return IMPLS if compile else IMPLS[:2]
+def model_impls(compile: bool, mode: str = "infer") -> tuple[str, ...]:
+    """The implementations measured in ``mode`` (fused+fold: inference only)."""
+    return tuple(i for i in IMPLS if (compile or not i.endswith("+compile")) and (mode == "infer" or i != "fused+fold"))
 
 
 def plain_and_fused(name: str, encoder: str | None, device, seed: int = 0, **kwargs) -> dict[str, torch.nn.Module]:
     """The fused model (``create_model``; ``kwargs`` go to it) and its plain PyTorch twin
-    (``uresnet_ops.unfuse`` of it: every fused module replaced by the plain torch modules it
-    stands for, same weights), on ``device``."""
+    (``create_model(..., fused=False)``: every fused module replaced by the plain torch modules
+    it stands for) with the same weights, on ``device``."""
     torch.manual_seed(seed)
-    fused = create_model(name, encoder=encoder, num_classes=2, **kwargs).to(device)
-    return {"plain": uresnet_ops.unfuse(fused), "fused": fused}
+    fused = create_model(name, encoder=encoder, num_classes=2, **kwargs)
+    plain = create_model(name, encoder=encoder, num_classes=2, fused=False, **kwargs)
+    plain.load_state_dict(fused.state_dict())  # same keys: a missing or extra one raises
+    return {"plain": plain.to(device), "fused": fused.to(device)}
 
 
 def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, optimizer=None):
@@ -300,7 +306,8 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
     drift in the machine's speed hits all alike: ``median_s`` and ``spread`` ((max - min) / median)
     of the rounds, ``vs_plain`` = plain median / this median (>1 is faster), ``peak_vs_plain``.
     "+compile" shares the eager model's parameters and optimizer (``torch.compile`` of it, from a
-    reset compiler so that each case compiles from scratch). With ``profile``, the fused train
+    reset compiler so that each case compiles from scratch); "fused+fold" is a folded copy of the
+    fused model (``uresnet_ops.fuse(..., inference=True)``, "infer" only). With ``profile``, the fused train
     row also gets ``profile`` (:func:`time_shares` of one more step) and ``amdahl_limit``. A
     failing implementation is reported and left out."""
     device = torch.device(device)
@@ -314,6 +321,8 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
         base = impl.split("+")[0]
         model = torch.compile(models[base]) if impl.endswith("+compile") else models[base]
         try:
+            if impl == "fused+fold":  # a folded copy: the fused model stays trainable
+                model = uresnet_ops.fuse(models[base].eval(), inference=True)
             step = make_step(model, mode, x, target, optimizers.get(base))
             start = time.perf_counter()
             step()
@@ -383,7 +392,7 @@ def measure_models(device, size: str = "small", rounds: int = 3, models=None, co
         pair = plain_and_fused(name, encoder, device)
         for mode in modes:
             for batch, side in model_shapes(size, device):
-                case = measure_case(pair, mode, batch, side, device, model_impls(compile), rounds, memory,
+                case = measure_case(pair, mode, batch, side, device, model_impls(compile, mode), rounds, memory,
                                     profile, out)
                 for row in case:
                     row["model"] = model_label(name, encoder)
@@ -393,8 +402,9 @@ def measure_models(device, size: str = "small", rounds: int = 3, models=None, co
     return rows
 
 
-MODEL_TABLE_HEADER = (f"{'model':<26} {'mode':<5} {'shape':<10} {'plain':>9} {'fused':>16} {'plain+compile':>16} "
-                      f"{'fused+compile':>16} {'spread':>6} {'peak plain':>10} {'peak fused':>10} {'fused/plain':>11}")
+MODEL_TABLE_HEADER = (f"{'model':<26} {'mode':<5} {'shape':<10} {'plain':>9} {'fused':>16} {'fused+fold':>16} "
+                      f"{'plain+compile':>16} {'fused+compile':>16} {'spread':>6} {'peak plain':>10} "
+                      f"{'peak fused':>10} {'fused/plain':>11}")
 
 
 def print_model_rows(case: list[dict], out=print) -> None:
@@ -410,8 +420,9 @@ def print_model_rows(case: list[dict], out=print) -> None:
     peaks = [f"{r['peak_bytes'] / 2**30:.2f}G" if r and r.get("peak_bytes") else "-" for r in (plain, fused)]
     peaks.append(f"{fused['peak_vs_plain']:.2f}" if fused and fused["peak_vs_plain"] else "-")
     shape = f"{first['batch']}x{first['side']}x{first['side']}"
-    out(f"{first.get('model', ''):<26} {first['mode']:<5} {shape:<10} {cells[0]:>9} {cells[1]:>16} {cells[2]:>16} "
-        f"{cells[3]:>16} {max(r['spread'] for r in case):>6.0%} {peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>11}")
+    out(f"{first.get('model', ''):<26} {first['mode']:<5} {shape:<10} {cells[0]:>9} "
+        + " ".join(f"{c:>16}" for c in cells[1:])
+        + f" {max(r['spread'] for r in case):>6.0%} {peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>11}")
     if fused and fused.get("profile"):
         out("  " + profile_line(fused))
 

@@ -98,7 +98,8 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         compile = args.compile or (benchmark.compile_by_default(device) and not args.no_compile)
         _say(f"uresnet bench --models: train step (forward + backward + Adam) and inference forward, plain "
-             f"(uresnet_ops.unfuse) vs fused{' and torch.compile of each' if compile else ''}, "
+             f"(create_model(fused=False)) vs fused (and folded for inference)"
+             f"{' and torch.compile of each' if compile else ''}, "
              f"{device.type} ({_device_name(device)}), size {size}, {torch.get_num_threads()} thread(s)")
         rows = benchmark.measure_models(device, size, rounds=args.rounds, models=models, compile=compile, out=_say)
         _say("(x = plain time / time, >1 is faster; peak = the train step's own peak allocations; "
@@ -494,7 +495,7 @@ def _add_bench_parser(sub) -> None:
                        "reference chain and torch.compile of it (ratios: >1 is faster than the baseline), each "
                        "measured --repeats times with its spread, and a note when the machine was busy; with "
                        "--models, whole models: a training step and an inference forward of the fused model vs "
-                       "its plain PyTorch twin (uresnet_ops.unfuse), with their peak training memory. "
+                       "its plain PyTorch twin (create_model(fused=False)), with their peak training memory. "
                        "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
     p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
     _add_device(p)
