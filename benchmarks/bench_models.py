@@ -176,10 +176,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as markdown")
     parser.add_argument("--report", type=Path, nargs="+", metavar="JSON",
-                        help="measure nothing: write --markdown from these --json files (runs of several models)")
+                        help="measure nothing: write --markdown from these --json files (each a run or a list of "
+                             "runs; a case measured again in a later run shows the later measurement)")
     args = parser.parse_args(argv)
     if args.report:
-        runs = [json.loads(path.read_text()) for path in args.report]
+        loaded = [json.loads(path.read_text()) for path in args.report]  # a run, or a list of runs
+        runs = [run for data in loaded for run in (data if isinstance(data, list) else [data])]
         text = markdown(runs)
         if args.markdown:
             args.markdown.write_text(text)
