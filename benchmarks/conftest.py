@@ -2,7 +2,7 @@
 
 * collects ``bench_*.py`` in this folder (no ``-o python_files=...`` needed);
 * options ``--bench-size small|full``, ``--bench-device cpu|cuda``, ``--bench-dtype``,
-  ``--bench-time`` (also from the environment: URESNET_BENCH_SIZE, URESNET_BENCH_DEVICE, ...);
+  ``--bench-time``, ``--bench-compile`` (also from the environment: URESNET_BENCH_SIZE, URESNET_BENCH_DEVICE, ...);
 * parametrizes each bench file's test (its module-level ``OP``) over case x mode x dtype x
   implementation, one ``benchmark.group`` per (op, shape, mode, dtype);
 * times with ``benchmark.pedantic``: on CUDA each round flushes L2 (untimed), then runs the op
@@ -48,6 +48,9 @@ def pytest_addoption(parser):
                     help="comma-separated dtypes (default: float32,bfloat16 on CUDA, float32 on CPU)")
     group.addoption("--bench-time", type=float, default=env("URESNET_BENCH_TIME"),
                     help="seconds of timed rounds per benchmark (default: 1.0 full, 0.3 small)")
+    group.addoption("--bench-compile", action="store_true", default=bool(env("URESNET_BENCH_COMPILE")),
+                    help="bench_models.py: also torch.compile whole models on CPU (minutes per model and shape; "
+                         "always on CUDA)")
 
 
 @dataclasses.dataclass(frozen=True)

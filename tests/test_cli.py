@@ -146,14 +146,20 @@ def test_train_eval_predict_binary_folder(binary_run, tmp_path, capsys):
 
 def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     import uresnet_models.benchmark as model_bench
-    monkeypatch.setattr(model_bench, "model_shape", lambda size, device: (1, 64))  # a tiny step: fast here
+    monkeypatch.setattr(model_bench, "model_shapes", lambda size, device: [(1, 64)])  # a tiny step: fast here
     path = tmp_path / "models.json"
     argv = ["bench", "--models", "uresnet", "--device", "cpu", "--rounds", "1", "--json", str(path)]
     status, out, _ = run(argv, capsys)
     assert status == 0 and "uresnet(resnet34)" in out and "1x64x64" in out
-    (row,) = json.loads(path.read_text())["models"]
-    assert row["fused"]["impl"] == "fused" and row["reference"]["impl"] == "reference"
-    assert row["fused"]["median_s"] > 0 and row["reference"]["median_s"] > 0
+    assert "where the fused train step's time goes" in out and "limit with free fused ops" in out
+    rows = json.loads(path.read_text())["models"]
+    assert {(r["mode"], r["implementation"]) for r in rows} == {
+        ("train", "plain"), ("train", "fused"), ("infer", "plain"), ("infer", "fused"), ("infer", "fused+fold")}
+    for row in rows:
+        assert row["median_s"] > 0 and row["model"] == "uresnet(resnet34)"
+        assert (row["peak_bytes"] or 0) > 0 if row["mode"] == "train" else row["peak_bytes"] is None
+    status, _, err = run(["bench", "--models", "uresnet,nope", "--device", "cpu"], capsys)
+    assert status == 2 and "--models: unknown nope" in err
 
 
 # --------------------------------------------------------------------------- issues 18, 19

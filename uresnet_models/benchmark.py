@@ -2,10 +2,16 @@
 
 * The ops (``uresnet bench --op``): the median time of each fused op on every backend that runs
   here, next to the eager reference chain and ``torch.compile`` of it.
-* The models (``uresnet bench --models``, benchmarks/bench_models.py is the pytest-benchmark
-  version): one training step (forward + backward + Adam) of the seed models with the fused
-  backends vs the same model under ``uresnet_ops.use_backend("reference")``, and our ``unet`` vs
-  segmentation_models_pytorch's ``Unet`` (when installed).
+* The models (``uresnet bench --models``; benchmarks/bench_models.py is the standalone and the
+  pytest-benchmark version, benchmarks/results/models.md the committed table): for each seed
+  model, a training step (forward, backward, Adam) and an inference forward (eval, no_grad) at
+  batch 1 and 8, of the plain model (``create_model(..., fused=False)``: plain PyTorch, the
+  baseline), the fused model (for inference also folded, ``fuse(model, inference=True)``), and
+  ``torch.compile`` of each (by default on CUDA only: on a small CPU it takes minutes per model
+  and shape); ratios to the plain model; the peak memory of the training step
+  (:func:`peak_step_bytes`, CPU too); and a profile of the fused training step
+  (:func:`time_shares`: the share of our ops and of the convolutions) with the Amdahl limit of
+  the whole-model ratio (:func:`amdahl_limit`).
 
 Both repeat their measurements with the implementations interleaved and report the spread
 (``(max - min) / median`` of the repeats); :func:`noise_notes` says when the machine was busy or
@@ -13,8 +19,8 @@ the spread too wide for the ratios to be trusted.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import statistics
 import time
 
@@ -24,6 +30,7 @@ import uresnet_ops
 from uresnet_ops import testing
 from uresnet_ops.timing import measure, synchronize
 
+from .constants import OPS
 from .registry import create_model
 
 # Op shapes per `bench --size`, and for the demo (uresnet_ops.testing.sample_inputs keywords);
@@ -133,43 +140,221 @@ def print_op_table(rows: list[dict], out=print) -> None:
 
 
 # --------------------------------------------------------------------------- models
-MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]
-IMPLS = ("fused", "reference")
+MODELS = [("resunet_atrous", "resnet50"), ("deresunet", "resnet50"), ("uresnet", "resnet34")]  # the seeds
+EXTRA_MODELS = [("unet", "resnet34"), ("resunet", None)]  # on request (--models); None: the seed's own encoder
+# plain: create_model(..., fused=False), every fused module replaced by the plain torch modules it
+# stands for (the user's baseline); fused: the registered model; "+compile": torch.compile of it;
+# fused+fold (inference only): uresnet_ops.fuse(fused, inference=True), every eval Conv -> BatchNorm
+# folded into the convolution.
+IMPLS = ("plain", "fused", "fused+fold", "plain+compile", "fused+compile")
+MODEL_MODES = ("train", "infer")  # forward + backward + Adam step; eval forward under no_grad
+BATCHES = (1, 8)
+SIDES = {"small": {"cpu": 128, "cuda": 256}, "full": {"cpu": 256, "cuda": 512}}  # image side per --size
 
 
-def model_shape(size: str, device: str) -> tuple[int, int]:
-    """(batch, side) of the train step."""
-    if size == "full":
-        return (16 if device == "cuda" else 4), 256
-    return (4 if device == "cuda" else 2), 128
+def model_label(name: str, encoder: str | None) -> str:
+    return f"{name}({encoder or 'own encoder'})"
 
 
-def create_bench_model(name: str, encoder: str):
-    """``smp:Unet`` is segmentation_models_pytorch's U-Net; any other name is ours."""
-    if name == "smp:Unet":
-        import segmentation_models_pytorch as smp  # optional (the `bench` extra): ImportError if missing
-        return smp.Unet(encoder, encoder_weights=None, classes=2)
-    return create_model(name, encoder=encoder, num_classes=2)
+def model_shapes(size: str, device: str) -> list[tuple[int, int]]:
+    """(batch, side) of each measured case: batch 1 and 8 at the side of ``size`` ("all": both sides)."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    sides = [SIDES[s][kind] for s in (SIDES if size == "all" else [size])]
+    return [(batch, side) for side in sides for batch in BATCHES]
 
 
-def model_step(name: str, encoder: str, device, batch: int, side: int, seed: int = 0):
-    """A model, its Adam optimizer and a callable running one train step on fixed inputs."""
+def compile_by_default(device) -> bool:
+    """torch.compile is measured by default only on CUDA: on a small CPU, compiling a ResNet-50
+    U-Net's train step takes minutes per model and shape (``--compile`` asks for it)."""
+    return torch.device(device).type == "cuda"
+
+
+def model_impls(compile: bool, mode: str = "infer") -> tuple[str, ...]:
+    """The implementations measured in ``mode`` (fused+fold: inference only)."""
+    return tuple(i for i in IMPLS if (compile or not i.endswith("+compile")) and (mode == "infer" or i != "fused+fold"))
+
+
+def plain_and_fused(name: str, encoder: str | None, device, seed: int = 0, **kwargs) -> dict[str, torch.nn.Module]:
+    """The fused model (``create_model``; ``kwargs`` go to it) and its plain PyTorch twin
+    (``create_model(..., fused=False)``: every fused module replaced by the plain torch modules
+    it stands for) with the same weights, on ``device``."""
     torch.manual_seed(seed)
-    model = create_bench_model(name, encoder).to(device).train()
-    channels = 3 + (model.depth_channels if name == "deresunet" else 0)
-    x = torch.randn(batch, channels, side, side, device=device)
-    target = torch.randint(0, 2, (batch, side, side), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as `uresnet train` uses it
-    loss_fn = torch.nn.CrossEntropyLoss()
+    fused = create_model(name, encoder=encoder, num_classes=2, **kwargs)
+    plain = create_model(name, encoder=encoder, num_classes=2, fused=False, **kwargs)
+    plain.load_state_dict(fused.state_dict())  # same keys: a missing or extra one raises
+    return {"plain": plain.to(device), "fused": fused.to(device)}
+
+
+def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, optimizer=None):
+    """One call of the returned function is one ``mode`` step on fixed inputs: "train" =
+    forward, cross-entropy, backward, Adam (fused=True, as ``uresnet train`` uses it);
+    "infer" = eval forward under ``torch.no_grad``."""
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+        return step
+    if mode != "train":
+        raise ValueError(f"mode: expected one of {MODEL_MODES}, got {mode!r}")
+    model.train()
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
-        loss.backward()
+        torch.nn.functional.cross_entropy(model(x), target).backward()
         optimizer.step()
-        return loss
+    return step
 
-    return model, step
+
+def model_inputs(model, batch: int, side: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random input (3 channels, plus the depth channels of deresunet) and target."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = 3 + getattr(model, "depth_channels", 0)
+    x = torch.randn(batch, channels, side, side, generator=gen)
+    return x.to(device), torch.randint(0, 2, (batch, side, side), generator=gen).to(device)
+
+
+def peak_step_bytes(model: torch.nn.Module, step, device) -> int:
+    """Peak bytes held by the tensors that one call of ``step`` allocates, above what was
+    alive before it (parameters, optimizer state and inputs; the gradients are dropped first
+    so that the step counts them).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step.
+    CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of
+    the CPU allocator (c10's, which every ATen tensor, ours included, comes from) with its size
+    and time; the peak is the maximum of their running sum in time order. Buffers that bypass
+    c10's allocator (oneDNN's scratchpads, the Python heap) are not counted, as on CUDA."""
+    device = torch.device(device)
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # the raw allocator events (the FunctionEvents fold them into their ops' totals)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    alive = peak = 0
+    for _, nbytes in events:
+        alive += nbytes
+        peak = max(peak, alive)
+    return peak
+
+
+_CONV = re.compile(r"conv(\d|_transpose|_depthwise|olution)", re.IGNORECASE)
+
+
+def _kind(name: str) -> str | None:
+    """"fused" for our ops and their backward nodes, "conv" for torch's convolutions (forward
+    and backward), else None."""
+    if name.startswith("uresnet_ops::") or "uresnet::" in name or any(op in name for op in OPS):
+        return "fused"
+    return "conv" if _CONV.search(name) else None
+
+
+def time_shares(step, device) -> dict:
+    """Where one (warmed-up) call of ``step`` spends its time, by a ``torch.profiler`` trace:
+    ``fused`` = the uresnet_ops ops (forward, and their autograd nodes in the backward),
+    ``conv`` = torch's convolutions (``aten::conv2d``/``convolution``/``mkldnn_convolution`` and
+    ``ConvolutionBackward``) outside them, ``other`` = the rest; each a share of the step's
+    profiled time (CPU time on CPU; kernel time on CUDA). An event inside one already counted
+    (a convolution inside a fused op) is not counted again. The profiler's own per-op cost
+    inflates the small ops a little."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with record_function("uresnet_bench_step"):
+            step()
+            synchronize(device)
+    spent = {"fused": 0.0, "conv": 0.0}
+    total = 0.0
+    for event in prof.events():
+        if cuda:
+            total += event.self_device_time_total
+        elif event.name == "uresnet_bench_step":
+            total = event.cpu_time_total
+        kind = _kind(event.name)
+        parent = event.cpu_parent
+        while kind and parent is not None:
+            kind = None if _kind(parent.name) else kind  # counted with an outer fused op or convolution
+            parent = parent.cpu_parent
+        if kind:
+            spent[kind] += event.device_time_total if cuda else event.cpu_time_total
+    shares = {k: v / total for k, v in spent.items()}
+    return {**shares, "other": 1 - sum(shares.values()), "profiled_s": total / 1e6}
+
+
+def amdahl_limit(plain_s: float, fused_s: float, fused_share: float) -> float:
+    """The whole-model speed-up over plain if the fused ops took no time at all."""
+    return plain_s / (fused_s * (1 - fused_share))
+
+
+def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=IMPLS[:2], rounds: int = 3,
+                 memory: bool = True, profile: bool = True, out=print) -> list[dict]:
+    """Time ``mode`` steps of ``models`` (``{"plain": ..., "fused": ...}`` as :func:`plain_and_fused`
+    gives them) at batch x side x side for each implementation in ``impls``: one warm-up call
+    (it compiles; ``warmup_s``), for "train" the peak memory of one step (:func:`peak_step_bytes`),
+    then ``rounds`` rounds with the implementations interleaved, in alternating order, so that a
+    drift in the machine's speed hits all alike: ``median_s`` and ``spread`` ((max - min) / median)
+    of the rounds, ``vs_plain`` = plain median / this median (>1 is faster), ``peak_vs_plain``.
+    "+compile" shares the eager model's parameters and optimizer (``torch.compile`` of it, from a
+    reset compiler so that each case compiles from scratch); "fused+fold" is a folded copy of the
+    fused model (``uresnet_ops.fuse(..., inference=True)``, "infer" only). With ``profile``, the fused train
+    row also gets ``profile`` (:func:`time_shares` of one more step) and ``amdahl_limit``. A
+    failing implementation is reported and left out."""
+    device = torch.device(device)
+    x, target = model_inputs(models["plain"], batch, side, device)
+    optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()} \
+        if mode == "train" else {}
+    if any(i.endswith("+compile") for i in impls):
+        torch._dynamo.reset()
+    steps, rows = {}, {}
+    for impl in impls:
+        base = impl.split("+")[0]
+        model = torch.compile(models[base]) if impl.endswith("+compile") else models[base]
+        try:
+            if impl == "fused+fold":  # a folded copy: the fused model stays trainable
+                model = uresnet_ops.fuse(models[base].eval(), inference=True)
+            step = make_step(model, mode, x, target, optimizers.get(base))
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            warmup_s = time.perf_counter() - start
+            peak = peak_step_bytes(models[base], step, device) if memory and mode == "train" else None
+            if peak is None:
+                step()  # a second warm-up, as the memory step is for "train"
+                synchronize(device)
+        except Exception as error:  # noqa: BLE001  (e.g. a compile failure: report it, go on)
+            out(f"  {impl} {mode} {batch}x{side}x{side}: skipped ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+            continue
+        steps[impl] = step
+        rows[impl] = dict(mode=mode, batch=batch, side=side, implementation=impl, warmup_s=warmup_s, peak_bytes=peak)
+    times = {impl: [] for impl in steps}
+    for round_ in range(rounds):
+        for impl in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
+            times[impl] += step_seconds(steps[impl], device, 1)
+    for impl, row in rows.items():
+        row.update(dict(zip(("median_s", "spread"), spread_of(times[impl]))), medians_s=times[impl])
+    plain = rows.get("plain")
+    for row in rows.values():
+        row["vs_plain"] = plain["median_s"] / row["median_s"] if plain else None
+        row["peak_vs_plain"] = (row["peak_bytes"] / plain["peak_bytes"]
+                                if plain and row["peak_bytes"] and plain["peak_bytes"] else None)
+    fused = rows.get("fused")
+    if profile and mode == "train" and fused:
+        fused["profile"] = time_shares(steps["fused"], device)
+        if plain:
+            fused["amdahl_limit"] = amdahl_limit(plain["median_s"], fused["median_s"], fused["profile"]["fused"])
+    return list(rows.values())
 
 
 def step_seconds(step, device, rounds: int) -> list[float]:
@@ -188,86 +373,69 @@ def median_step_seconds(step, device, rounds: int) -> float:
     return statistics.median(step_seconds(step, device, rounds))
 
 
-def measure_model(name, encoder, impl, device, size, rounds=3) -> dict:
-    """Median seconds per train step (and CUDA peak memory) of one model and implementation."""
-    batch, side = model_shape(size, torch.device(device).type)
-    ctx = uresnet_ops.use_backend("reference") if impl == "reference" else contextlib.nullcontext()
-    cuda = torch.device(device).type == "cuda"
-    with ctx:
-        model, step = model_step(name, encoder, device, batch, side)
-        step()  # warm-up (allocator, cuDNN/oneDNN primitives)
-        synchronize(device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        median_s, spread = spread_of(step_seconds(step, device, rounds))
-        peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    del model, step
-    return dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side, median_s=median_s, spread=spread,
-                peak_bytes=peak)
-
-
-def measure_model_pair(name, encoder, device, size, rounds=3) -> tuple[dict, dict]:
-    """:func:`measure_model` of the fused and the reference implementation of one model, with
-    their rounds interleaved (fused, reference, fused, ...) so that a drift in the machine's speed
-    (a shared VM's drifts by tens of percent over minutes) hits both alike; ``spread`` is
-    (max - min) / median of the rounds. CUDA peak memory is
-    measured per implementation in one extra step, as the step's own allocations (inputs,
-    parameters and optimizer state of both models excluded)."""
-    batch, side = model_shape(size, torch.device(device).type)
-    cuda = torch.device(device).type == "cuda"
-    contexts = {"fused": contextlib.nullcontext, "reference": lambda: uresnet_ops.use_backend("reference")}
-    steps, times, peaks = {}, {impl: [] for impl in IMPLS}, {}
-    for impl in IMPLS:
-        with contexts[impl]():
-            _, steps[impl] = model_step(name, encoder, device, batch, side)
-            steps[impl]()  # warm-up (allocator, cuDNN/oneDNN primitives)
-            synchronize(device)
-            if cuda:
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                steps[impl]()
-                synchronize(device)
-                peaks[impl] = torch.cuda.max_memory_allocated(device) - base
-    for _ in range(rounds):
-        for impl in IMPLS:
-            with contexts[impl]():
-                times[impl] += step_seconds(steps[impl], device, 1)
-    return tuple(dict(model=f"{name}({encoder})", impl=impl, batch=batch, side=side,
-                      **dict(zip(("median_s", "spread"), spread_of(times[impl]))), peak_bytes=peaks.get(impl))
-                 for impl in IMPLS)
-
-
-def print_model_table(device: str, size: str, rounds: int = 3, models=None, out=print) -> list[dict]:
-    """Measure and print the fused-vs-reference train-step table of ``models`` (names; default:
-    all of MODELS, plus "unet": ours vs smp's), one line per model as it is measured; returns the
-    measurements (one ``{"fused": ..., "reference": ...}`` per model, as :func:`measure_model`
-    gives them)."""
-    wanted = set(models or [n for n, _ in MODELS] + ["unet"])
+def measure_models(device, size: str = "small", rounds: int = 3, models=None, compile: bool | None = None,
+                   modes=MODEL_MODES, memory: bool = True, profile: bool = True, out=print) -> list[dict]:
+    """The whole-model benchmark: for each of ``models`` (names; default the seeds, :data:`MODELS`),
+    mode and shape of :func:`model_shapes`, :func:`measure_case` of plain, fused and (``compile``,
+    default :func:`compile_by_default`) their ``torch.compile``. Prints a table line per
+    case as it is measured (:func:`print_model_rows`); returns the rows (one per implementation,
+    with ``model``)."""
+    known = MODELS + EXTRA_MODELS
+    wanted = models or [n for n, _ in MODELS]
+    unknown = sorted(set(wanted) - {n for n, _ in known})
+    if unknown:
+        raise ValueError(f"models: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in known)}")
+    compile = compile_by_default(device) if compile is None else compile
+    out(MODEL_TABLE_HEADER)
     rows = []
-    out(f"{'model':<26} {'shape':<12} {'fused':>10} {'reference':>10} {'speedup':>8} {'spread':>7} {'mem fused':>10} "
-        f"{'mem ref':>10} {'mem saved':>9}")
-    for name, encoder in MODELS:
-        if name not in wanted:
-            continue
-        fused, ref = measure_model_pair(name, encoder, device, size, rounds)
-        rows.append({"fused": fused, "reference": ref})
-        mem = ("", "", "")
-        if fused["peak_bytes"]:
-            mem = (f"{fused['peak_bytes'] / 2**30:.2f}G", f"{ref['peak_bytes'] / 2**30:.2f}G",
-                   f"{1 - fused['peak_bytes'] / ref['peak_bytes']:.0%}")
-        shape = f"{fused['batch']}x{fused['side']}x{fused['side']}"
-        out(f"{fused['model']:<26} {shape:<10} {fused['median_s'] * 1e3:>8.0f}ms "
-            f"{ref['median_s'] * 1e3:>8.0f}ms {ref['median_s'] / fused['median_s']:>7.2f}x "
-            f"{max(fused['spread'], ref['spread']):>6.0%} {mem[0]:>10} {mem[1]:>10} {mem[2]:>9}")
-    if "unet" in wanted:
-        try:
-            ours, theirs = (measure_model(name, "resnet50", "fused", device, size, rounds)
-                            for name in ("unet", "smp:Unet"))
-        except ImportError:
-            out("segmentation_models_pytorch is not installed: no unet vs smp comparison")
-            return rows
-        rows.append({"fused": ours, "smp": theirs})
-        out(f"unet(resnet50) {ours['median_s'] * 1e3:.0f}ms vs smp.Unet(resnet50) {theirs['median_s'] * 1e3:.0f}ms "
-            f"(smp / ours: {theirs['median_s'] / ours['median_s']:.2f}x; spread "
-            f"{max(ours['spread'], theirs['spread']):.0%})")
+    for name, encoder in (m for m in known if m[0] in wanted):
+        pair = plain_and_fused(name, encoder, device)
+        for mode in modes:
+            for batch, side in model_shapes(size, device):
+                case = measure_case(pair, mode, batch, side, device, model_impls(compile, mode), rounds, memory,
+                                    profile, out)
+                for row in case:
+                    row["model"] = model_label(name, encoder)
+                print_model_rows(case, out)
+                rows += case
+        del pair
     return rows
+
+
+MODEL_TABLE_HEADER = (f"{'model':<26} {'mode':<5} {'shape':<10} {'plain':>9} {'fused':>16} {'fused+fold':>16} "
+                      f"{'plain+compile':>16} {'fused+compile':>16} {'spread':>6} {'peak plain':>10} "
+                      f"{'peak fused':>10} {'fused/plain':>11}")
+
+
+def print_model_rows(case: list[dict], out=print) -> None:
+    """One table line for the rows of one case (times; ratios to plain, >1 is faster; peak
+    training memory), then for the fused train step where its time went."""
+    by_impl = {r["implementation"]: r for r in case}
+    if not by_impl:
+        return
+    first = case[0]
+    plain, fused = by_impl.get("plain"), by_impl.get("fused")
+    cells = [_ms(plain["median_s"]) if plain else "-"] + [
+        f"{_ms(by_impl[i]['median_s'])} {_ratio(by_impl[i]['vs_plain'])}" if i in by_impl else "-" for i in IMPLS[1:]]
+    peaks = [f"{r['peak_bytes'] / 2**30:.2f}G" if r and r.get("peak_bytes") else "-" for r in (plain, fused)]
+    peaks.append(f"{fused['peak_vs_plain']:.2f}" if fused and fused["peak_vs_plain"] else "-")
+    shape = f"{first['batch']}x{first['side']}x{first['side']}"
+    out(f"{first.get('model', ''):<26} {first['mode']:<5} {shape:<10} {cells[0]:>9} "
+        + " ".join(f"{c:>16}" for c in cells[1:])
+        + f" {max(r['spread'] for r in case):>6.0%} {peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>11}")
+    if fused and fused.get("profile"):
+        out("  " + profile_line(fused))
+
+
+def profile_line(fused: dict) -> str:
+    """"where the time goes" of a fused train row, with the Amdahl limit."""
+    p = fused["profile"]
+    line = (f"where the fused train step's time goes (profiled): uresnet_ops ops {p['fused']:.0%}, "
+            f"convolutions {p['conv']:.0%}, other {p['other']:.0%}")
+    if fused.get("amdahl_limit"):
+        line += f"; fused vs plain {fused['vs_plain']:.2f}x, limit with free fused ops {fused['amdahl_limit']:.2f}x"
+    return line
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:7.1f}ms"

@@ -90,20 +90,26 @@ def cmd_bench(args) -> int:
     _check_folder_of("--json", args.json)
     size = args.size or ("full" if device.type == "cuda" else "small")
     load = benchmark.machine_load()  # before our own work adds to it
-    if args.models is not None:  # the model-level train-step benchmark
-        known = [n for n, _ in benchmark.MODELS] + ["unet"]
-        models = args.models.split(",") if args.models else known
+    if args.models is not None:  # the whole-model benchmark: plain vs fused (and compiled), train and infer
+        known = [n for n, _ in benchmark.MODELS + benchmark.EXTRA_MODELS]
+        models = args.models.split(",") if args.models else [n for n, _ in benchmark.MODELS]
         unknown = sorted(set(models) - set(known))
         if unknown:
             raise UsageError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-        _say(f"uresnet bench --models: train step (forward + backward + Adam), fused vs use_backend('reference'), "
-             f"{device.type} ({_device_name(device)}), size {size}")
-        rows = benchmark.print_model_table(str(device), size, rounds=args.rounds, models=models, out=_say)
-        notes = benchmark.noise_notes(load, [m["spread"] for row in rows for m in row.values()], args.rounds)
+        compile = args.compile or (benchmark.compile_by_default(device) and not args.no_compile)
+        _say(f"uresnet bench --models: train step (forward + backward + Adam) and inference forward, plain "
+             f"(create_model(fused=False)) vs fused (and folded for inference)"
+             f"{' and torch.compile of each' if compile else ''}, "
+             f"{device.type} ({_device_name(device)}), size {size}, {torch.get_num_threads()} thread(s)")
+        rows = benchmark.measure_models(device, size, rounds=args.rounds, models=models, compile=compile, out=_say)
+        _say("(x = plain time / time, >1 is faster; peak = the train step's own peak allocations; "
+             "fused/plain = peak fused / peak plain)")
+        notes = benchmark.noise_notes(load, [r["spread"] for r in rows], args.rounds)
         for note in notes:
             _say(f"note: {note}")
         _write_json(args.json, {"device": _device_name(device), "size": size, "rounds": args.rounds, "models": rows,
-                                "load_average": load, "notes": notes})
+                                "compile": compile, "threads": torch.get_num_threads(), "load_average": load,
+                                "notes": notes})
         return 0
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu" and dtype != torch.float32:
@@ -488,7 +494,8 @@ def _add_bench_parser(sub) -> None:
                        description="Median time of each op on every backend that runs here, next to the eager "
                        "reference chain and torch.compile of it (ratios: >1 is faster than the baseline), each "
                        "measured --repeats times with its spread, and a note when the machine was busy; with "
-                       "--models, a training step of whole models with the fused ops vs the reference backends. "
+                       "--models, whole models: a training step and an inference forward of the fused model vs "
+                       "its plain PyTorch twin (create_model(fused=False)), with their peak training memory. "
                        "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
     p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
     _add_device(p)
@@ -500,13 +507,17 @@ def _add_bench_parser(sub) -> None:
                    "(default 0.3)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="measurements per case, the implementations "
                    "interleaved; the table shows their median and spread (default 3)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference (with --models: "
+                   "of the models, on CUDA)")
+    p.add_argument("--compile", action="store_true", help="--models on CPU: also torch.compile the plain and the "
+                   "fused model (off by default there: minutes per model and shape)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--models", nargs="?", const="", metavar="NAMES",
-                   help="instead of the ops: the model train-step benchmark (fused vs reference backends) of "
-                        "these comma-separated models (default: resunet_atrous, deresunet, uresnet, and unet vs "
-                        "segmentation_models_pytorch when installed)")
-    p.add_argument("--rounds", type=int, default=3, help="timed train steps per model (--models; default 3)")
+                   help="instead of the ops: the whole-model benchmark (plain vs fused, train and inference, "
+                        "batch 1 and 8) of these comma-separated models (default: the seeds resunet_atrous, "
+                        "deresunet, uresnet; also unet, resunet)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="timed steps per model, mode, shape and "
+                   "implementation, interleaved (--models; default 3)")
     p.set_defaults(func=cmd_bench)
 
 
