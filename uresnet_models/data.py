@@ -505,10 +505,10 @@ def _pet_lut() -> torch.Tensor:
 
 def _torchvision(name: str, root: Path, split: str, download: bool) -> tuple[Dataset, DataInfo]:
     import torchvision.datasets
-    spec = TORCHVISION_SPECS[name]
+    spec, fmt = TORCHVISION_SPECS[name], f"torchvision {name}"  # DataInfo.format: what the logs and cards say
     if name == "Cityscapes":  # the cityscapes format: torchvision lists the files, the label ids become train ids
         names = cityscapes_class_names()
-        return CityscapesSegmentation(root, split), DataInfo("torchvision", "seg", len(names), class_names=names)
+        return CityscapesSegmentation(root, split), DataInfo(fmt, "seg", len(names), class_names=names)
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise DataError(f"--dataset {name}: torchvision {torchvision.__version__} has no datasets.{name}")
@@ -523,12 +523,12 @@ def _torchvision(name: str, root: Path, split: str, download: bool) -> tuple[Dat
                         f"torchvision.datasets.{name} reads it; {str(error).splitlines()[0]})") from None
     if spec.task == "cls":
         data = TorchvisionClassification(dataset)
-        return data, DataInfo("torchvision", "cls", len(data.classes), in_channels=spec.in_channels,
+        return data, DataInfo(fmt, "cls", len(data.classes), in_channels=spec.in_channels,
                               class_names=data.classes, mean=spec.mean, std=spec.std)
     if name == "VOCSegmentation":
         return (TorchvisionSegmentation(dataset, torch.arange(256)),
-                DataInfo("torchvision", "seg", len(VOC_CLASSES), class_names=list(VOC_CLASSES)))
-    return TorchvisionSegmentation(dataset, _pet_lut()), DataInfo("torchvision", "seg", 2,
+                DataInfo(fmt, "seg", len(VOC_CLASSES), class_names=list(VOC_CLASSES)))
+    return TorchvisionSegmentation(dataset, _pet_lut()), DataInfo(fmt, "seg", 2,
                                                                  class_names=["background", "pet"])
 
 
