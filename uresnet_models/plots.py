@@ -91,7 +91,10 @@ def save_samples(model: nn.Module, dataset, info: DataInfo, path: Path, device, 
     classification: the inputs captioned with the true and the predicted class."""
     from PIL import Image, ImageDraw
     model.eval()
-    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+    mean, std = torch.tensor(info.mean).view(-1, 1, 1), torch.tensor(info.std).view(-1, 1, 1)
+
+    def shown(image):  # the colour (or grayscale) channels, unnormalised, as RGB
+        return (image[:len(mean)] * std + mean).expand(3, -1, -1)
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
     if not samples:
         return None
@@ -108,7 +111,7 @@ def save_samples(model: nn.Module, dataset, info: DataInfo, path: Path, device, 
             out = model(sample["image"].unsqueeze(0).to(device))
             pred = int(out.float().argmax(1)[0])
             x0, y0 = pad + (k % cols) * (tw + pad), pad + (k // cols) * (th + 2 * line + pad)
-            canvas.paste(_to_pil(sample["image"][:3] * std + mean, scale), (x0, y0))
+            canvas.paste(_to_pil(shown(sample["image"]), scale), (x0, y0))
             true = int(sample["label"])
             draw.text((x0, y0 + th + 1), f"true: {names[true]}", fill="black")
             draw.text((x0, y0 + th + line), f"pred: {names[pred]}", fill="darkgreen" if pred == true else "red")
@@ -125,7 +128,7 @@ def save_samples(model: nn.Module, dataset, info: DataInfo, path: Path, device, 
         out = model(sample["image"].unsqueeze(0).to(device))
         seg = out[0] if isinstance(out, (tuple, list)) else out
         pred = predictions(seg.float())[0].cpu()
-        tiles = [sample["image"][:3] * std + mean, colorize(sample["mask"], info.ignore_index).float() / 255,
+        tiles = [shown(sample["image"]), colorize(sample["mask"], info.ignore_index).float() / 255,
                  colorize(pred).float() / 255]
         for c, tile in enumerate(tiles):
             canvas.paste(_to_pil(tile, scale), (pad + c * (tw + pad), line + pad + r * (th + pad)))

@@ -59,7 +59,7 @@ def predict(checkpoint: str, inputs: str, out: str, *, depth: str | None = None,
     rows, failed = [], []
 
     def load(path):
-        image = read_image(path, "RGB")
+        image = read_image(path, "L" if info.in_channels - info.depth_channels == 1 else "RGB")
         x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
         if info.depth_channels:
             stem = os.path.splitext(os.path.basename(path))[0]

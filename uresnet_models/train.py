@@ -40,6 +40,7 @@ from .plots import plot_curves, save_best_samples, write_logs
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = ("plateau", "onecycle")
 SHOWN_METRICS = ("miou", "iou_foreground", "mdice", "pixel_acc", "top1")  # in the per-epoch line
 LOSS_SHOWN_EVERY = 20  # steps between updates of the progress bar's loss (each one waits for the device)
 
@@ -56,11 +57,13 @@ class TrainConfig:
     freeze_encoder: bool = False      # train the decoder and heads only
     format: str | None = "synthetic"  # None: synthetic (then data must be too)
     data: str | None = "synthetic"
+    dataset: str | None = None        # --format torchvision: the torchvision.datasets class name
+    download: bool = False            # --format torchvision: let torchvision download into data
     task: str | None = None           # synthetic only: seg, cls, joint
     num_classes: int | None = None    # synthetic classes / binary 1 or 2 / masks: the classes in the masks
     ignore_index: int = IGNORE_INDEX  # masks: the unlabelled value
     image_size: int | tuple | None = 64
-    train_samples: int | None = None  # synthetic dataset lengths
+    train_samples: int | None = None  # synthetic dataset lengths; of other data, a seeded random subset
     val_samples: int | None = None
     val_fraction: float = 0.1
     augment: bool = True
@@ -68,6 +71,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap (None: the whole training set)
     batch_size: int = 8
     lr: float = 1e-4
+    schedule: str = "plateau"         # plateau: ReduceLROnPlateau per epoch; onecycle: OneCycleLR per step (max lr)
     weight_decay: float = 0.0
     optimizer: str = "adam"
     loss: str | None = None           # None: ce (bce_dice for one binary channel)
@@ -93,10 +97,12 @@ class TrainConfig:
         if isinstance(self.image_size, list):  # read back from training.json
             self.image_size = tuple(self.image_size)
         self.format = self.format or "synthetic"
-        problem = source_problem(self.format, self.data, self.task)
+        problem = source_problem(self.format, self.data, self.task, self.dataset)
         if problem:
             raise UsageError(problem)
-        if self.format != "synthetic" and not os.path.exists(self.data):
+        if self.download and self.format != "torchvision":
+            raise UsageError(f"--download is for --format torchvision (got --format {self.format})")
+        if self.format != "synthetic" and not self.download and not os.path.exists(self.data):
             raise UsageError(f"--data {self.data}: no such file or folder")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -105,6 +111,8 @@ class TrainConfig:
             raise UsageError("--lr must be positive")
         if self.amp not in AMP_DTYPES:
             raise UsageError(f"--amp {self.amp!r}: expected one of {', '.join(AMP_DTYPES)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.ignore_index != IGNORE_INDEX and self.format != "masks":
@@ -142,11 +150,17 @@ def encoder_preprocessing(cfg: TrainConfig) -> dict | None:
 
 
 def raw_dataset(cfg: TrainConfig, split: str):
-    """The untransformed dataset of ``split`` and its DataInfo."""
+    """The untransformed dataset of ``split`` and its DataInfo; of data read from files, a seeded
+    random subset of ``cfg.train_samples`` / ``cfg.val_samples`` where given (quick runs)."""
     length = cfg.train_samples if split == "train" else cfg.val_samples
-    return build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
-                         num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                         ignore_index=cfg.ignore_index)
+    dataset, info = build_dataset(cfg.format, cfg.data, split, task=cfg.task, image_size=cfg.image_size,
+                                  num_classes=cfg.num_classes, length=length, val_fraction=cfg.val_fraction,
+                                  seed=cfg.seed, ignore_index=cfg.ignore_index, dataset=cfg.dataset,
+                                  download=cfg.download)
+    if cfg.format != "synthetic" and length is not None and length < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
+        dataset = Subset(dataset, sorted(order[:length].tolist()))
+    return dataset, info
 
 
 def build_data(cfg: TrainConfig, split: str, train_transform: bool | None = None, normalization=None, raw=None):
@@ -318,7 +332,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
         splits[split] = raw_dataset(cfg, split)
         if len(splits[split][0]) == 0:
             raise ValueError(f"empty dataset: no {split} samples in {cfg.data}")
-        if cfg.check_data and cfg.format not in ("synthetic", "cifar10"):
+        whole = getattr(splits[split][0], "dataset", splits[split][0])  # a subset's
+        if cfg.check_data and cfg.format != "synthetic" and not getattr(whole, "in_memory", False):
             # every file read once now: a bad one is reported before the model is built, not mid-training
             began = time.perf_counter()
             try:
@@ -344,8 +359,16 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     # The fused (single-kernel) Adam: on CPU it is about 3x faster than the per-tensor loop.
     optimizer = OPTIMIZERS[cfg.optimizer](trained, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           fused=env.device.type in ("cpu", "cuda") or None)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
+    workers = loader_workers(cfg)
+    sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
+    per_rank = math.ceil(len(train_set) / env.world)
+    train_loader = _loader(train_set, cfg.batch_size, sampler, workers, drop_last=per_rank > cfg.batch_size)
+    steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
+    if cfg.schedule == "onecycle":  # stepped after every batch
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
+                                                               patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
     out = Path(cfg.out)
     history, best, best_epoch, bad_epochs, start = [], -math.inf, 0, 0, 1
@@ -359,6 +382,11 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     if cfg.resume:
         resume_dir, saved = load_resume(cfg.resume, model, env.device)
         optimizer.load_state_dict(saved["optimizer"])
+        planned = saved["scheduler"].get("total_steps")
+        if cfg.schedule == "onecycle" and planned != scheduler.total_steps:
+            raise UsageError(f"--resume {cfg.resume}: its one-cycle schedule spans {planned} steps, this run "
+                             f"{scheduler.total_steps} (--epochs {cfg.epochs} x {steps}); resume with the run's "
+                             "--epochs, --batch-size and --steps-per-epoch")
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         history, best = saved["history"], saved["best"]
@@ -372,10 +400,6 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
     net = distributed_model(model, env.device, val_set[0]["image"][None].to(env.device), say) \
         if env.enabled else model
     step_net = torch.compile(net) if cfg.compile else net
-    workers = loader_workers(cfg)
-    sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
-    per_rank = math.ceil(len(train_set) / env.world)
-    train_loader = _loader(train_set, cfg.batch_size, sampler, workers, drop_last=per_rank > cfg.batch_size)
     val_shard = Subset(val_set, range(env.rank, len(val_set), env.world))  # no padding: exact metrics
     val_loader = _loader(val_shard, cfg.batch_size, None, workers)
     key = monitor_key(info)
@@ -395,7 +419,6 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
             # loss * n and n, summed on the device: read once per LOSS_SHOWN_EVERY steps and at the
             # epoch's end, not synchronised with the host every step.
             sums = torch.zeros(2, dtype=torch.float64, device=env.device)
-            steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=not (cfg.progress and env.main))
             for i, batch in enumerate(train_loader):
@@ -408,6 +431,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if cfg.schedule == "onecycle":
+                    scheduler.step()
                 n = batch["image"].shape[0]
                 sums[0] += loss.detach().double() * n
                 sums[1] += n
@@ -421,7 +446,8 @@ def fit(cfg: TrainConfig, log: Callable = print) -> dict:
                                progress=cfg.progress and env.main)
             score = metrics.get(key, float("nan"))
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step(score if not math.isnan(score) else -math.inf)
+            if cfg.schedule == "plateau":
+                scheduler.step(score if not math.isnan(score) else -math.inf)
             improved = score > best
             if improved:
                 best, best_epoch, bad_epochs = score, epoch, 0

@@ -89,23 +89,28 @@ class UResNet(SegmentationModel):
 class UResNetClassifier(ModelBase):
     """U-ResNet classification: Selected Upsampling (bilinear x2 of the input, on by default;
     for 32x32 CIFAR images), then a residual path (``encoder``: a timm model, default resnet18
-    with stages 64/128/256/512; ``None``: the seed's CIFAR-style stages) next to a U-Net
-    (``base_channels``, ``unet_depth`` downs, EUCB* upsampling with 3 stages by default),
-    each global-average-pooled, concatenated, dropout, linear -> ``num_classes`` logits."""
+    with stages 64/128/256/512; ``None``: the seed's CIFAR-style stages, ``residual_widths``
+    wide with ``residual_blocks`` BasicBlocks each) next to a U-Net (``base_channels``,
+    ``unet_depth`` downs, EUCB* upsampling with 3 stages by default), each
+    global-average-pooled, concatenated, dropout, linear -> ``num_classes`` logits."""
 
     def __init__(self, encoder: str | None = "resnet18", in_channels: int = 3, num_classes: int = 1,
                  aux_classes: int | None = None, pretrained: bool = False, base_channels: int = 32,
                  unet_depth: int = 4, upsample: str = "eucb_star", selected_upsampling: bool = True,
-                 dropout: float = 0.0, unet: bool = True, encoder_kwargs: dict | None = None):
+                 dropout: float = 0.0, unet: bool = True, encoder_kwargs: dict | None = None,
+                 residual_widths=(64, 128, 256, 512), residual_blocks: int = 2):
         super().__init__()
         if aux_classes is not None:
             raise ValueError("uresnet_cls is a classifier: use num_classes (aux_classes is for segmentation models)")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         check_upsample(upsample)
+        if encoder is not None and (tuple(residual_widths), residual_blocks) != ((64, 128, 256, 512), 2):
+            raise ValueError(f"residual_widths and residual_blocks shape uresnet_cls's own encoder (encoder=None), "
+                             f"not the timm encoder {encoder!r}")
         self.num_classes, self.selected_upsampling = num_classes, selected_upsampling
-        self.encoder = resolve_encoder(encoder, in_channels, pretrained,
-                                       own=lambda: ResNetStagesEncoder(in_channels), what="uresnet_cls",
+        self.encoder = resolve_encoder(encoder, in_channels, pretrained, what="uresnet_cls",
+                                       own=lambda: ResNetStagesEncoder(in_channels, residual_widths, residual_blocks),
                                        encoder_kwargs=encoder_kwargs)
         features = self.encoder.channels[-1]
         if unet:
