@@ -199,7 +199,8 @@ def test_backward_ops_check_their_arguments(match, override):
                 mean=torch.zeros(4), var=torch.ones(4), training=True, eps=1e-5, scale_factor=2, mode="nearest",
                 shuffle_groups=1, activation="relu", negative_slope=0.01)
     args.update(override)
-    for op in (torch.ops.uresnet_ops._shuffle_upsample_native_backward, torch.ops.uresnet_ops.shuffle_upsample_backward):
+    ops = torch.ops.uresnet_ops
+    for op in (ops._shuffle_upsample_native_backward, ops.shuffle_upsample_backward):
         with pytest.raises((ValueError, TypeError), match=match):
             op(**args)
 
