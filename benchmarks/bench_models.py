@@ -1,7 +1,8 @@
 """Whole-model benchmarks: the plain PyTorch model (``create_model(..., fused=False)``) vs the
 fused one (and ``torch.compile`` of each) for resunet_atrous(resnet50), deresunet(resnet50) and
 uresnet(resnet34): a training step (forward, backward, Adam) and an inference forward (eval,
-no_grad) at batch 1 and 8; ratios to plain, the training step's peak memory (CPU too), and where
+no_grad) at batch 1 and 8; ratios to plain, the training step's memory (CPU too: its peak and
+what the forward holds for the backward), and where
 the fused training step's time goes. The measuring code is uresnet_models/benchmark.py
 (``uresnet bench --models`` runs it too).
 
@@ -17,7 +18,7 @@ compiling a ResNet-50 U-Net's training step takes minutes per model and shape on
 pytest-benchmark: one ``benchmark.group`` per (mode, model, shape), the implementations
 ("plain", "fused", "fused+fold" (inference: ``uresnet_ops.fuse(model, inference=True)``, every
 Conv -> BatchNorm folded), "plain+compile", "fused+compile") as its members; ``extra_info`` holds the
-train step's peak memory. The smp test times our ``unet`` against
+train step's memory (``peak_memory_bytes``, ``saved_memory_bytes``). The smp test times our ``unet`` against
 ``segmentation_models_pytorch.Unet`` (skipped when smp is not installed).
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ def test_model_step(benchmark, bench_options, request, name, encoder, mode, batc
     benchmark.group = f"{mode} {mb.model_label(name, encoder)} {batch}x{side}x{side}"
     step()  # warm-up (compiles)
     synchronize(device)
-    peak = mb.peak_step_bytes(models[base], step, device) if mode == "train" else None
+    memory = mb.step_memory(models[base], step, device) if mode == "train" else {}
 
     def target_fn():
         step()
@@ -83,7 +84,8 @@ def test_model_step(benchmark, bench_options, request, name, encoder, mode, batc
     benchmark.pedantic(target_fn, rounds=3 if bench_options.size == "small" else 10, warmup_rounds=1)
     benchmark.extra_info.update(model=mb.model_label(name, encoder), implementation=impl, mode=mode,
                                 device=device.type, batch=batch, side=side, bench_size=bench_options.size,
-                                peak_memory_bytes=peak, torch_version=torch.__version__)
+                                peak_memory_bytes=memory.get("peak_bytes"),
+                                saved_memory_bytes=memory.get("saved_bytes"), torch_version=torch.__version__)
 
 
 @pytest.mark.parametrize("name", ["unet", "smp:Unet"])
@@ -127,10 +129,11 @@ def markdown(runs: list[dict]) -> str:
     lines += ["x = plain median / median (>1 is faster than the plain PyTorch model); spread = (max - min) / median "
               "of the rounds (the widest of the case's implementations); peak = the training step's own peak "
               "allocations (gradients and activations; parameters, optimizer state and inputs excluded; CPU: "
-              "torch.profiler's allocator events); fused/plain = peak fused / peak plain.", "",
+              "torch.profiler's allocator events); saved = what is alive when the forward and loss end (the "
+              "activations saved for the backward: what a fused op can save); fused/plain = fused / plain.", "",
               "| model | mode | shape | " + " | ".join(mb.IMPLS) + " | spread | peak plain | peak fused | "
-              "fused/plain |",
-              "|---|---|---|" + "---|" * len(mb.IMPLS) + "---|---|---|---|"]
+              "fused/plain | saved plain | saved fused | fused/plain |",
+              "|---|---|---|" + "---|" * len(mb.IMPLS) + "---|---|---|---|---|---|---|"]
     latest = {}  # a case measured again in a later run: the later measurement
     for row in (row for run in runs for row in run["rows"]):
         latest[row["model"], row["mode"], row["batch"], row["side"], row["implementation"]] = row
@@ -141,8 +144,10 @@ def markdown(runs: list[dict]) -> str:
     for (model, mode, batch, side), by_impl in cases.items():
         times = [_cell(by_impl.get(impl), impl == "plain") for impl in mb.IMPLS]
         plain, fused = by_impl.get("plain", {}), by_impl.get("fused", {})
-        mem = [f"{r['peak_bytes'] / 2**20:.0f} MiB" if r.get("peak_bytes") else "-" for r in (plain, fused)]
-        mem.append(f"{fused['peak_vs_plain']:.2f}" if fused.get("peak_vs_plain") else "-")
+        mem = []
+        for key in ("peak", "saved"):  # runs from before saved_bytes have none: "-"
+            mem += [f"{r[key + '_bytes'] / 2**20:.0f} MiB" if r.get(key + "_bytes") else "-" for r in (plain, fused)]
+            mem.append(f"{fused[key + '_vs_plain']:.2f}" if fused.get(key + "_vs_plain") else "-")
         spread = max(r["spread"] for r in by_impl.values())
         lines.append(f"| {model} | {mode} | {batch}x{side}x{side} | {' | '.join(times)} | {spread:.0%} | "
                      f"{' | '.join(mem)} |")

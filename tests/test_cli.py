@@ -163,7 +163,9 @@ def test_bench_models_prints_and_writes_json(tmp_path, capsys, monkeypatch):
         ("train", "plain"), ("train", "fused"), ("infer", "plain"), ("infer", "fused"), ("infer", "fused+fold")}
     for row in rows:
         assert row["median_s"] > 0 and row["model"] == "uresnet(resnet34)"
-        assert (row["peak_bytes"] or 0) > 0 if row["mode"] == "train" else row["peak_bytes"] is None
+        for key in ("peak_bytes", "saved_bytes"):
+            assert (row[key] or 0) > 0 if row["mode"] == "train" else row[key] is None
+    assert "saved plain" in out
     status, _, err = run(["bench", "--models", "uresnet,nope", "--device", "cpu"], capsys)
     assert status == 2 and "--models: unknown nope" in err
 

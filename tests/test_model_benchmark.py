@@ -59,18 +59,25 @@ def test_event_names_are_classified_outermost_first():
         assert mb._kind(other) is None
 
 
-def test_peak_training_memory_is_positive_and_grows_with_the_batch():
-    kwargs = dict(SMALL)
-    model = mb.create_model(kwargs.pop("name"), num_classes=2, **kwargs)
-    peaks = []
-    for batch in (2, 8):
-        x, target = mb.model_inputs(model, batch, 32, "cpu")
-        step = mb.make_step(model, "train", x, target)
-        step()
-        peaks.append(mb.peak_step_bytes(model, step, "cpu"))
+def test_training_memory_is_positive_grows_with_the_batch_and_the_fused_decoder_saves_less():
+    pair = _pair()
+    memory = {}
+    for impl, model in pair.items():
+        for batch in (2, 8):
+            x, target = mb.model_inputs(model, batch, 32, "cpu")
+            step = mb.make_step(model, "train", x, target)
+            step()
+            memory[impl, batch] = mb.step_memory(model, step, "cpu")
     activations = 8 * 32 * 32 * 4 * 8  # at least the first feature map of 8 channels, float32
-    assert peaks[0] > activations / 4 and peaks[1] > 2.5 * peaks[0]
-    assert mb.peak_step_bytes(model, step, "cpu") == pytest.approx(peaks[1], rel=0.05)  # repeatable
+    for impl in pair:
+        small, large = memory[impl, 2], memory[impl, 8]
+        assert small["peak_bytes"] > activations / 4 and large["peak_bytes"] > 2.5 * small["peak_bytes"]
+        assert activations / 4 < small["saved_bytes"] <= small["peak_bytes"]
+        assert large["saved_bytes"] > 3 * small["saved_bytes"]  # activations: in proportion to the batch
+    assert mb.step_memory(pair["fused"], step, "cpu") == pytest.approx(memory["fused", 8], rel=0.05)  # repeatable
+    # the fused EUCBs save their input only, the plain ones the upsampled map and the conv's output too
+    assert memory["fused", 8]["saved_bytes"] < 0.9 * memory["plain", 8]["saved_bytes"]
+    assert mb.step_memory(pair["plain"], lambda: None, "cpu") == dict(peak_bytes=0, saved_bytes=None)  # no forward
 
 
 def test_measure_case_interleaves_and_gives_ratios_memory_and_the_profile():
@@ -81,6 +88,8 @@ def test_measure_case_interleaves_and_gives_ratios_memory_and_the_profile():
     assert len(fused["medians_s"]) == 2 and plain["vs_plain"] == 1.0
     assert fused["vs_plain"] == pytest.approx(plain["median_s"] / fused["median_s"])
     assert fused["peak_vs_plain"] == pytest.approx(fused["peak_bytes"] / plain["peak_bytes"])
+    assert fused["saved_vs_plain"] == pytest.approx(fused["saved_bytes"] / plain["saved_bytes"])
+    assert fused["saved_vs_plain"] < 1
     assert fused["amdahl_limit"] == pytest.approx(mb.amdahl_limit(plain["median_s"], fused["median_s"],
                                                                   fused["profile"]["fused"]))
     (infer, folded) = mb.measure_case(_pair(), "infer", 1, 32, "cpu", impls=("fused", "fused+fold"), rounds=1)
@@ -112,15 +121,18 @@ def test_the_committed_table_is_written_from_the_runs_json(tmp_path):
     meta = dict(device="cpu", device_name="a CPU", threads=1, rounds=3, torch="2", backends=["cpu"], load=4.0,
                 date="today", command="python benchmarks/bench_models.py --models uresnet", note="Busy.")
     common = dict(model="uresnet(resnet34)", mode="train", batch=1, side=64, spread=0.05)
-    rows = [dict(common, implementation="plain", median_s=0.1, vs_plain=1.0, peak_bytes=2**21, peak_vs_plain=1.0),
+    rows = [dict(common, implementation="plain", median_s=0.1, vs_plain=1.0, peak_bytes=2**21, peak_vs_plain=1.0,
+                 saved_bytes=2**22, saved_vs_plain=1.0),
             dict(common, implementation="fused", median_s=0.08, vs_plain=1.25, peak_bytes=2**20, peak_vs_plain=0.5,
-                 profile=dict(fused=0.1, conv=0.7, other=0.2), amdahl_limit=1.39)]
+                 saved_bytes=3 * 2**20, saved_vs_plain=0.75, profile=dict(fused=0.1, conv=0.7, other=0.2),
+                 amdahl_limit=1.39)]
     (tmp_path / "run.json").write_text(json.dumps(dict(meta=meta, rows=rows)))
     out = tmp_path / "models.md"
     assert bench_models.main(["--report", str(tmp_path / "run.json"), "--markdown", str(out)]) == 0
     text = out.read_text()
     assert "`python benchmarks/bench_models.py --models uresnet`" in text and "1 thread(s)" in text
-    row = "| uresnet(resnet34) | train | 1x64x64 | 100 ms | 80 ms (1.25x) | - | - | - | 5% | 2 MiB | 1 MiB | 0.50 |"
+    row = ("| uresnet(resnet34) | train | 1x64x64 | 100 ms | 80 ms (1.25x) | - | - | - | 5% | 2 MiB | 1 MiB | 0.50 | "
+           "4 MiB | 3 MiB | 0.75 |")
     assert row in text
     assert "| uresnet(resnet34) | 1x64x64 | 10.0% | 70.0% | 20.0% | 1.25x | 1.39x |" in text
     rows[1] = dict(rows[1], median_s=0.05, vs_plain=2.0)  # measured again in a later run: that one is shown

@@ -8,10 +8,10 @@
   batch 1 and 8, of the plain model (``create_model(..., fused=False)``: plain PyTorch, the
   baseline), the fused model (for inference also folded, ``fuse(model, inference=True)``), and
   ``torch.compile`` of each (by default on CUDA only: on a small CPU it takes minutes per model
-  and shape); ratios to the plain model; the peak memory of the training step
-  (:func:`peak_step_bytes`, CPU too); and a profile of the fused training step
-  (:func:`time_shares`: the share of our ops and of the convolutions) with the Amdahl limit of
-  the whole-model ratio (:func:`amdahl_limit`).
+  and shape); ratios to the plain model; the memory of the training step (:func:`step_memory`,
+  CPU too: its peak and what the forward holds for the backward); and a profile of the fused
+  training step (:func:`time_shares`: the share of our ops and of the convolutions) with the
+  Amdahl limit of the whole-model ratio (:func:`amdahl_limit`).
 
 Both repeat their measurements with the implementations interleaved and report the spread
 (``(max - min) / median`` of the repeats); :func:`noise_notes` says when the machine was busy or
@@ -203,9 +203,14 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, target: torch.
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
+        with torch.profiler.record_function(FORWARD):  # where step_memory reads the saved bytes
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
         optimizer.step()
     return step
+
+
+FORWARD = "uresnet_bench_forward"  # the profiler range of a train step's forward and loss (make_step)
 
 
 def model_inputs(model, batch: int, side: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,36 +221,47 @@ def model_inputs(model, batch: int, side: int, device, seed: int = 0) -> tuple[t
     return x.to(device), torch.randint(0, 2, (batch, side, side), generator=gen).to(device)
 
 
-def peak_step_bytes(model: torch.nn.Module, step, device) -> int:
-    """Peak bytes held by the tensors that one call of ``step`` allocates, above what was
-    alive before it (parameters, optimizer state and inputs; the gradients are dropped first
-    so that the step counts them).
+def step_memory(model: torch.nn.Module, step, device) -> dict:
+    """The memory of one call of ``step`` (a train step of :func:`make_step`), in bytes above
+    what was alive before it (parameters, optimizer state and inputs; the gradients are dropped
+    first so that the step counts them):
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step.
-    CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of
-    the CPU allocator (c10's, which every ATen tensor, ours included, comes from) with its size
-    and time; the peak is the maximum of their running sum in time order. Buffers that bypass
-    c10's allocator (oneDNN's scratchpads, the Python heap) are not counted, as on CUDA."""
+    * ``peak_bytes``: the peak. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the maximum of
+      the running sum of the allocator events that ``torch.profiler(profile_memory=True)``
+      records (c10's allocator, which every ATen tensor, ours included, comes from; oneDNN's
+      scratchpads and the Python heap bypass it, as they bypass CUDA's).
+    * ``saved_bytes``: what is alive when the forward and loss end (the :data:`FORWARD` range):
+      the activations saved for the backward, plus the small output and loss. This is what a
+      fused op saves memory on; the peak often comes later, in the encoder's backward, once
+      the decoder's saved activations are freed and most gradients exist (benchmarks/README.md).
+      The running sum of the same events, on the step's device; None if ``step`` marks no
+      forward."""
+    from torch.profiler import ProfilerActivity, profile
     device = torch.device(device)
     model.zero_grad(set_to_none=True)
     synchronize(device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+        synchronize(device)
     # the raw allocator events (the FunctionEvents fold them into their ops' totals)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = list(prof.profiler.kineto_results.events())
+    forward_end = max((e.start_ns() + e.duration_ns() for e in events if e.name() == FORWARD), default=None)
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                    if e.name() == "[memory]" and e.device_type().name == device.type.upper())
     alive = peak = 0
-    for _, nbytes in events:
+    saved = None
+    for time_ns, nbytes in memory:
+        if forward_end is not None and saved is None and time_ns > forward_end:
+            saved = alive
         alive += nbytes
         peak = max(peak, alive)
-    return peak
+    if forward_end is not None and saved is None:
+        saved = alive
+    return dict(peak_bytes=torch.cuda.max_memory_allocated(device) - base if cuda else peak, saved_bytes=saved)
 
 
 _CONV = re.compile(r"conv(\d|_transpose|_depthwise|olution)", re.IGNORECASE)
@@ -301,10 +317,11 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
                  memory: bool = True, profile: bool = True, out=print) -> list[dict]:
     """Time ``mode`` steps of ``models`` (``{"plain": ..., "fused": ...}`` as :func:`plain_and_fused`
     gives them) at batch x side x side for each implementation in ``impls``: one warm-up call
-    (it compiles; ``warmup_s``), for "train" the peak memory of one step (:func:`peak_step_bytes`),
+    (it compiles; ``warmup_s``), for "train" the memory of one step (:func:`step_memory`),
     then ``rounds`` rounds with the implementations interleaved, in alternating order, so that a
     drift in the machine's speed hits all alike: ``median_s`` and ``spread`` ((max - min) / median)
-    of the rounds, ``vs_plain`` = plain median / this median (>1 is faster), ``peak_vs_plain``.
+    of the rounds, ``vs_plain`` = plain median / this median (>1 is faster), ``peak_vs_plain`` and
+    ``saved_vs_plain`` (this / plain).
     "+compile" shares the eager model's parameters and optimizer (``torch.compile`` of it, from a
     reset compiler so that each case compiles from scratch); "fused+fold" is a folded copy of the
     fused model (``uresnet_ops.fuse(..., inference=True)``, "infer" only). With ``profile``, the fused train
@@ -328,8 +345,8 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
             step()
             synchronize(device)
             warmup_s = time.perf_counter() - start
-            peak = peak_step_bytes(models[base], step, device) if memory and mode == "train" else None
-            if peak is None:
+            mem = step_memory(models[base], step, device) if memory and mode == "train" else {}
+            if not mem:
                 step()  # a second warm-up, as the memory step is for "train"
                 synchronize(device)
         except Exception as error:  # noqa: BLE001  (e.g. a compile failure: report it, go on)
@@ -337,7 +354,8 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
                 f"{str(error).splitlines()[0][:120] if str(error) else ''})")
             continue
         steps[impl] = step
-        rows[impl] = dict(mode=mode, batch=batch, side=side, implementation=impl, warmup_s=warmup_s, peak_bytes=peak)
+        rows[impl] = dict(mode=mode, batch=batch, side=side, implementation=impl, warmup_s=warmup_s,
+                          peak_bytes=mem.get("peak_bytes"), saved_bytes=mem.get("saved_bytes"))
     times = {impl: [] for impl in steps}
     for round_ in range(rounds):
         for impl in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
@@ -347,8 +365,9 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
     plain = rows.get("plain")
     for row in rows.values():
         row["vs_plain"] = plain["median_s"] / row["median_s"] if plain else None
-        row["peak_vs_plain"] = (row["peak_bytes"] / plain["peak_bytes"]
-                                if plain and row["peak_bytes"] and plain["peak_bytes"] else None)
+        for key in ("peak", "saved"):
+            mine, base = row[f"{key}_bytes"], plain and plain[f"{key}_bytes"]
+            row[f"{key}_vs_plain"] = mine / base if mine and base else None
     fused = rows.get("fused")
     if profile and mode == "train" and fused:
         fused["profile"] = time_shares(steps["fused"], device)
@@ -404,12 +423,13 @@ def measure_models(device, size: str = "small", rounds: int = 3, models=None, co
 
 MODEL_TABLE_HEADER = (f"{'model':<26} {'mode':<5} {'shape':<10} {'plain':>9} {'fused':>16} {'fused+fold':>16} "
                       f"{'plain+compile':>16} {'fused+compile':>16} {'spread':>6} {'peak plain':>10} "
-                      f"{'peak fused':>10} {'fused/plain':>11}")
+                      f"{'peak fused':>10} {'fused/plain':>11} {'saved plain':>11} {'saved fused':>11} "
+                      f"{'fused/plain':>11}")
 
 
 def print_model_rows(case: list[dict], out=print) -> None:
     """One table line for the rows of one case (times; ratios to plain, >1 is faster; peak
-    training memory), then for the fused train step where its time went."""
+    and saved training memory, :func:`step_memory`), then for the fused train step where its time went."""
     by_impl = {r["implementation"]: r for r in case}
     if not by_impl:
         return
@@ -417,12 +437,15 @@ def print_model_rows(case: list[dict], out=print) -> None:
     plain, fused = by_impl.get("plain"), by_impl.get("fused")
     cells = [_ms(plain["median_s"]) if plain else "-"] + [
         f"{_ms(by_impl[i]['median_s'])} {_ratio(by_impl[i]['vs_plain'])}" if i in by_impl else "-" for i in IMPLS[1:]]
-    peaks = [f"{r['peak_bytes'] / 2**30:.2f}G" if r and r.get("peak_bytes") else "-" for r in (plain, fused)]
-    peaks.append(f"{fused['peak_vs_plain']:.2f}" if fused and fused["peak_vs_plain"] else "-")
+    memory = []
+    for key in ("peak", "saved"):
+        memory += [f"{r[key + '_bytes'] / 2**30:.2f}G" if r and r.get(key + "_bytes") else "-" for r in (plain, fused)]
+        memory.append(f"{fused[key + '_vs_plain']:.2f}" if fused and fused.get(key + "_vs_plain") else "-")
     shape = f"{first['batch']}x{first['side']}x{first['side']}"
     out(f"{first.get('model', ''):<26} {first['mode']:<5} {shape:<10} {cells[0]:>9} "
         + " ".join(f"{c:>16}" for c in cells[1:])
-        + f" {max(r['spread'] for r in case):>6.0%} {peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>11}")
+        + f" {max(r['spread'] for r in case):>6.0%} {memory[0]:>10} {memory[1]:>10} "
+        + " ".join(f"{m:>11}" for m in memory[2:]))
     if fused and fused.get("profile"):
         out("  " + profile_line(fused))
 

@@ -102,8 +102,8 @@ def cmd_bench(args) -> int:
              f"{' and torch.compile of each' if compile else ''}, "
              f"{device.type} ({_device_name(device)}), size {size}, {torch.get_num_threads()} thread(s)")
         rows = benchmark.measure_models(device, size, rounds=args.rounds, models=models, compile=compile, out=_say)
-        _say("(x = plain time / time, >1 is faster; peak = the train step's own peak allocations; "
-             "fused/plain = peak fused / peak plain)")
+        _say("(x = plain time / time, >1 is faster; peak = the train step's own peak allocations; saved = "
+             "what is alive when the forward ends, the activations kept for the backward; fused/plain = fused / plain)")
         notes = benchmark.noise_notes(load, [r["spread"] for r in rows], args.rounds)
         for note in notes:
             _say(f"note: {note}")
@@ -511,8 +511,9 @@ def _add_bench_parser(sub) -> None:
                        "reference chain and torch.compile of it (ratios: >1 is faster than the baseline), each "
                        "measured --repeats times with its spread, and a note when the machine was busy; with "
                        "--models, whole models: a training step and an inference forward of the fused model vs "
-                       "its plain PyTorch twin (create_model(fused=False)), with their peak training memory. "
-                       "The full benchmark set is pytest benchmarks/ (see benchmarks/README.md).")
+                       "its plain PyTorch twin (create_model(fused=False)), with their training memory (the peak, "
+                       "and what the forward saves for the backward). The full benchmark set is pytest "
+                       "benchmarks/ (see benchmarks/README.md).")
     p.add_argument("--op", choices=("all", *OPS), default="all", help="default: all")
     _add_device(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
