@@ -97,6 +97,16 @@ using MultiDilationConv2dSignature = at::Tensor(const at::Tensor&, at::TensorLis
 using MultiDilationConv2dBackwardSignature = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
     const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef, at::TensorList, c10::string_view, double);
 
+// uresnet_ops::multi_dilation_conv2d where Python chose another backend: the backend registry (the
+// Python front end checks this op's arguments). Both ways in call it: the Autograd kernel and,
+// below autograd, the device kernels.
+inline at::Tensor multi_dilation_conv2d_python(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                                               at::TensorList biases, c10::string_view activation,
+                                               double negative_slope) {
+  static const auto python = op_handle<MultiDilationConv2dSignature>("uresnet_ops::_multi_dilation_conv2d_python");
+  return python.call(x, weights, dilations, biases, activation, negative_slope);
+}
+
 // uresnet_ops::multi_dilation_conv2d on one device: `native` (that device's kernel, checking with
 // the public op's name) or, where Python chose another backend, the backend registry.
 template <MultiDilationConv2dSignature* native>
@@ -107,8 +117,7 @@ at::Tensor multi_dilation_conv2d_routed(const at::Tensor& x, at::TensorList weig
     record_native_run(OpId::MultiDilationConv2d, 0, x.device().type());
     return out;
   }
-  static const auto python = op_handle<MultiDilationConv2dSignature>("uresnet_ops::_multi_dilation_conv2d_python");
-  return python.call(x, weights, dilations, biases, activation, negative_slope);
+  return multi_dilation_conv2d_python(x, weights, dilations, biases, activation, negative_slope);
 }
 
 // uresnet_ops::multi_dilation_conv2d_backward on one device, as multi_dilation_conv2d_routed.

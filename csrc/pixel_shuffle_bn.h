@@ -299,6 +299,21 @@ using PixelShuffleBNBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::T
     const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool, double, c10::string_view, double);
 
+// uresnet_ops::pixel_shuffle_bn where Python chose another backend: the arguments checked as the
+// compiled kernel checks them (the public op's errors, whichever backend runs), then the backend
+// registry. Both ways in call it: the Autograd kernel and, below autograd, the device kernels.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_python(
+    const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double eps, c10::string_view activation, double negative_slope) {
+  if (!traced(x)) {
+    check_pixel_shuffle_bn_args(kPixelShuffleBN, x, r, weight, bias, running_mean, running_var, training, eps,
+                                activation);
+  }
+  static const auto python = op_handle<PixelShuffleBNSignature>("uresnet_ops::_pixel_shuffle_bn_python");
+  return python.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
+}
+
 // uresnet_ops::pixel_shuffle_bn on one device: `native` (that device's kernel, checking with the
 // public op's name) or, where Python chose another backend, the backend registry.
 template <PixelShuffleBNSignature* native>
@@ -311,10 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_routed(
     record_native_run(OpId::PixelShuffleBN, 0, x.device().type());
     return result;
   }
-  check_pixel_shuffle_bn_args(kPixelShuffleBN, x, r, weight, bias, running_mean, running_var, training, eps,
-                              activation);
-  static const auto python = op_handle<PixelShuffleBNSignature>("uresnet_ops::_pixel_shuffle_bn_python");
-  return python.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
+  return pixel_shuffle_bn_python(x, r, weight, bias, running_mean, running_var, training, eps, activation,
+                                 negative_slope);
 }
 
 // uresnet_ops::pixel_shuffle_bn_backward on one device, as pixel_shuffle_bn_routed.

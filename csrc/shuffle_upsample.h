@@ -446,6 +446,23 @@ using ShuffleUpsampleBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, bool, double, int64_t, c10::string_view, int64_t, c10::string_view, double);
 
+// uresnet_ops::shuffle_upsample where Python chose another backend, as pixel_shuffle_bn_python:
+// the arguments checked as the compiled composition checks them, then the backend registry.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_python(
+    const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
+    const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t s, c10::string_view mode,
+    int64_t groups, c10::string_view activation, double slope) {
+  if (!traced(x)) {
+    check_shuffle_upsample_args(kShuffleUpsample, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
+                                training, eps, s, mode, groups, activation);
+  }
+  static const auto python = op_handle<ShuffleUpsampleSignature>("uresnet_ops::_shuffle_upsample_python");
+  return python.call(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s, mode, groups,
+                     activation, slope);
+}
+
 // uresnet_ops::shuffle_upsample on one device: `native` (that device's composition, checking with
 // the public op's name) or, where Python chose another backend, the backend registry.
 template <ShuffleUpsampleSignature* native>
@@ -461,11 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_routed(
     record_native_run(OpId::ShuffleUpsample, 0, x.device().type());
     return result;
   }
-  check_shuffle_upsample_args(kShuffleUpsample, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
-                              training, eps, s, mode, groups, activation);
-  static const auto python = op_handle<ShuffleUpsampleSignature>("uresnet_ops::_shuffle_upsample_python");
-  return python.call(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s, mode, groups,
-                     activation, slope);
+  return shuffle_upsample_python(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s,
+                                 mode, groups, activation, slope);
 }
 
 // uresnet_ops::shuffle_upsample_backward on one device, as shuffle_upsample_routed.

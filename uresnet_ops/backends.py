@@ -303,7 +303,7 @@ def _update_routes() -> None:
 
 
 def _route(op: str, device_type: str) -> int:
-    chosen = _selected.get(op) or _selected.get(None)
+    chosen = _global_choice(op)
     if chosen == AUTO:
         return Route.PYTHON
     first = {phase: next(iter(_candidates(op, device_type, phase, chosen, warn=False)), None) for phase in _PHASES}
@@ -363,10 +363,16 @@ def _written_args(op: str) -> set[int]:
 
 
 def _chosen_name(op: str) -> str | None:
+    """The backend chosen for ``op`` in this thread: its innermost use_backend block, else the global choice."""
     for scope in (op, None):
         for s, name in reversed(_stack()):
             if s == scope:
                 return name
+    return _global_choice(op)
+
+
+def _global_choice(op: str) -> str | None:
+    """The process-wide choice for ``op`` (set_backend; the routing table's): its own, else every op's."""
     return _selected.get(op) or _selected.get(None)
 
 

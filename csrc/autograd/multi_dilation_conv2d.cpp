@@ -5,8 +5,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "../multi_dilation_conv2d.h"
 
 namespace uresnet {
@@ -61,26 +59,17 @@ class MultiDilationConv2dFunction : public torch::autograd::Function<MultiDilati
   }
 };
 
-bool any_requires_grad(const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
-  auto wants_grad = [](const at::Tensor& t) { return t.requires_grad(); };
-  return x.requires_grad() || std::any_of(weights.begin(), weights.end(), wants_grad) ||
-         std::any_of(biases.begin(), biases.end(), wants_grad);
-}
-
 at::Tensor multi_dilation_conv2d_autograd(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
                                           at::TensorList biases, c10::string_view activation,
                                           double negative_slope) {
-  if (!runs_native(OpId::MultiDilationConv2d, x)) {
-    static const auto python =
-        op_handle<MultiDilationConv2dSignature>("uresnet_ops::_multi_dilation_conv2d_python");
-    return python.call(x, weights, dilations, biases, activation, negative_slope);
-  }
-  if (!at::GradMode::is_enabled() || !any_requires_grad(x, weights, biases)) {
-    static const auto op = op_handle<MultiDilationConv2dSignature>("uresnet_ops::multi_dilation_conv2d");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, weights, dilations, biases, activation, negative_slope);
-  }
-  return MultiDilationConv2dFunction::apply(x, weights, dilations, biases, activation, negative_slope)[0];
+  return autograd_route(
+      OpId::MultiDilationConv2d, x, records_grad(x, weights, biases),
+      [&] { return multi_dilation_conv2d_python(x, weights, dilations, biases, activation, negative_slope); },
+      [&] {
+        static const auto op = op_handle<MultiDilationConv2dSignature>("uresnet_ops::multi_dilation_conv2d");
+        return op.call(x, weights, dilations, biases, activation, negative_slope);
+      },
+      [&] { return MultiDilationConv2dFunction::apply(x, weights, dilations, biases, activation, negative_slope)[0]; });
 }
 
 }  // namespace

@@ -13,10 +13,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::optional<at::Tensor> optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 class PixelShuffleBNFunction : public torch::autograd::Function<PixelShuffleBNFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t r,
@@ -60,28 +56,25 @@ class PixelShuffleBNFunction : public torch::autograd::Function<PixelShuffleBNFu
   }
 };
 
-bool requires_grad(const std::optional<at::Tensor>& t) { return has(t) && t->requires_grad(); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_bn_autograd(
     const at::Tensor& x, int64_t r, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double eps, c10::string_view activation, double negative_slope) {
-  if (!runs_native(OpId::PixelShuffleBN, x)) {
-    if (!x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {  // not while torch.compile traces
-      check_pixel_shuffle_bn_args(kPixelShuffleBN, x, r, weight, bias, running_mean, running_var, training, eps,
-                                  activation);
-    }
-    static const auto python = op_handle<PixelShuffleBNSignature>("uresnet_ops::_pixel_shuffle_bn_python");
-    return python.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
-  }
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    static const auto op = op_handle<PixelShuffleBNSignature>("uresnet_ops::pixel_shuffle_bn");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
-  }
-  const auto out = PixelShuffleBNFunction::apply(x, r, weight, bias, running_mean, running_var, training, eps,
-                                                 activation, negative_slope);
-  return {out[0], out[1], out[2]};
+  return autograd_route(
+      OpId::PixelShuffleBN, x, records_grad(x, weight, bias),
+      [&] {
+        return pixel_shuffle_bn_python(x, r, weight, bias, running_mean, running_var, training, eps, activation,
+                                       negative_slope);
+      },
+      [&] {
+        static const auto op = op_handle<PixelShuffleBNSignature>("uresnet_ops::pixel_shuffle_bn");
+        return op.call(x, r, weight, bias, running_mean, running_var, training, eps, activation, negative_slope);
+      },
+      [&] {
+        const auto out = PixelShuffleBNFunction::apply(x, r, weight, bias, running_mean, running_var, training, eps,
+                                                       activation, negative_slope);
+        return std::make_tuple(out[0], out[1], out[2]);
+      });
 }
 
 }  // namespace

@@ -13,10 +13,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::optional<at::Tensor> optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 constexpr int kInputs = 15;  // the op's arguments: one gradient (or none) each
 
 class ShuffleUpsampleFunction : public torch::autograd::Function<ShuffleUpsampleFunction> {
@@ -70,33 +66,28 @@ class ShuffleUpsampleFunction : public torch::autograd::Function<ShuffleUpsample
   }
 };
 
-bool requires_grad(const std::optional<at::Tensor>& t) { return has(t) && t->requires_grad(); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_upsample_autograd(
     const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& pw,
     const std::optional<at::Tensor>& pw_bias, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t s, c10::string_view mode,
     int64_t groups, c10::string_view activation, double slope) {
-  if (!runs_native(OpId::ShuffleUpsample, x)) {
-    if (!x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {  // not while torch.compile traces
-      check_shuffle_upsample_args(kShuffleUpsample, x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean,
-                                  running_var, training, eps, s, mode, groups, activation);
-    }
-    static const auto python = op_handle<ShuffleUpsampleSignature>("uresnet_ops::_shuffle_upsample_python");
-    return python.call(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s, mode,
+  return autograd_route(
+      OpId::ShuffleUpsample, x, records_grad(x, dw, pw, pw_bias, bn_weight, bn_bias),
+      [&] {
+        return shuffle_upsample_python(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                       eps, s, mode, groups, activation, slope);
+      },
+      [&] {
+        static const auto op = op_handle<ShuffleUpsampleSignature>("uresnet_ops::shuffle_upsample");
+        return op.call(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s, mode,
                        groups, activation, slope);
-  }
-  if (!at::GradMode::is_enabled() || !(x.requires_grad() || dw.requires_grad() || requires_grad(pw) ||
-                                       requires_grad(pw_bias) || requires_grad(bn_weight) || requires_grad(bn_bias))) {
-    static const auto op = op_handle<ShuffleUpsampleSignature>("uresnet_ops::shuffle_upsample");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, s, mode, groups,
-                   activation, slope);
-  }
-  const auto out = ShuffleUpsampleFunction::apply(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean, running_var,
-                                                  training, eps, s, mode, groups, activation, slope);
-  return {out[0], out[1], out[2]};
+      },
+      [&] {
+        const auto out = ShuffleUpsampleFunction::apply(x, dw, pw, pw_bias, bn_weight, bn_bias, running_mean,
+                                                        running_var, training, eps, s, mode, groups, activation, slope);
+        return std::make_tuple(out[0], out[1], out[2]);
+      });
 }
 
 }  // namespace
