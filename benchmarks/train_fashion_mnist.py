@@ -74,6 +74,7 @@ def run(args, log=print) -> dict:
     """Train per ``args``; the result row (accuracy, times, settings)."""
     import torch
 
+    from uresnet_models import count_parameters
     from uresnet_models.train import fit
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +87,7 @@ def run(args, log=print) -> dict:
     last = result["history"][-1]
     return {"test_top1": last["val_top1"], "best_test_top1": result["best"], "wall_s": round(wall, 1),
             "cpu_s": round(cpu, 1), "train_s": round(sum(row["seconds"] for row in result["history"]), 1),
-            "params": sum(p.numel() for p in result["model"].parameters()), "epochs": len(result["history"]),
+            "params": count_parameters(result["model"]), "epochs": len(result["history"]),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()],

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from uresnet_models.data import IDX_FILES
 from uresnet_models.train import TrainConfig, fit
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FILES = [f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+FILES = [f"{name}.gz" for name in IDX_FILES]  # as Debian installs them
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not all((FASHION_MNIST / f).is_file() for f in FILES),

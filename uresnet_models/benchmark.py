@@ -356,10 +356,7 @@ def measure_case(models: dict, mode: str, batch: int, side: int, device, impls=I
         steps[impl] = step
         rows[impl] = dict(mode=mode, batch=batch, side=side, implementation=impl, warmup_s=warmup_s,
                           peak_bytes=mem.get("peak_bytes"), saved_bytes=mem.get("saved_bytes"))
-    times = {impl: [] for impl in steps}
-    for round_ in range(rounds):
-        for impl in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
-            times[impl] += step_seconds(steps[impl], device, 1)
+    times = interleaved_seconds(steps, device, rounds)
     for impl, row in rows.items():
         row.update(dict(zip(("median_s", "spread"), spread_of(times[impl]))), medians_s=times[impl])
     plain = rows.get("plain")
@@ -384,6 +381,17 @@ def step_seconds(step, device, rounds: int) -> list[float]:
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_seconds(steps: dict, device, rounds: int) -> dict[str, list[float]]:
+    """Wall times of ``rounds`` rounds of ``steps`` (name -> step, already warmed up), one call
+    of each per round, in alternating order (forward, then backward), so that a drift in the
+    machine's speed hits all alike."""
+    times = {name: [] for name in steps}
+    for round_ in range(rounds):
+        for name in (list(steps) if round_ % 2 == 0 else list(steps)[::-1]):
+            times[name] += step_seconds(steps[name], device, 1)
     return times
 
 

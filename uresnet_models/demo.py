@@ -17,7 +17,7 @@ from uresnet_ops import nn as fused
 from uresnet_ops.backends import last_used
 from uresnet_ops.timing import device_name, synchronize
 
-from .benchmark import SHAPES, make_step, print_op_table, time_impls
+from .benchmark import SHAPES, interleaved_seconds, make_step, print_op_table, time_impls
 from .constants import MODES, OPS
 from .train import TrainConfig, build_data, build_model, fit
 
@@ -162,14 +162,10 @@ def demo_model_speed(ctx: DemoContext) -> None:
     model = build_model(cfg, info).to(ctx.device)
     models = {"plain": uresnet_ops.unfuse(model), "fused": model}
     steps = {name: make_step(m, "train", x, target) for name, m in models.items()}
-    times = {name: [] for name in models}
-    for round_ in range(ctx.args.speed_rounds + 1):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            synchronize(ctx.device)
-            if round_:  # round 0 warms up
-                times[name].append(time.perf_counter() - start)
+    for step in steps.values():  # warm-up
+        step()
+    synchronize(ctx.device)
+    times = interleaved_seconds(steps, ctx.device, ctx.args.speed_rounds)
     ran = [f"{op}:{last_used(op, 'forward')}" for op in _fused_ops(model)]
     plain, fused_s = (statistics.median(times[k]) for k in models)
     shape = "x".join(map(str, x.shape))
